@@ -1,0 +1,84 @@
+"""What the three command-line interfaces share: one-line errors, exit codes, --debug, progress bars."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+from tqdm import tqdm
+
+from mlsae_cache.errors import MlsaeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def handle_errors(func: F) -> F:
+    """Turn MlsaeError (and a full disk) into `Error: ...` on stderr with its exit code; --debug re-raises."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except MlsaeError as e:
+            if debug:
+                raise
+            click.echo(f"Error: {one_line(str(e))}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            if debug or e.errno != 28:
+                raise
+            click.echo(
+                f"Error: the disk is full ({e.filename or ''}); free space and re-run the same command to resume",
+                err=True,
+            )
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.DEBUG)
+
+
+def show_progress(quiet: bool) -> bool:
+    """Progress bars only on a terminal, and never with --quiet."""
+    return not quiet and sys.stderr.isatty()
+
+
+@contextmanager
+def progress_bar(
+    total: float | None, unit: str, quiet: bool, desc: str, bytes_per_unit: float = 0.0
+) -> Iterator[Callable[[int], None]]:
+    """A callback advancing a tqdm bar (rate, ETA, and MB/s when bytes_per_unit is given)."""
+    bar = tqdm(
+        total=total,
+        unit=unit,
+        unit_scale=True,
+        desc=desc,
+        disable=not show_progress(quiet),
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+    def advance(n: int) -> None:
+        bar.update(n)
+        if bytes_per_unit and bar.format_dict.get("rate"):
+            bar.set_postfix_str(f"{bar.format_dict['rate'] * bytes_per_unit / 1e6:.1f} MB/s", refresh=False)
+
+    try:
+        yield advance
+    finally:
+        bar.close()

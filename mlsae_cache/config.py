@@ -1,0 +1,72 @@
+"""Typed, frozen configurations of the cache commands. CLI options map one-to-one onto these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlsae_cache.errors import InputError
+from mlsae_cache.store import STORAGE_DTYPES
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """`all` (or None) -> None; `0,2,5` -> (0, 2, 5)."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    try:
+        layers = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError as e:
+        raise InputError(f"--layers {text!r} is not 'all' or a comma-separated list of block indices") from e
+    if not layers or len(set(layers)) != len(layers):
+        raise InputError(f"--layers {text!r} must list distinct block indices, e.g. 0,2,5")
+    return layers
+
+
+def resolve_layers(layers: tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
+    """The selected block indices in increasing order, checked against the model's number of blocks."""
+    if layers is None:
+        return tuple(range(n_layers))
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise InputError(
+            f"--layers {','.join(map(str, layers))} names blocks {bad} but the model has blocks "
+            f"0..{n_layers - 1} (pick indices in that range)"
+        )
+    return tuple(sorted(layers))
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """Everything `mlsae-cache harvest` takes."""
+
+    out: Path
+    model: str = "smollm2-135m"
+    gguf_file: str | None = None
+    revision: str | None = None
+    dataset: str = "pydoc"
+    dataset_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = False
+    context_length: int = 256
+    max_tokens: int | None = None
+    batch_size: int = 8
+    layers: tuple[int, ...] | None = None
+    dtype: str = "float16"
+    compute_dtype: str = "auto"
+    device: str = "auto"
+    overwrite: bool = False
+    chunk_tokens: int = 4096
+    model_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.context_length < 1:
+            raise InputError(f"--context-length must be at least 1, got {self.context_length}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InputError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.chunk_tokens < 1:
+            raise InputError(f"--chunk-tokens must be at least 1, got {self.chunk_tokens}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise InputError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")

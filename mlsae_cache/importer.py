@@ -1,0 +1,111 @@
+"""Wrap an existing (token, layer, d_model) array, from any tool or synthetic, as a cache."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlsae_cache.errors import InputError, MlsaeError, NotFoundError
+from mlsae_cache.harvest import check_out_path, check_range, library_versions, to_storage
+from mlsae_cache.lock import StoreLock
+from mlsae_cache.store import CacheMeta, CacheWriter, Rows, clear_store, create_store, discard_store, is_cache
+
+IMPORT_POLICY = {"exclude_special_tokens": False, "exclude_position_0": False}
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    out: Path
+    activations: Path
+    token_ids: Path | None = None
+    context_length: int | None = None
+    dtype: str | None = None
+    chunk_tokens: int = 4096
+    overwrite: bool = False
+
+
+def _load(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise NotFoundError(f"{what} file {path} does not exist (give a .npy file)")
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise InputError(f"{what} file {path} is not a .npy array ({e})") from e
+
+
+def _digest(arr: np.ndarray, step: int) -> str:
+    h = hashlib.sha256(str((arr.shape, arr.dtype.str)).encode())
+    for start in range(0, arr.shape[0], step):
+        h.update(np.ascontiguousarray(arr[start : start + step]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _meta(cfg: ImportConfig, acts: np.ndarray, ctx: int, dtype: str) -> CacheMeta:
+    n_tokens, n_layers, d_model = acts.shape
+    return CacheMeta(
+        d_model=d_model,
+        layers=tuple(range(n_layers)),
+        model={"name": "imported", "source": str(cfg.activations)},
+        dataset={"dataset": "imported", "token_ids": str(cfg.token_ids) if cfg.token_ids else None},
+        context_length=ctx,
+        storage_dtype=dtype,
+        fingerprint=_digest(acts, cfg.chunk_tokens),
+        chunk_tokens=cfg.chunk_tokens,
+        max_tokens=n_tokens,
+        trainable_policy=dict(IMPORT_POLICY),
+        versions=library_versions(),
+    )
+
+
+def _rows(acts: np.ndarray, ids: np.ndarray | None, start: int, stop: int, ctx: int, dtype: str) -> Rows:
+    x = torch.from_numpy(np.asarray(acts[start:stop], dtype=np.float32))
+    check_range(x, dtype, tuple(range(acts.shape[1])))
+    index = np.arange(start, stop)
+    token_ids = np.zeros(stop - start, np.int32) if ids is None else np.asarray(ids[start:stop], np.int32)
+    return Rows(
+        activations=to_storage(x, dtype),
+        token_ids=token_ids,
+        sequence=(index // ctx).astype(np.int64),
+        position=(index % ctx).astype(np.int32),
+        trainable=np.ones(stop - start, bool),
+    )
+
+
+def import_array(cfg: ImportConfig, progress: Callable[[int], None] = lambda n: None) -> CacheMeta:
+    """Write `cfg.activations` [token, layer, d_model] as a complete cache; every row is trainable."""
+    acts = _load(cfg.activations, "--activations")
+    if acts.ndim != 3 or 0 in acts.shape:
+        raise InputError(f"--activations {cfg.activations} has shape {acts.shape}; expected (token, layer, d_model)")
+    ids = _load(cfg.token_ids, "--token-ids") if cfg.token_ids else None
+    if ids is not None and ids.shape != acts.shape[:1]:
+        raise InputError(f"--token-ids has shape {ids.shape} but --activations has {acts.shape[0]} tokens")
+    dtype = cfg.dtype or (acts.dtype.name if acts.dtype.name in ("float16", "float32") else "float32")
+    ctx = cfg.context_length or acts.shape[0]
+    if ctx < 1:
+        raise InputError(f"--context-length must be at least 1, got {ctx}")
+    out = Path(cfg.out)
+    check_out_path(out)
+    if is_cache(out) and not cfg.overwrite:
+        raise InputError(f"{out} already holds a cache (use --overwrite to replace it)")
+    meta = _meta(cfg, acts, ctx, dtype)
+    out_existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with StoreLock(out):
+        clear_store(out)
+        try:
+            create_store(out, meta)
+            writer = CacheWriter(out)
+            for start in range(0, acts.shape[0], cfg.chunk_tokens):
+                stop = min(start + cfg.chunk_tokens, acts.shape[0])
+                writer.write_chunk(start, _rows(acts, ids, start, stop, ctx, dtype))
+                progress(stop - start)
+        except MlsaeError:
+            discard_store(out, keep_dir=out_existed)
+            raise
+        writer.set_meta(complete=True, exhausted=True)
+    return writer.meta

@@ -1,0 +1,389 @@
+"""The cache store, format version 1 (SPEC section 5): the only module that knows array names and chunking.
+
+Layout (a Zarr v3 group, every array with `dimension_names`):
+
+    activations   (token, layer, d_model)  float16 | float32 | uint16 (bfloat16 bit patterns)
+    token_ids     (token,)                 int32
+    sequence      (token,)                 int64
+    position      (token,)                 int32
+    trainable     (token,)                 bool
+    layer         (layer,)                 int32    block index of each stored layer
+    layer_mean    (layer, d_model)         float64  mean over trainable tokens
+    layer_sq_norm (layer,)                 float64  mean squared L2 norm over trainable tokens
+    chunk_sum, chunk_sq_norm_sum, chunk_count  (token_chunk, ...)  float64 / int64
+                  per token-chunk partial sums behind the two statistics
+
+Chunks are `chunk_tokens` rows by one layer by the whole `d_model` (4096 x 1 x 576 for SmolLM2 is 4.7 MB in
+float16): the shuffled trainer reads whole chunks in random order (FACTS.md), and one commit writes one row of
+chunks for every array. Every chunk carries a crc32c checksum so `verify` finds a corrupted byte. Float
+activations are stored uncompressed (real activations compress by 0-8%); bfloat16 bit patterns and the token
+arrays go through zstd.
+
+Commit protocol, which makes a kill at any moment harmless: data of token chunk c is written first, then its
+partial statistics, then the two statistics arrays, and only then the root attribute `n_tokens` moves. Partial
+statistics per chunk (rather than one running sum) make a re-written chunk idempotent and let shards merge
+exactly, in a fixed order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from mlsae_cache.errors import CorruptError, NotFoundError, StoreError
+
+FORMAT = "mlsae-cache"
+VERSION = 1
+ATTR = "mlsae"
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+TOKEN_ARRAYS = {"token_ids": np.int32, "sequence": np.int64, "position": np.int32, "trainable": np.bool_}
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """The root attribute `mlsae` (SPEC section 5). `n_tokens` rows are committed; readers use only those."""
+
+    d_model: int
+    layers: tuple[int, ...]
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    context_length: int
+    storage_dtype: str
+    fingerprint: str
+    chunk_tokens: int = 4096
+    n_tokens: int = 0
+    complete: bool = False
+    exhausted: bool = False
+    max_tokens: int | None = None
+    batch_size: int = 0
+    trainable_policy: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    hook: str = "resid_post"
+    format: str = FORMAT
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise StoreError(f"storage dtype {self.storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
+        if self.chunk_tokens < 1 or self.d_model < 1 or not self.layers:
+            raise StoreError(f"invalid cache shape: chunk_tokens={self.chunk_tokens}, d_model={self.d_model}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | str = "") -> CacheMeta:
+        if data.get("format") != FORMAT:
+            raise StoreError(f"{path} is not an mlsae cache (format {data.get('format')!r}; expected {FORMAT!r})")
+        if data.get("version") != VERSION:
+            raise StoreError(
+                f"{path} is an mlsae cache of format version {data.get('version')!r}, but this mlsae reads "
+                f"version {VERSION} (upgrade mlsae, or re-harvest the cache)"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["layers"] = tuple(kwargs["layers"])
+        return cls(**kwargs)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def read_meta(path: Path | str) -> CacheMeta:
+    """The metadata of the cache at `path`; NotFoundError / StoreError for anything that is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"cache {path} does not exist (harvest one with `mlsae-cache harvest {path}`)")
+    meta_file = path / "zarr.json"
+    if not path.is_dir() or not meta_file.is_file():
+        raise StoreError(f"{path} is not an mlsae cache (no zarr.json; give the directory harvest wrote)")
+    try:
+        attrs = json.loads(meta_file.read_text()).get("attributes", {})
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}/zarr.json is unreadable ({e}); the store is damaged") from e
+    if ATTR not in attrs:
+        raise StoreError(f"{path} is a Zarr group but not an mlsae cache (no '{ATTR}' attribute)")
+    return CacheMeta.from_dict(attrs[ATTR], path)
+
+
+def is_cache(path: Path | str) -> bool:
+    try:
+        read_meta(path)
+    except (NotFoundError, StoreError):
+        return False
+    return True
+
+
+def clear_store(path: Path) -> None:
+    """Remove everything inside the directory `path`, keeping the directory (whose lock the caller holds)."""
+    for child in Path(path).iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def discard_store(path: Path, keep_dir: bool) -> None:
+    """Remove a store this run created and could not fill, so nothing half-written is left behind."""
+    clear_store(path)
+    if not keep_dir:
+        Path(path).rmdir()
+
+
+def _compressors(dtype: np.dtype, compress: bool) -> list[Any]:
+    codecs: list[Any] = []
+    if compress:
+        codecs.append(BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize))
+    codecs.append(Crc32cCodec())
+    return codecs
+
+
+def _create(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: Any,
+    dims: tuple[str, ...],
+    compress: bool,
+) -> None:
+    group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=0,
+        dimension_names=dims,
+        compressors=_compressors(np.dtype(dtype), compress),
+    )
+
+
+def create_store(path: Path, meta: CacheMeta) -> None:
+    """Create an empty cache (no rows) at `path` with every array of the format."""
+    group = zarr.open_group(str(path), mode="a", zarr_format=3)
+    n_layers, d, ct = meta.n_layers, meta.d_model, meta.chunk_tokens
+    act_dtype = STORAGE_DTYPES[meta.storage_dtype]
+    _create(
+        group,
+        "activations",
+        (0, n_layers, d),
+        (ct, 1, d),
+        act_dtype,
+        ("token", "layer", "d_model"),
+        compress=meta.storage_dtype == "bfloat16",
+    )
+    for name, dtype in TOKEN_ARRAYS.items():
+        _create(group, name, (0,), (ct,), dtype, ("token",), compress=True)
+    _create(group, "layer", (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
+    group["layer"][:] = np.asarray(meta.layers, dtype=np.int32)
+    _create(group, "layer_mean", (n_layers, d), (n_layers, d), np.float64, ("layer", "d_model"), False)
+    _create(group, "layer_sq_norm", (n_layers,), (n_layers,), np.float64, ("layer",), False)
+    _create(
+        group, "chunk_sum", (0, n_layers, d), (1, n_layers, d), np.float64, ("token_chunk", "layer", "d_model"), False
+    )
+    _create(group, "chunk_sq_norm_sum", (0, n_layers), (1, n_layers), np.float64, ("token_chunk", "layer"), False)
+    _create(group, "chunk_count", (0,), (1,), np.int64, ("token_chunk",), False)
+    group.attrs[ATTR] = meta.to_dict()
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A block of consecutive token rows. shape: activations [n, n_layers, d_model] in the storage dtype."""
+
+    activations: np.ndarray
+    token_ids: np.ndarray
+    sequence: np.ndarray
+    position: np.ndarray
+    trainable: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def slice(self, start: int, stop: int) -> Rows:
+        return Rows(*(getattr(self, f)[start:stop] for f in self.__dataclass_fields__))
+
+    @staticmethod
+    def concat(parts: list[Rows]) -> Rows:
+        return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in Rows.__dataclass_fields__))
+
+
+def to_float32(stored: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """Stored activations as float32 (bfloat16 bit patterns are widened exactly)."""
+    if storage_dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32, copy=False)
+
+
+def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Float64 sums over trainable rows: sum x [n_layers, d_model], sum ||x||^2 [n_layers], count."""
+    x = to_float32(rows.activations[rows.trainable], storage_dtype).astype(np.float64)
+    return x.sum(axis=0), np.einsum("nld,nld->l", x, x), int(x.shape[0])
+
+
+class CacheWriter:
+    """Appends rows to a cache, one token chunk per commit. The caller holds the store lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        n_chunks = math.ceil(self.meta.n_tokens / self.meta.chunk_tokens)
+        self._sums = self.group["chunk_sum"][:n_chunks]
+        self._sq = self.group["chunk_sq_norm_sum"][:n_chunks]
+        self._counts = self.group["chunk_count"][:n_chunks]
+
+    @property
+    def resume_token(self) -> int:
+        """First row to (re)write: the start of the first chunk that is not full."""
+        return (self.meta.n_tokens // self.meta.chunk_tokens) * self.meta.chunk_tokens
+
+    def write_chunk(self, start: int, rows: Rows) -> None:
+        """Write rows [start, start + len(rows)) that fill token chunk start // chunk_tokens from its start."""
+        ct = self.meta.chunk_tokens
+        assert start % ct == 0 and 0 < len(rows) <= ct and start <= self.meta.n_tokens
+        stop, chunk = start + len(rows), start // ct
+        for name in ("activations", *TOKEN_ARRAYS):
+            arr = self.group[name]
+            if arr.shape[0] < stop:
+                arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = getattr(rows, name)
+        s, q, c = chunk_partials(rows, self.meta.storage_dtype)
+        self._sums = np.concatenate([self._sums[:chunk], s[None]])
+        self._sq = np.concatenate([self._sq[:chunk], q[None]])
+        self._counts = np.concatenate([self._counts[:chunk], [c]])
+        for name, value in (("chunk_sum", s), ("chunk_sq_norm_sum", q), ("chunk_count", c)):
+            arr = self.group[name]
+            if arr.shape[0] < chunk + 1:
+                arr.resize((chunk + 1, *arr.shape[1:]))
+            arr[chunk] = value
+        self._write_statistics()
+        self.set_meta(n_tokens=max(stop, self.meta.n_tokens))
+
+    def _write_statistics(self) -> None:
+        count = int(self._counts.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self._sums.sum(axis=0) / count if count else np.full(self._sums.shape[1:], np.nan)
+            sq = self._sq.sum(axis=0) / count if count else np.full(self._sq.shape[1:], np.nan)
+        self.group["layer_mean"][:] = mean
+        self.group["layer_sq_norm"][:] = sq
+
+    def set_meta(self, **changes: Any) -> None:
+        """Replace fields of the root attribute (one atomic write of the group's zarr.json)."""
+        self.meta = replace(self.meta, **changes)
+        self.group.attrs[ATTR] = self.meta.to_dict()
+
+
+class Cache:
+    """Read access to a cache; everything outside this module reads caches through it."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.meta.n_tokens
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.meta.layers
+
+    @property
+    def d_model(self) -> int:
+        return self.meta.d_model
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.meta.chunk_tokens
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_tokens / self.chunk_tokens)
+
+    def token_array(self, name: str) -> np.ndarray:
+        """One of token_ids, sequence, position, trainable over the committed rows."""
+        if name not in TOKEN_ARRAYS:
+            raise KeyError(name)
+        return self._group[name][: self.n_tokens]
+
+    def activations(self, start: int, stop: int, layer_index: int | slice = slice(None)) -> np.ndarray:
+        """float32 activations of rows [start, stop) at layer position(s) `layer_index`."""
+        stop = min(stop, self.n_tokens)
+        raw = self._group["activations"][start:stop, layer_index]
+        return to_float32(raw, self.meta.storage_dtype)
+
+    def chunk(self, chunk_index: int, layer_index: int) -> np.ndarray:
+        """float32 rows of one stored chunk (token chunk, layer position): shape [<=chunk_tokens, d_model]."""
+        start = chunk_index * self.chunk_tokens
+        return self.activations(start, start + self.chunk_tokens, layer_index)
+
+    def layer_mean(self) -> np.ndarray:
+        return self._group["layer_mean"][:]
+
+    def layer_sq_norm(self) -> np.ndarray:
+        return self._group["layer_sq_norm"][:]
+
+    def to_xarray(self) -> Any:
+        """The committed rows as a lazy xarray Dataset (bfloat16 bit patterns are left as stored)."""
+        import xarray as xr
+
+        ds = xr.open_zarr(str(self.path), consolidated=False)
+        return ds.isel(token=slice(0, self.n_tokens))
+
+    def dask_activations(self) -> Any:
+        """The committed activations as a dask array [token, layer, d_model] in float32, one block per chunk."""
+        import dask.array as da
+
+        arr = da.from_zarr(str(self.path), component="activations")[: self.n_tokens]
+        return arr.map_blocks(to_float32, self.meta.storage_dtype, dtype=np.float32)
+
+    def nbytes_stored(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def _chunk_keys(arr: zarr.Array, n_rows: int) -> Iterator[tuple[str, tuple[slice, ...]]]:
+    """(store key, selection) of every chunk holding the first `n_rows` rows of `arr`."""
+    extent = (n_rows, *arr.shape[1:])
+    for coords in np.ndindex(*(math.ceil(s / c) for s, c in zip(extent, arr.chunks, strict=False))):
+        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, arr.chunks, strict=False))
+        yield f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}", sel
+
+
+def verify(path: Path | str) -> int:
+    """Read and checksum every committed chunk of every array; CorruptError names the first bad one.
+
+    Returns the number of chunks checked.
+    """
+    cache = Cache(path)
+    group = cache._group
+    store = group.store
+    checked = 0
+    for _name, arr in sorted(group.arrays()):
+        dims = arr.metadata.dimension_names or ()
+        n_rows = (
+            cache.n_tokens
+            if dims[:1] == ("token",)
+            else cache.n_chunks
+            if dims[:1] == ("token_chunk",)
+            else arr.shape[0]
+        )
+        for key, sel in _chunk_keys(arr, n_rows):
+            if not asyncio.run(store.exists(key)):
+                raise CorruptError(f"chunk {key} of {cache.path} is missing (re-harvest, or resume the harvest)")
+            try:
+                arr[sel]
+            except Exception as e:  # zarr raises ValueError for a checksum mismatch, others for bad bytes
+                raise CorruptError(f"chunk {key} of {cache.path} is corrupted ({e}); re-harvest it") from e
+            checked += 1
+    return checked
