@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from mlsae_cache.clikit import handle_errors, progress_bar, setup_logging
+from mlsae_cache.clikit import handle_errors, progress_bar, setup_logging, silence_library_progress
 from mlsae_cache.config import HarvestConfig, parse_layers
 from mlsae_cache.store import Cache, verify
+
 
 @click.group()
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
@@ -47,11 +48,9 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @handle_errors
 def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) -> None:
     """Store the residual stream after every selected block for the tokens of a text, in OUT."""
-    from transformers.utils import logging as hf_logging
-
     from mlsae_cache.harvest import harvest as run_harvest
 
-    hf_logging.disable_progress_bar()  # one progress bar: ours
+    silence_library_progress()
 
     cfg = HarvestConfig(out=out, layers=parse_layers(layers_text), **options)  # type: ignore[arg-type]
     with progress_bar(cfg.max_tokens, "tok", ctx.obj["quiet"], "harvest") as advance:

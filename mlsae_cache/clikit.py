@@ -53,6 +53,15 @@ def setup_logging(debug: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.DEBUG)
 
 
+def silence_library_progress() -> None:
+    """One progress bar per command, ours: switch off those of transformers and datasets."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def show_progress(quiet: bool) -> bool:
     """Progress bars only on a terminal, and never with --quiet."""
     return not quiet and sys.stderr.isatty()

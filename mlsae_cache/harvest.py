@@ -231,7 +231,8 @@ def harvest(
                 True,
                 f"{out} is already complete with {existing.n_tokens} tokens; nothing to do",
             )
-    created = existing is None or cfg.overwrite
+    # A store with no committed row (a creation cut short, say) is made afresh: nothing in it can be lost.
+    created = existing is None or cfg.overwrite or existing.n_tokens == 0
     if not created and existing.batch_size != cfg.batch_size:
         log.warning(
             "continuing with the cache's batch size %d (not %d) so that rows match an uninterrupted run",

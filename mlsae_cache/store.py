@@ -169,8 +169,12 @@ def _create(
 
 
 def create_store(path: Path, meta: CacheMeta) -> None:
-    """Create an empty cache (no rows) at `path` with every array of the format."""
-    group = zarr.open_group(str(path), mode="a", zarr_format=3)
+    """Create an empty cache (no rows) at `path` with every array of the format.
+
+    The root attribute is written first, in the group's own creation: a creation cut short leaves a cache of
+    0 committed rows, which `harvest` recreates, never a directory that looks foreign.
+    """
+    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTR: meta.to_dict()})
     n_layers, d, ct = meta.n_layers, meta.d_model, meta.chunk_tokens
     act_dtype = STORAGE_DTYPES[meta.storage_dtype]
     _create(
@@ -193,7 +197,6 @@ def create_store(path: Path, meta: CacheMeta) -> None:
     )
     _create(group, "chunk_sq_norm_sum", (0, n_layers), (1, n_layers), np.float64, ("token_chunk", "layer"), False)
     _create(group, "chunk_count", (0,), (1,), np.int64, ("token_chunk",), False)
-    group.attrs[ATTR] = meta.to_dict()
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ def loaded_llama(tiny_models: dict[str, Path]):  # noqa: ANN201
 
 
 def small_config(out: Path, model: Path, **overrides: object) -> HarvestConfig:
-    base = dict(out=out, model=str(model), context_length=32, max_tokens=1000, batch_size=4, chunk_tokens=128,
-                device="cpu")
+    base = dict(
+        out=out, model=str(model), context_length=32, max_tokens=1000, batch_size=4, chunk_tokens=128, device="cpu"
+    )
     base.update(overrides)
     return HarvestConfig(**base)  # type: ignore[arg-type]
 

@@ -105,8 +105,9 @@ def test_open_zarr_gives_named_dims(small_cache: Path) -> None:
 def test_layer_subset_and_early_stop(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
     harvest(small_config(full, tiny_models["llama"], dtype="float32", max_tokens=200), loaded=loaded_llama)
-    harvest(small_config(part, tiny_models["llama"], dtype="float32", max_tokens=200, layers=(1, 0)),
-            loaded=loaded_llama)
+    harvest(
+        small_config(part, tiny_models["llama"], dtype="float32", max_tokens=200, layers=(1, 0)), loaded=loaded_llama
+    )
     assert Cache(part).layers == (0, 1)
     np.testing.assert_array_equal(Cache(part).activations(0, 200), Cache(full).activations(0, 200)[:, :2])
 
@@ -151,23 +152,30 @@ def test_local_dataset_files(tmp_path: Path, tiny_models: dict[str, Path], loade
         path.write_text("\n\n".join(docs))
     else:
         frame = pd.DataFrame({"body": docs})
-        {".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
-         ".json": lambda: frame.to_json(path, orient="records"),
-         ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+        {
+            ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+            ".json": lambda: frame.to_json(path, orient="records"),
+            ".parquet": lambda: frame.to_parquet(path),
+        }[suffix]()
     column = "text" if suffix == ".txt" else "body"
     out = tmp_path / "c"
-    harvest(small_config(out, tiny_models["llama"], dataset=str(path), text_column=column, max_tokens=None),
-            loaded=loaded_llama)
+    harvest(
+        small_config(out, tiny_models["llama"], dataset=str(path), text_column=column, max_tokens=None),
+        loaded=loaded_llama,
+    )
     cache = Cache(out)
     assert cache.meta.complete and cache.meta.exhausted
     win = reference_windows(loaded_llama.tokenizer, TextSpec(str(path), text_column=column), 32, 10**9)
     np.testing.assert_array_equal(cache.token_array("token_ids"), win[: cache.n_tokens // 32].reshape(-1))
 
 
-def test_streaming_gives_the_same_rows(tmp_path: Path, text_file: Path, tiny_models: dict[str, Path],
-                                       loaded_llama) -> None:
+def test_streaming_gives_the_same_rows(
+    tmp_path: Path, text_file: Path, tiny_models: dict[str, Path], loaded_llama
+) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     harvest(small_config(a, tiny_models["llama"], dataset=str(text_file), max_tokens=400), loaded=loaded_llama)
-    harvest(small_config(b, tiny_models["llama"], dataset=str(text_file), max_tokens=400, streaming=True),
-            loaded=loaded_llama)
+    harvest(
+        small_config(b, tiny_models["llama"], dataset=str(text_file), max_tokens=400, streaming=True),
+        loaded=loaded_llama,
+    )
     np.testing.assert_array_equal(Cache(a).activations(0, 400), Cache(b).activations(0, 400))

@@ -1,0 +1,3 @@
+from mlsae_cache.cli import main
+
+main()

@@ -1,0 +1,186 @@
+"""The mlsae-cache command line: options in sync with the config, one-line errors that leave nothing behind,
+import, info and verify."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlsae_cache.cli import main
+from mlsae_cache.config import HarvestConfig
+from mlsae_cache.store import Cache
+from tests.cache.test_resume import store_files
+
+SMALL = [
+    "--context-length",
+    "32",
+    "--max-tokens",
+    "300",
+    "--batch-size",
+    "4",
+    "--chunk-tokens",
+    "128",
+    "--device",
+    "cpu",
+]
+
+
+def run(*args: str):  # noqa: ANN201
+    return CliRunner().invoke(main, ["--quiet", *args], catch_exceptions=False)
+
+
+def test_harvest_options_match_config_fields() -> None:
+    params = {p.name for p in main.commands["harvest"].params} - {"layers_text"} | {"layers"}
+    assert params == {f.name for f in fields(HarvestConfig)}
+
+
+def test_harvest_then_info_and_verify(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    out = tmp_path / "c"
+    result = run("harvest", str(out), "--model", str(tiny_models["gpt_neox"]), "--layers", "0,2", *SMALL)
+    assert result.exit_code == 0, result.stderr
+    assert "300 tokens x 2 layers" in result.stdout
+    again = run("harvest", str(out), "--model", str(tiny_models["gpt_neox"]), "--layers", "0,2", *SMALL)
+    assert again.exit_code == 0 and "nothing to do" in again.stdout
+    facts = json.loads(run("info", str(out), "--json").stdout)
+    assert facts["tokens"] == 300 and facts["layers"] == [0, 2] and facts["complete"] is True
+    assert facts["architecture"] == "GPTNeoXForCausalLM" and facts["bytes_on_disk"] > 300 * 2 * 32 * 2
+    assert "tokens" in run("info", str(out)).stdout
+    ok = run("verify", str(out))
+    assert ok.exit_code == 0 and "chunks verified" in ok.stdout
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_verify_finds_a_flipped_byte_and_a_missing_chunk(small_cache: Path) -> None:
+    chunk = small_cache / "activations" / "c" / "3" / "1" / "0"
+    _flip_byte(chunk)
+    bad = run("verify", str(small_cache))
+    assert bad.exit_code == 1 and "activations/c/3/1/0" in bad.stderr and "corrupted" in bad.stderr
+    chunk.unlink()
+    missing = run("verify", str(small_cache))
+    assert missing.exit_code == 1 and "missing" in missing.stderr
+
+
+def test_import_round_trips_an_array(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(500, 3, 16)).astype(np.float32)
+    ids = rng.integers(0, 100, 500).astype(np.int32)
+    np.save(tmp_path / "a.npy", acts)
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / "c"
+    result = run(
+        "import",
+        str(out),
+        "--activations",
+        str(tmp_path / "a.npy"),
+        "--token-ids",
+        str(tmp_path / "ids.npy"),
+        "--context-length",
+        "50",
+        "--chunk-tokens",
+        "64",
+    )
+    assert result.exit_code == 0, result.stderr
+    cache = Cache(out)
+    np.testing.assert_array_equal(cache.activations(0, 500), acts)
+    np.testing.assert_array_equal(cache.token_array("token_ids"), ids)
+    np.testing.assert_array_equal(cache.token_array("sequence"), np.arange(500) // 50)
+    assert cache.token_array("trainable").all() and cache.meta.complete
+    np.testing.assert_allclose(cache.layer_mean(), acts.astype(np.float64).mean(axis=0), rtol=1e-12)
+    assert run("verify", str(out)).exit_code == 0
+    refused = run("import", str(out), "--activations", str(tmp_path / "a.npy"))
+    assert refused.exit_code == 2 and "--overwrite" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def overflowing_model(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with its embeddings scaled so the residual stream exceeds float16's range."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("overflow")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e7)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(path)
+    return path
+
+
+def _bad_inputs(tmp: Path, models: dict[str, Path], overflow: Path) -> dict[str, tuple[list[str], str]]:
+    empty = tmp / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    short = tmp / "short.jsonl"
+    short.write_text('{"text": "hi"}\n')
+    llama = ["--model", str(models["llama"])]
+    return {
+        "missing-model-dir": (["--model", str(tmp / "no_such_model")], "does not exist"),
+        "unknown-model-id": (["--model", "nobody/no-such-model-xyz"], "could not load model"),
+        "missing-dataset-file": ([*llama, "--dataset", str(tmp / "nope.jsonl")], "does not exist"),
+        "missing-text-column": ([*llama, "--dataset", str(short), "--text-column", "body"], "no column 'body'"),
+        "empty-text": ([*llama, "--dataset", str(empty)], "less text than one window"),
+        "shorter-than-window": ([*llama, "--dataset", str(short)], "less text than one window"),
+        "layers-out-of-range": ([*llama, "--layers", "0,7"], "blocks [7]"),
+        "context-length-0": ([*llama, "--context-length", "0"], "--context-length must be at least 1"),
+        "float16-overflow": (["--model", str(overflow)], "--dtype float32"),
+    }
+
+
+CASES = [
+    "missing-model-dir",
+    "unknown-model-id",
+    "missing-dataset-file",
+    "missing-text-column",
+    "empty-text",
+    "shorter-than-window",
+    "layers-out-of-range",
+    "context-length-0",
+    "float16-overflow",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_one_line_error_and_no_store(
+    tmp_path: Path, tiny_models: dict[str, Path], overflowing_model: Path, case: str
+) -> None:
+    args, message = _bad_inputs(tmp_path, tiny_models, overflowing_model)[case]
+    out = tmp_path / "out"
+    result = run("harvest", str(out), *SMALL, *args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["out-is-a-file", "out-is-a-foreign-dir", "out-is-another-models-cache"])
+def test_bad_out_is_left_untouched(tmp_path: Path, tiny_models: dict[str, Path], small_cache: Path, case: str) -> None:
+    if case == "out-is-a-file":
+        out = tmp_path / "file"
+        out.write_text("not a cache")
+    elif case == "out-is-a-foreign-dir":
+        out = tmp_path / "foreign"
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        out = small_cache
+    before = store_files(out) if out.is_dir() else out.read_bytes()
+    result = run("harvest", str(out), "--model", str(tiny_models["gpt_neox"]), *SMALL)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert (store_files(out) if out.is_dir() else out.read_bytes()) == before
+    if case == "out-is-another-models-cache":
+        assert "GPTNeoXForCausalLM" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_info_on_a_non_cache(tmp_path: Path) -> None:
+    result = run("info", str(tmp_path))
+    assert result.exit_code == 2 and "not an mlsae cache" in result.stderr
+    assert run("info", str(tmp_path / "absent")).exit_code == 2
