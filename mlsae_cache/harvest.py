@@ -114,25 +114,30 @@ def describe_difference(old: CacheMeta, new: CacheMeta) -> str:
     return "settings differ"
 
 
-def check_range(acts: torch.Tensor, storage_dtype: str, layers: tuple[int, ...]) -> None:
-    """Refuse values the storage dtype cannot hold (never a silent inf). shape: acts [rows, n_layers, d_model]."""
-    peak = acts.abs().amax(dim=(0, 2)).float()
-    if not torch.isfinite(peak).all():
-        bad = [layers[i] for i in torch.nonzero(~torch.isfinite(peak)).flatten().tolist()]
+def check_range(peaks: torch.Tensor, storage_dtype: str, layers: tuple[int, ...]) -> None:
+    """Refuse values the storage dtype cannot hold (never a silent inf). shape: peaks [n_layers], max |x| per layer."""
+    peaks = peaks.float().cpu()
+    if not torch.isfinite(peaks).all():
+        bad = [layers[i] for i in torch.nonzero(~torch.isfinite(peaks)).flatten().tolist()]
         raise RuntimeFailure(f"the model produced non-finite activations at blocks {bad} (try --compute-dtype float32)")
     limit = STORAGE_LIMITS[storage_dtype]
-    over = torch.nonzero(peak > limit).flatten().tolist()
+    over = torch.nonzero(peaks > limit).flatten().tolist()
     if over:
         raise InputError(
-            f"activations at blocks {[layers[i] for i in over]} reach {peak.max().item():.4g}, beyond "
-            f"the {storage_dtype} range {limit:.4g} (use --dtype float32 or --dtype bfloat16)"
+            f"activations at blocks {[layers[i] for i in over]} reach {peaks.max().item():.4g}, beyond the "
+            f"{storage_dtype} range {limit:.4g} (use --dtype float32 or --dtype bfloat16)"
         )
 
 
+STORAGE_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def to_storage(acts: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """A tensor already in the storage dtype as the stored numpy array (bfloat16 as its uint16 bit patterns)."""
+    acts = acts.to(STORAGE_TORCH[storage_dtype]).cpu()
     if storage_dtype == "bfloat16":
-        return acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return acts.to(torch.float16 if storage_dtype == "float16" else torch.float32).cpu().numpy()
+        return acts.view(torch.int16).numpy().view(np.uint16)
+    return acts.numpy()
 
 
 class RowMaker:
@@ -140,15 +145,17 @@ class RowMaker:
 
     def __init__(self, loaded: LoadedModel, meta: CacheMeta) -> None:
         self.meta = meta
-        self.capture = ResidCapture(base_model(loaded.model), find_blocks(loaded.model), meta.layers)
-        self.device = next(loaded.model.parameters()).device
+        model = loaded.model
+        self.capture = ResidCapture(
+            base_model(model), find_blocks(model), meta.layers, STORAGE_TORCH[meta.storage_dtype]
+        )
+        self.device = next(model.parameters()).device
         self.special = np.asarray(sorted(set(loaded.tokenizer.all_special_ids)), dtype=np.int64)
 
     def __call__(self, windows: np.ndarray, first_window: int) -> Rows:
         n_windows, ctx = windows.shape
-        acts = self.capture(torch.from_numpy(windows).to(self.device))
-        acts = acts.reshape(n_windows * ctx, self.meta.n_layers, self.meta.d_model)
-        check_range(acts, self.meta.storage_dtype, self.meta.layers)
+        acts, peaks = self.capture(torch.from_numpy(windows).to(self.device), self.meta.d_model)
+        check_range(peaks, self.meta.storage_dtype, self.meta.layers)
         token_ids = windows.reshape(-1)
         position = np.tile(np.arange(ctx, dtype=np.int32), n_windows)
         trainable = ~np.isin(token_ids, self.special) & (position != 0)

@@ -26,27 +26,42 @@ def block_output(output: Any) -> torch.Tensor:
 
 
 class ResidCapture:
-    """Runs `model` on token ids and returns resid_post of `layers` stacked as [batch, seq, n_layers, d_model]."""
+    """Runs `model` on token ids; returns resid_post of `layers` as [batch * seq, n_layers, d_model] in `out_dtype`
+    and each layer's largest |value| before the cast (to refuse values the storage dtype cannot hold).
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, layers: Sequence[int]) -> None:
+    Each hook copies its block's output straight into one preallocated buffer, casting on the way, so no
+    float32 stack of all layers is ever built.
+    """
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, layers: Sequence[int], out_dtype: torch.dtype) -> None:
         self.model = model
         self.blocks = blocks
         self.layers = list(layers)
-        self._outputs: dict[int, torch.Tensor] = {}
+        self.out_dtype = out_dtype
+        self._buffer = torch.empty(0)
+        self._peaks = torch.empty(0)
 
-    def _hook(self, layer: int, last: bool) -> Any:
+    def _hook(self, position: int, last: bool) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._outputs[layer] = block_output(output)
+            x = block_output(output)
+            low, high = torch.aminmax(x)
+            self._peaks[position] = torch.maximum(-low, high).float()
+            self._buffer[:, position, :] = x.reshape(-1, x.shape[-1])
             if last:
                 raise _StopForward
 
         return hook
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_rows = input_ids.numel()
+        self._buffer = torch.empty(n_rows, len(self.layers), d_model, dtype=self.out_dtype, device=input_ids.device)
+        self._peaks = torch.full((len(self.layers),), float("nan"), device=input_ids.device)
         last = max(self.layers)
-        handles = [self.blocks[i].register_forward_hook(self._hook(i, i == last)) for i in set(self.layers)]
-        self._outputs = {}
+        handles = [
+            self.blocks[layer].register_forward_hook(self._hook(pos, layer == last))
+            for pos, layer in enumerate(self.layers)
+        ]
         try:
             self.model(input_ids=input_ids, use_cache=False)
         except _StopForward:
@@ -54,4 +69,4 @@ class ResidCapture:
         finally:
             for h in handles:
                 h.remove()
-        return torch.stack([self._outputs[i] for i in self.layers], dim=2)
+        return self._buffer, self._peaks

@@ -228,9 +228,19 @@ def to_float32(stored: np.ndarray, storage_dtype: str) -> np.ndarray:
 
 
 def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Float64 sums over trainable rows: sum x [n_layers, d_model], sum ||x||^2 [n_layers], count."""
-    x = to_float32(rows.activations[rows.trainable], storage_dtype).astype(np.float64)
-    return x.sum(axis=0), np.einsum("nld,nld->l", x, x), int(x.shape[0])
+    """Float64 sums over trainable rows: sum x [n_layers, d_model], sum ||x||^2 [n_layers], count.
+
+    Layer by layer, so no float64 copy of the whole chunk is made; numpy's single-threaded sums make the
+    result the same bits whatever the machine's thread count (shards merge exactly).
+    """
+    kept = rows.activations[rows.trainable]
+    n_layers, d_model = kept.shape[1:]
+    sums, sq = np.zeros((n_layers, d_model)), np.zeros(n_layers)
+    for i in range(n_layers):
+        x = to_float32(kept[:, i], storage_dtype).astype(np.float64)
+        sums[i] = x.sum(axis=0)
+        sq[i] = np.einsum("nd,nd->", x, x)
+    return sums, sq, int(kept.shape[0])
 
 
 class CacheWriter:

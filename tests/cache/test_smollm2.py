@@ -1,0 +1,41 @@
+"""The real embedded model (slow): 2,048 harvested tokens against a direct forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlsae_cache.config import HarvestConfig
+from mlsae_cache.harvest import harvest
+from mlsae_cache.models import load_model
+from mlsae_cache.store import Cache
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():  # noqa: ANN201
+    pytest.importorskip("gguf")
+    return load_model("smollm2-135m", device="cpu")
+
+
+def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path: Path, smollm2) -> None:  # noqa: ANN001
+    assert smollm2.info.n_layers == 30 and smollm2.info.d_model == 576
+    out = tmp_path / "c"
+    cfg = HarvestConfig(out=out, max_tokens=2048, dtype="float32", batch_size=4, chunk_tokens=1024, device="cpu")
+    harvest(cfg, loaded=smollm2)
+    cache = Cache(out)
+    assert cache.n_tokens == 2048 and cache.meta.model["architecture"] == "LlamaForCausalLM"
+    ids = torch.from_numpy(cache.token_array("token_ids").astype(np.int64)).reshape(-1, 256)
+    stored = cache.activations(0, 2048)
+    with torch.no_grad():
+        hs = smollm2.model(ids[:4], output_hidden_states=True).hidden_states  # the first batch, as harvested
+    for layer in (0, 11, 28):
+        want = hs[layer + 1].reshape(-1, 576).numpy()
+        np.testing.assert_allclose(stored[:1024, layer], want, rtol=1e-4, atol=1e-3, err_msg=f"layer {layer}")
+    # Position 0 carries the attention-sink values (FACTS.md) and is not trainable.
+    assert np.abs(stored[0, 11:28]).max() > 5_000
+    assert not cache.token_array("trainable")[::256].any()
