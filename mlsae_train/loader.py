@@ -1,0 +1,155 @@
+"""Shuffled (token, layer) rows from a cache, read chunk by chunk.
+
+Random row gathers through Zarr decode a whole chunk per row (FACTS.md: a few thousand rows/s), so the loader
+shuffles at two levels instead:
+1. the units of an epoch, one stored chunk each (a token chunk at one layer), are put in a random order;
+2. consecutive units are grouped into blocks of `block_units`, and the rows of a block (all trainable tokens of
+   its units) are permuted together.
+The epoch's row stream is the concatenation of the permuted blocks and batches are consecutive slices of it, so
+an epoch visits every selected row exactly once, the whole order follows from (seed, epoch), and one number,
+the count of rows handed out, is enough to resume the same stream. Background threads read and decode the units of the
+next blocks while the current one is consumed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from mlsae_cache.errors import InputError
+from mlsae_cache.store import Cache
+
+
+class Batch(NamedTuple):
+    """x: [batch_rows, d_model] float32; layer: [batch_rows] int64, position of the row's layer in `layers`."""
+
+    x: torch.Tensor
+    layer: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_rows: int = 4096
+    block_units: int = 32
+    seed: int = 0
+    read_threads: int = 2
+    prefetch_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_rows < 1:
+            raise InputError(f"--batch-rows must be at least 1, got {self.batch_rows}")
+        if self.block_units < 1 or self.read_threads < 1 or self.prefetch_blocks < 0:
+            raise InputError("block_units and read_threads must be at least 1, prefetch_blocks at least 0")
+
+
+class RowLoader:
+    """Iterates Batches of shuffled rows of `layers` (block indices present in the cache) from `cursor` on."""
+
+    def __init__(self, cache: Cache, layers: tuple[int, ...], cfg: LoaderConfig, device: torch.device | str = "cpu"):
+        missing = [layer for layer in layers if layer not in cache.layers]
+        if missing:
+            raise InputError(
+                f"--layers {','.join(map(str, layers))}: blocks {missing} are not in the cache "
+                f"{cache.path} (it holds {list(cache.layers)})"
+            )
+        self.cache, self.cfg, self.layers = cache, cfg, tuple(layers)
+        self.device = torch.device(device)
+        self._layer_pos = [cache.layers.index(layer) for layer in layers]
+        trainable = cache.token_array("trainable")
+        ct = cache.chunk_tokens
+        self._masks = [trainable[c * ct : (c + 1) * ct] for c in range(cache.n_chunks)]
+        self._unit_rows = np.array([int(m.sum()) for m in self._masks], dtype=np.int64)
+        self.rows_per_epoch = int(self._unit_rows.sum()) * len(layers)
+        if self.rows_per_epoch == 0:
+            raise InputError(f"cache {cache.path} has no trainable token (harvest more text)")
+
+    @property
+    def n_units(self) -> int:
+        return len(self._masks) * len(self.layers)
+
+    def _epoch_blocks(self, epoch: int) -> tuple[list[np.ndarray], list[int]]:
+        """The units of each block in order (unit = chunk * n_layers + layer slot), and block start offsets."""
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_units)
+        blocks = [order[i : i + self.cfg.block_units] for i in range(0, len(order), self.cfg.block_units)]
+        sizes = [int(self._unit_rows[b // len(self.layers)].sum()) for b in blocks]
+        return blocks, list(np.cumsum([0, *sizes])[:-1])
+
+    def _read_unit(self, unit: int) -> tuple[np.ndarray, int]:
+        chunk, slot = divmod(int(unit), len(self.layers))
+        rows = self.cache.chunk(chunk, self._layer_pos[slot])
+        return rows[self._masks[chunk][: len(rows)]], slot
+
+    def _read_block(self, pool: ThreadPoolExecutor, units: np.ndarray, rng_key: list[int]) -> Future:
+        reads = [pool.submit(self._read_unit, u) for u in units]
+
+        def assemble() -> tuple[np.ndarray, np.ndarray]:
+            parts = [f.result() for f in reads]
+            x = np.concatenate([p for p, _ in parts])
+            layer = np.concatenate([np.full(len(p), s, dtype=np.int64) for p, s in parts])
+            perm = np.random.default_rng(rng_key).permutation(len(x))
+            return x[perm], layer[perm]
+
+        return pool.submit(assemble)
+
+    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Permuted rows of each block of `epoch`, from row offset `start` on (earlier blocks are not read)."""
+        blocks, starts = self._epoch_blocks(epoch)
+        first = bisect.bisect_right(starts, start) - 1
+        pending = [
+            self._read_block(pool, blocks[i], [self.cfg.seed, epoch, i])
+            for i in range(first, min(first + 1 + self.cfg.prefetch_blocks, len(blocks)))
+        ]
+        for i in range(first, len(blocks)):
+            nxt = i + 1 + self.cfg.prefetch_blocks
+            if nxt < len(blocks):
+                pending.append(self._read_block(pool, blocks[nxt], [self.cfg.seed, epoch, nxt]))
+            x, layer = pending.pop(0).result()
+            skip = max(0, start - starts[i])
+            yield x[skip:], layer[skip:]
+
+    def _rows(self, pool: ThreadPoolExecutor, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The endless row stream from global row `start` on; epoch e holds rows [e * R, (e + 1) * R)."""
+        epoch, offset = divmod(start, self.rows_per_epoch)
+        while True:
+            yield from self._epoch_rows(pool, epoch, offset)
+            epoch, offset = epoch + 1, 0
+
+    def batches(self, start: int = 0) -> Iterator[tuple[Batch, int]]:
+        """Endless batches of exactly batch_rows rows from global row `start`, each with the row count after it.
+
+        That count is the whole cursor: `batches(count)` continues the same stream.
+        """
+        n, position = self.cfg.batch_rows, start
+        with ThreadPoolExecutor(self.cfg.read_threads + 1) as pool:
+            pending: deque[tuple[np.ndarray, np.ndarray]] = deque()
+            head = held = 0  # rows of pending[0] already handed out; rows held in total
+            for x, layer in self._rows(pool, start):
+                pending.append((x, layer))
+                held += len(x)
+                while held - head >= n:
+                    parts, need = [], n
+                    while need:  # slices of the front blocks: only the batch itself is copied
+                        px, pl = pending[0]
+                        take = min(need, len(px) - head)
+                        parts.append((px[head : head + take], pl[head : head + take]))
+                        head, need = head + take, need - take
+                        if head == len(px):
+                            pending.popleft()
+                            held, head = held - len(px), 0
+                    position += n
+                    yield self._to_batch(*(np.concatenate(p) for p in zip(*parts, strict=True))), position
+
+    def _to_batch(self, x: np.ndarray, layer: np.ndarray) -> Batch:
+        xt, lt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(layer)
+        if self.device.type == "cuda":
+            return Batch(
+                xt.pin_memory().to(self.device, non_blocking=True), lt.pin_memory().to(self.device, non_blocking=True)
+            )
+        return Batch(xt, lt)
