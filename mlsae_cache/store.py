@@ -102,21 +102,27 @@ class CacheMeta:
         return len(self.layers)
 
 
-def read_meta(path: Path | str) -> CacheMeta:
-    """The metadata of the cache at `path`; NotFoundError / StoreError for anything that is not one."""
+def read_root_attribute(path: Path | str, kind: str, hint: str) -> dict[str, Any]:
+    """The `mlsae` root attribute of the store at `path`; NotFoundError / StoreError naming `kind` otherwise."""
     path = Path(path)
     if not path.exists():
-        raise NotFoundError(f"cache {path} does not exist (harvest one with `mlsae-cache harvest {path}`)")
+        raise NotFoundError(f"{kind} {path} does not exist ({hint})")
     meta_file = path / "zarr.json"
     if not path.is_dir() or not meta_file.is_file():
-        raise StoreError(f"{path} is not an mlsae cache (no zarr.json; give the directory harvest wrote)")
+        raise StoreError(f"{path} is not an mlsae {kind} (no zarr.json; {hint})")
     try:
         attrs = json.loads(meta_file.read_text()).get("attributes", {})
     except (OSError, ValueError) as e:
         raise StoreError(f"{path}/zarr.json is unreadable ({e}); the store is damaged") from e
     if ATTR not in attrs:
-        raise StoreError(f"{path} is a Zarr group but not an mlsae cache (no '{ATTR}' attribute)")
-    return CacheMeta.from_dict(attrs[ATTR], path)
+        raise StoreError(f"{path} is a Zarr group but not an mlsae {kind} (no '{ATTR}' attribute; {hint})")
+    return attrs[ATTR]
+
+
+def read_meta(path: Path | str) -> CacheMeta:
+    """The metadata of the cache at `path`; NotFoundError / StoreError for anything that is not one."""
+    attr = read_root_attribute(path, "cache", f"harvest one with `mlsae-cache harvest {path}`")
+    return CacheMeta.from_dict(attr, path)
 
 
 def is_cache(path: Path | str) -> bool:
@@ -148,7 +154,7 @@ def _compressors(dtype: np.dtype, compress: bool) -> list[Any]:
     return codecs
 
 
-def _create(
+def create_array(
     group: zarr.Group,
     name: str,
     shape: tuple[int, ...],
@@ -157,6 +163,7 @@ def _create(
     dims: tuple[str, ...],
     compress: bool,
 ) -> None:
+    """An array of the store conventions: fill 0, named dims, crc32c on every chunk (zstd first if `compress`)."""
     group.create_array(
         name,
         shape=shape,
@@ -177,7 +184,7 @@ def create_store(path: Path, meta: CacheMeta) -> None:
     group = zarr.create_group(str(path), zarr_format=3, attributes={ATTR: meta.to_dict()})
     n_layers, d, ct = meta.n_layers, meta.d_model, meta.chunk_tokens
     act_dtype = STORAGE_DTYPES[meta.storage_dtype]
-    _create(
+    create_array(
         group,
         "activations",
         (0, n_layers, d),
@@ -187,16 +194,16 @@ def create_store(path: Path, meta: CacheMeta) -> None:
         compress=meta.storage_dtype == "bfloat16",
     )
     for name, dtype in TOKEN_ARRAYS.items():
-        _create(group, name, (0,), (ct,), dtype, ("token",), compress=True)
-    _create(group, "layer", (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
+        create_array(group, name, (0,), (ct,), dtype, ("token",), compress=True)
+    create_array(group, "layer", (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
     group["layer"][:] = np.asarray(meta.layers, dtype=np.int32)
-    _create(group, "layer_mean", (n_layers, d), (n_layers, d), np.float64, ("layer", "d_model"), False)
-    _create(group, "layer_sq_norm", (n_layers,), (n_layers,), np.float64, ("layer",), False)
-    _create(
+    create_array(group, "layer_mean", (n_layers, d), (n_layers, d), np.float64, ("layer", "d_model"), False)
+    create_array(group, "layer_sq_norm", (n_layers,), (n_layers,), np.float64, ("layer",), False)
+    create_array(
         group, "chunk_sum", (0, n_layers, d), (1, n_layers, d), np.float64, ("token_chunk", "layer", "d_model"), False
     )
-    _create(group, "chunk_sq_norm_sum", (0, n_layers), (1, n_layers), np.float64, ("token_chunk", "layer"), False)
-    _create(group, "chunk_count", (0,), (1,), np.int64, ("token_chunk",), False)
+    create_array(group, "chunk_sq_norm_sum", (0, n_layers), (1, n_layers), np.float64, ("token_chunk", "layer"), False)
+    create_array(group, "chunk_count", (0,), (1,), np.int64, ("token_chunk",), False)
 
 
 @dataclass(frozen=True)
@@ -243,6 +250,16 @@ def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarr
     return sums, sq, int(kept.shape[0])
 
 
+def write_rows_at(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write each array's rows at [start, start + n) along its first axis, growing the array first if needed."""
+    for name, values in arrays.items():
+        arr = group[name]
+        stop = start + values.shape[0]
+        if arr.shape[0] < stop:
+            arr.resize((stop, *arr.shape[1:]))
+        arr[start:stop] = values
+
+
 class CacheWriter:
     """Appends rows to a cache, one token chunk per commit. The caller holds the store lock."""
 
@@ -265,20 +282,14 @@ class CacheWriter:
         ct = self.meta.chunk_tokens
         assert start % ct == 0 and 0 < len(rows) <= ct and start <= self.meta.n_tokens
         stop, chunk = start + len(rows), start // ct
-        for name in ("activations", *TOKEN_ARRAYS):
-            arr = self.group[name]
-            if arr.shape[0] < stop:
-                arr.resize((stop, *arr.shape[1:]))
-            arr[start:stop] = getattr(rows, name)
+        write_rows_at(self.group, start, {name: getattr(rows, name) for name in ("activations", *TOKEN_ARRAYS)})
         s, q, c = chunk_partials(rows, self.meta.storage_dtype)
         self._sums = np.concatenate([self._sums[:chunk], s[None]])
         self._sq = np.concatenate([self._sq[:chunk], q[None]])
         self._counts = np.concatenate([self._counts[:chunk], [c]])
-        for name, value in (("chunk_sum", s), ("chunk_sq_norm_sum", q), ("chunk_count", c)):
-            arr = self.group[name]
-            if arr.shape[0] < chunk + 1:
-                arr.resize((chunk + 1, *arr.shape[1:]))
-            arr[chunk] = value
+        write_rows_at(
+            self.group, chunk, {"chunk_sum": s[None], "chunk_sq_norm_sum": q[None], "chunk_count": np.asarray([c])}
+        )
         self._write_statistics()
         self.set_meta(n_tokens=max(stop, self.meta.n_tokens))
 
@@ -373,30 +384,31 @@ def _chunk_keys(arr: zarr.Array, n_rows: int) -> Iterator[tuple[str, tuple[slice
         yield f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}", sel
 
 
-def verify(path: Path | str) -> int:
-    """Read and checksum every committed chunk of every array; CorruptError names the first bad one.
+def verify_group(path: Path | str, n_tokens: int, chunk_tokens: int) -> int:
+    """Read and checksum every chunk holding committed data of the store at `path`: arrays along `token` up to
+    n_tokens rows, along `token_chunk` up to the chunks those rows fill, others whole.
 
-    Returns the number of chunks checked.
+    CorruptError names the first missing or corrupted chunk; returns the number of chunks checked.
     """
-    cache = Cache(path)
-    group = cache._group
-    store = group.store
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
     checked = 0
-    for _name, arr in sorted(group.arrays()):
+    for _, arr in sorted(group.arrays()):
         dims = arr.metadata.dimension_names or ()
-        n_rows = (
-            cache.n_tokens
-            if dims[:1] == ("token",)
-            else cache.n_chunks
-            if dims[:1] == ("token_chunk",)
-            else arr.shape[0]
+        n_rows = {"token": n_tokens, "token_chunk": math.ceil(n_tokens / chunk_tokens)}.get(
+            (dims or ("",))[0], arr.shape[0]
         )
         for key, sel in _chunk_keys(arr, n_rows):
-            if not asyncio.run(store.exists(key)):
-                raise CorruptError(f"chunk {key} of {cache.path} is missing (re-harvest, or resume the harvest)")
+            if not asyncio.run(group.store.exists(key)):
+                raise CorruptError(f"chunk {key} of {path} is missing (re-create the store, or resume its writer)")
             try:
                 arr[sel]
             except Exception as e:  # zarr raises ValueError for a checksum mismatch, others for bad bytes
-                raise CorruptError(f"chunk {key} of {cache.path} is corrupted ({e}); re-harvest it") from e
+                raise CorruptError(f"chunk {key} of {path} is corrupted ({e}); re-create it") from e
             checked += 1
     return checked
+
+
+def verify(path: Path | str) -> int:
+    """Checksum every committed chunk of the cache at `path` (see verify_group)."""
+    meta = read_meta(path)
+    return verify_group(path, meta.n_tokens, meta.chunk_tokens)
