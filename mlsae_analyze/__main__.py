@@ -1,0 +1,3 @@
+from mlsae_analyze.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""Adjacent-layer cosine similarity of the mean-centred residual stream (METHOD.md section 5).
+
+cos_l = mean over trainable tokens t of cos(x[t, l] - m_l, x[t, l+1] - m_{l+1}), with m_l the cache's exact
+per-layer mean; l runs over adjacent *stored* layers. One dask task per token chunk, summed in a tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from mlsae_cache.errors import InputError
+from mlsae_cache.store import Cache
+
+
+def _block_cosines(x: np.ndarray, mean: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Per block [n, L, d]: sums over kept tokens of the adjacent-layer cosines -> [1, L - 1]."""
+    xc = x[keep.reshape(-1)].astype(np.float64) - mean[None]
+    num = np.einsum("nld,nld->nl", xc[:, :-1], xc[:, 1:])
+    norms = np.linalg.norm(xc, axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = num / (norms[:, :-1] * norms[:, 1:])
+    return np.nan_to_num(cos).sum(axis=0)[None]
+
+
+def build_cosine_graph(cache: Cache) -> tuple[Any, Any]:
+    """Lazy sums of cosines [L - 1] and the number of kept tokens."""
+    if len(cache.layers) < 2:
+        raise InputError(f"cache {cache.path} stores one layer; adjacent-layer cosines need at least two")
+    x = cache.dask_activations().rechunk({0: cache.chunk_tokens, 1: -1, 2: -1})
+    keep = da.from_array(cache.token_array("trainable"), chunks=(cache.chunk_tokens,))
+    if not bool(keep.any().compute()):
+        raise InputError(f"cache {cache.path} has no trainable token")
+    sums = da.map_blocks(
+        _block_cosines,
+        x,
+        cache.layer_mean(),
+        keep[:, None, None],
+        dtype=np.float64,
+        chunks=((1,) * x.numblocks[0], (len(cache.layers) - 1,)),
+        drop_axis=2,
+    )
+    return sums.sum(axis=0), keep.sum()
+
+
+def adjacent_cosine(cache: Cache, scheduler: str | None = None) -> dict[str, Any]:
+    sums, count = build_cosine_graph(cache)
+    if scheduler is not None and "://" in scheduler:
+        from distributed import Client
+
+        with Client(scheduler, set_as_default=False) as client:
+            sums, count = client.compute([sums, count], sync=True)
+    else:
+        sums, count = dask.compute(sums, count, scheduler=scheduler)
+    layers = list(cache.layers)
+    return {
+        "layer_pairs": [[a, b] for a, b in zip(layers[:-1], layers[1:], strict=True)],
+        "cosine": (np.asarray(sums) / int(count)).tolist(),
+        "n_tokens": int(count),
+    }

@@ -1,0 +1,130 @@
+"""Encode every (token, layer) row of a cache with a trained SAE into a latents store (resumable, like harvest)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlsae_cache.errors import MlsaeError, StoreError
+from mlsae_cache.lock import StoreLock
+from mlsae_cache.models import resolve_device
+from mlsae_cache.store import TOKEN_ARRAYS, Cache, clear_store, discard_store
+from mlsae_analyze.latents import LatentsMeta, LatentsWriter, create_latents, read_latents_meta
+from mlsae_train.checkpoint import WEIGHTS_NAME, load_sae
+from mlsae_train.evaluate import check_compatible
+from mlsae_train.sae import TopKSAE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    sae: Path
+    cache: Path
+    out: Path
+    device: str = "auto"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    meta: LatentsMeta
+    noop: bool
+    message: str
+
+
+def sae_fingerprint(sae_dir: Path) -> str:
+    return hashlib.sha256((Path(sae_dir) / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_rows(sae: TopKSAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (indices int32, post-ReLU values float32) of rows x [n, d_model]."""
+    xt = torch.from_numpy(x).to(sae.b_dec.device)
+    enc = sae.encode(sae.standardize(xt.to(sae.b_dec.dtype)).x_std)
+    return enc.indices.to(torch.int32).cpu().numpy(), enc.values.float().cpu().numpy()
+
+
+def encode_chunk(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], start: int) -> dict[str, np.ndarray]:
+    """Latents of token chunk [start, start + chunk_tokens) at every layer, plus its token arrays."""
+    stop = min(start + cache.chunk_tokens, cache.n_tokens)
+    parts = [encode_rows(sae, cache.activations(start, stop, cache.layers.index(layer))) for layer in layers]
+    arrays = {"indices": np.stack([p[0] for p in parts], axis=1), "values": np.stack([p[1] for p in parts], axis=1)}
+    for name in TOKEN_ARRAYS:
+        arrays[name] = cache.token_array(name)[start:stop]
+    return arrays
+
+
+def _plan(cfg: EncodeConfig) -> tuple[TopKSAE, Cache, LatentsMeta]:
+    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device))
+    cache = Cache(cfg.cache)
+    if not cache.meta.complete:
+        raise StoreError(f"cache {cfg.cache} is incomplete; finish the harvest first")
+    layers = tuple(sae_cfg.get("layers") or cache.layers)
+    check_compatible(sae, cache, layers)
+    meta = LatentsMeta(
+        n_latents=sae.cfg.n_latents,
+        k=sae.cfg.k,
+        layers=layers,
+        sae_fingerprint=sae_fingerprint(cfg.sae),
+        cache_fingerprint=cache.meta.fingerprint,
+        sae_path=str(cfg.sae),
+        cache_path=str(cfg.cache),
+        chunk_tokens=cache.chunk_tokens,
+        total_tokens=cache.n_tokens,
+    )
+    return sae, cache, meta
+
+
+def _existing(out: Path, meta: LatentsMeta, overwrite: bool) -> LatentsMeta | None:
+    """The latents already at OUT that this run continues, or None to start afresh; refuses anything else."""
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"OUT {out} is a file (choose a directory)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    old = read_latents_meta(out)  # StoreError for a foreign directory
+    if overwrite or old.n_tokens == 0:
+        return None
+    same = ("sae_fingerprint", "cache_fingerprint", "layers", "chunk_tokens", "total_tokens")
+    diffs = [f"{k} {getattr(old, k)!r} vs {getattr(meta, k)!r}" for k in same if getattr(old, k) != getattr(meta, k)]
+    if diffs:
+        raise StoreError(
+            f"{out} holds latents of another SAE or cache ({'; '.join(diffs)}); use --overwrite or another OUT"
+        )
+    return old
+
+
+def encode(cfg: EncodeConfig, progress: Callable[[int], None] = lambda n: None) -> EncodeResult:
+    """Write (or resume) the latents of every row of the cache in cfg.out."""
+    sae, cache, meta = _plan(cfg)
+    out = Path(cfg.out)
+    old = _existing(out, meta, cfg.overwrite)
+    if old is not None and old.complete:
+        return EncodeResult(old, True, f"{out} is already complete ({old.n_tokens} tokens); nothing to do")
+    out_existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with StoreLock(out):
+        if old is None:
+            clear_store(out)
+            create_latents(out, meta)
+        writer = LatentsWriter(out)
+        start = (writer.meta.n_tokens // meta.chunk_tokens) * meta.chunk_tokens
+        progress(start)
+        try:
+            for a in range(start, cache.n_tokens, meta.chunk_tokens):
+                writer.write_chunk(a, encode_chunk(sae, cache, meta.layers, a))
+                progress(min(meta.chunk_tokens, cache.n_tokens - a))
+        except MlsaeError:
+            if old is None:
+                discard_store(out, keep_dir=out_existed)
+            raise
+        writer.set_meta(complete=True)
+    return EncodeResult(
+        writer.meta, False, f"wrote {out}: {cache.n_tokens} tokens x {len(meta.layers)} layers x k={meta.k}"
+    )

@@ -1,0 +1,3 @@
+from mlsae_train.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""`mlsae-train`: fit a multi-layer TopK SAE on a cache, evaluate it, convert published checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlsae_cache.clikit import handle_errors, progress_bar, setup_logging
+from mlsae_cache.config import parse_layers
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Train one TopK sparse autoencoder on the residual stream of every layer, from a cache."""
+    setup_logging(debug, quiet)
+    ctx.obj = {"quiet": quiet}
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--expansion-factor", default=64, show_default=True, type=int, help="n_latents = R * d_model.")
+@click.option("--k", default=32, show_default=True, type=int, help="Latents kept per row.")
+@click.option("--batch-rows", default=4096, show_default=True, type=int, help="(token, layer) rows per step.")
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--max-rows", default=None, type=int, help="Rows to train on (default: one epoch).")
+@click.option("--layers", "layers_text", default="all", show_default=True, help="all, or block indices like 0,2,5.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option("--no-standardize", "standardize", flag_value=False, default=True, help="Skip per-row standardisation.")
+@click.option("--dead-after-rows", default=10_000_000, show_default=True, type=int, help="Rows inactive = dead.")
+@click.option("--k-aux", default=256, show_default=True, type=int, help="AuxK latents (0 turns AuxK off).")
+@click.option(
+    "--autocast",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "bf16"]),
+    help="bf16 for the encoder matmul.",
+)
+@click.option("--checkpoint-every-rows", default=1_000_000, show_default=True, type=int)
+@click.option("--log-every-steps", default=10, show_default=True, type=int)
+@click.option("--block-units", default=32, show_default=True, type=int, help="Stored chunks shuffled together.")
+@click.pass_context
+@handle_errors
+def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options: Any) -> None:
+    """Train an SAE on the rows of CACHE; write cfg.json, sae.safetensors, metrics.jsonl in OUT."""
+    from mlsae_train.config import TrainConfig
+    from mlsae_train.trainer import fit as run_fit
+
+    cfg = TrainConfig(cache=cache, out=out, layers=parse_layers(layers_text), **options)
+    with progress_bar(None, "row", ctx.obj["quiet"], "fit") as advance:
+        result = run_fit(cfg, progress=lambda n, line: advance(n))
+    final = result.final
+    click.echo(
+        f"wrote {out}: {result.steps} steps, {result.rows} rows; FVU {final.get('fvu', float('nan')):.4f}, "
+        f"L0 {final.get('l0', float('nan')):.1f}, dead {final.get('dead_fraction', float('nan')):.3f}"
+    )
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    lines = [f"{'layer':>5}  {'FVU':>8}  {'MSE':>10}  {'L0':>6}  {'rows':>8}"]
+    for layer, fvu, mse, l0, n in zip(
+        result["layer"], result["fvu"], result["mse"], result["l0"], result["n_rows"], strict=True
+    ):
+        lines.append(f"{layer:>5}  {fvu:>8.4f}  {mse:>10.4g}  {l0:>6.1f}  {n:>8}")
+    lines.append(f"mean FVU {result['fvu_mean']:.4f}; dead fraction {result['dead_fraction']:.4f}")
+    return "\n".join(lines)
+
+
+@main.command(name="eval")
+@click.argument("sae", type=click.Path(path_type=Path))
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", "out_file", default=None, type=click.Path(path_type=Path), help="Write the metrics as JSON.")
+@click.option("--start", default=0, show_default=True, type=int, help="First token of the evaluated range.")
+@click.option("--stop", default=None, type=int, help="End of the evaluated token range (default: all).")
+@click.option("--layers", "layers_text", default="all", show_default=True, help="Layers (default: the SAE's).")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_context
+@handle_errors
+def eval_(
+    ctx: click.Context,
+    sae: Path,
+    cache: Path,
+    out_file: Path | None,
+    start: int,
+    stop: int | None,
+    layers_text: str,
+    device: str,
+) -> None:
+    """Per-layer FVU, MSE, L0 and the dead fraction of SAE on the trainable rows of CACHE."""
+    from mlsae_cache.models import resolve_device
+    from mlsae_cache.store import Cache
+    from mlsae_train.checkpoint import load_sae
+    from mlsae_train.evaluate import evaluate
+
+    model, cfg = load_sae(sae, resolve_device(device))
+    store = Cache(cache)
+    layers = parse_layers(layers_text) or tuple(cfg.get("layers") or store.layers)
+    with progress_bar(stop, "tok", ctx.obj["quiet"], "eval") as advance:
+        result = evaluate(model, store, layers, start, stop, progress=advance).to_dict()
+    click.echo(format_eval(result))
+    if out_file is not None:
+        out_file.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {out_file}")
+
+
+@main.command(name="convert-reference")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@handle_errors
+def convert_reference_(src: Path, out: Path) -> None:
+    """Convert a published reference checkpoint (tim-lawson/mlsae-*) in SRC into our format in OUT."""
+    from mlsae_train.checkpoint import convert_reference
+
+    convert_reference(src, out)
+    click.echo(f"wrote {out}")

@@ -1,0 +1,66 @@
+"""Typed, frozen configuration of `mlsae-train fit`. CLI options map one-to-one onto these fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlsae_cache.errors import InputError
+
+AUTOCAST = ("none", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `mlsae-train fit` takes. Hyperparameter defaults are the paper's (METHOD.md section 4)."""
+
+    cache: Path
+    out: Path
+    expansion_factor: int = 64
+    k: int = 32
+    batch_rows: int = 4096
+    lr: float = 1e-4
+    max_rows: int | None = None
+    layers: tuple[int, ...] | None = None
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    standardize: bool = True
+    dead_after_rows: int = 10_000_000
+    k_aux: int = 256
+    autocast: str = "none"
+    checkpoint_every_rows: int = 1_000_000
+    log_every_steps: int = 10
+    block_units: int = 32
+
+    def __post_init__(self) -> None:
+        positive = (
+            "expansion_factor",
+            "k",
+            "batch_rows",
+            "dead_after_rows",
+            "checkpoint_every_rows",
+            "log_every_steps",
+            "block_units",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise InputError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise InputError(f"--max-rows must be at least 1, got {self.max_rows}")
+        if not self.lr > 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+        if self.k_aux < 0:
+            raise InputError(f"--k-aux must be at least 0, got {self.k_aux}")
+        if self.autocast not in AUTOCAST:
+            raise InputError(f"--autocast {self.autocast!r} is not one of {', '.join(AUTOCAST)}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What determines the trained weights (paths, device and logging excluded): saved and compared on resume."""
+        d = asdict(self)
+        for name in ("cache", "out", "device", "resume", "checkpoint_every_rows", "log_every_steps"):
+            d.pop(name)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d

@@ -1,0 +1,176 @@
+"""Losses and metrics of METHOD.md sections 4 and 5, as pure functions (plus one small stateful tracker).
+
+Notation: B rows, d = d_model, n = n_latents, L = n_layers. A batch mixes rows of every layer; `layer`
+[B] gives each row's layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlsae_cache.errors import InputError, StoreError
+from mlsae_train.sae import sparse_decode
+
+AUXK_COEF = 1.0 / 32.0
+"""Weight of the AuxK loss: L = L_fvu + AUXK_COEF * L_aux (METHOD.md section 4)."""
+
+AUXK_K = 256
+"""Default number k_aux of dead latents used by AuxK (capped at n/2 and at the number dead)."""
+
+
+def _check_rows(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int) -> None:
+    if x.ndim != 2 or x.shape != x_hat.shape:
+        raise InputError(f"x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must both be [rows, d_model]")
+    if layer.shape != (x.shape[0],):
+        raise InputError(f"layer has shape {tuple(layer.shape)}, expected [{x.shape[0]}] (one id per row)")
+    if n_layers < 1:
+        raise InputError(f"n_layers = {n_layers} must be >= 1")
+    if layer.numel() and (int(layer.min()) < 0 or int(layer.max()) >= n_layers):
+        raise InputError(
+            f"layer ids span [{int(layer.min())}, {int(layer.max())}], outside [0, {n_layers}) "
+            "(pass n_layers = number of layers in the cache)"
+        )
+
+
+def fvu_per_layer(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int, per_dim_mean: bool = True) -> Tensor:
+    """Fraction of variance unexplained of each layer's rows in the batch.
+
+    FVU_l = sum_{r in l} ||x_r - x^_r||^2 / sum_{r in l} ||x_r - m_l||^2, with m_l [d] the per-dimension
+    mean of layer l's rows (METHOD.md section 4). per_dim_mean=False uses instead the single scalar mean of
+    all entries of those rows (the reference code's variant, for comparison).
+    Shapes: x, x_hat [B, d]; layer [B] int64 in [0, n_layers) -> [n_layers]. NaN for a layer without rows
+    in the batch, or whose rows have zero variance (FVU undefined). Differentiable in x_hat.
+    """
+    _check_rows(x, x_hat, layer, n_layers)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
+    counts = torch.bincount(layer, minlength=n_layers).to(dtype)
+    sums = x.new_zeros(n_layers, x.shape[1]).index_add_(0, layer, x)
+    if not per_dim_mean:
+        sums = sums.sum(1, keepdim=True).expand_as(sums) / x.shape[1]
+    means = sums / counts.clamp_min(1.0)[:, None]
+    dev = (x - means[layer]).pow(2).sum(1)
+    den = x.new_zeros(n_layers).index_add_(0, layer, dev)
+    err = (x - x_hat.to(dtype)).pow(2).sum(1)
+    num = err.new_zeros(n_layers).index_add(0, layer, err)
+    defined = den > 0
+    return torch.where(defined, num / torch.where(defined, den, 1.0), torch.nan)
+
+
+def fvu_loss(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int) -> Tensor:
+    """L_fvu = mean of `fvu_per_layer` over the layers present in the batch; scalar, differentiable."""
+    per_layer = fvu_per_layer(x, x_hat, layer, n_layers)
+    return per_layer[~per_layer.isnan()].mean()
+
+
+def auxk_select(pre_acts: Tensor, dead_mask: Tensor, k_aux: int = AUXK_K) -> tuple[Tensor, Tensor]:
+    """ReLU of the k_aux largest pre-activations among dead latents, per row.
+
+    k_aux is capped at n // 2 and at the number of dead latents (at least 1 must be dead).
+    Shapes: pre_acts [B, n], dead_mask [n] bool -> (acts [B, k_aux] float32 or wider, indices [B, k_aux]).
+    acts are differentiable in pre_acts.
+    """
+    dead_ids = dead_mask.nonzero().squeeze(1)
+    k_eff = min(k_aux, pre_acts.shape[1] // 2, dead_ids.numel())
+    if k_eff < 1:
+        raise InputError(f"auxk_select needs k_aux >= 1 and a dead latent; got k_aux {k_aux}, {dead_ids.numel()} dead")
+    top, pos = pre_acts.index_select(1, dead_ids).topk(k_eff, dim=1, sorted=False)
+    acts = top.to(torch.promote_types(top.dtype, torch.float32)).relu()
+    return acts, dead_ids[pos]
+
+
+def auxk_loss(residual: Tensor, pre_acts: Tensor, dead_mask: Tensor, W_dec: Tensor, k_aux: int = AUXK_K) -> Tensor:
+    """AuxK loss (Gao et al. 2024; METHOD.md section 4): dead latents regress the residual.
+
+    e = residual (x_std - x^_std, detached here in any case), e^ = sum_j a_j W_dec[i_j] with (a, i) from
+    `auxk_select` and no b_dec; L_aux = ||e - e^||^2 / ||e - mean_rows(e)||^2, the mean per dimension.
+    Shapes: residual [B, d], pre_acts [B, n], dead_mask [n] bool, W_dec [n, d] -> scalar.
+    Returns a zero scalar (no graph) when no latent is dead or e has no variance.
+    """
+    if not bool(dead_mask.any()):
+        return residual.new_zeros(())
+    e = residual.detach()
+    acts, indices = auxk_select(pre_acts, dead_mask, k_aux)
+    e_hat = sparse_decode(acts, indices, W_dec)
+    den = (e - e.mean(0)).pow(2).sum()
+    if not bool(den > 0):
+        return residual.new_zeros(())
+    return (e - e_hat).pow(2).sum() / den
+
+
+def total_loss(l_fvu: Tensor, l_aux: Tensor) -> Tensor:
+    """L = L_fvu + AUXK_COEF * L_aux."""
+    return l_fvu + AUXK_COEF * l_aux
+
+
+def active_mask(indices: Tensor, n_latents: int, values: Tensor | None = None) -> Tensor:
+    """[n] bool: latents that appear in `indices` [B, k] (with a positive value, when values is given)."""
+    ids = indices.reshape(-1) if values is None else indices[values > 0]
+    mask = torch.zeros(n_latents, dtype=torch.bool, device=indices.device)
+    mask[ids] = True
+    return mask
+
+
+def l0(values: Tensor) -> Tensor:
+    """Mean number of non-zero latents per row. values [B, k] post-ReLU -> scalar float."""
+    return (values > 0).sum(-1).to(torch.float32).mean()
+
+
+def dead_fraction(dead_mask: Tensor) -> Tensor:
+    """Fraction of latents marked dead. dead_mask [n] bool -> scalar float."""
+    return dead_mask.to(torch.float32).mean()
+
+
+def mean_max_cosine(atoms: Tensor, W_dec: Tensor) -> Tensor:
+    """Mean over true atoms of the max cosine similarity to any learned decoder row (METHOD.md section 5).
+
+    Shapes: atoms [m, d], W_dec [n, d] -> scalar.
+    """
+    a = F.normalize(atoms.to(W_dec.dtype), dim=1)
+    w = F.normalize(W_dec, dim=1)
+    return (a @ w.T).amax(1).mean()
+
+
+class DeadLatentTracker:
+    """Per latent, the number of ROWS since it was last active (METHOD.md section 4).
+
+    The reference counts micro-batches instead of rows; we count rows, so `dead_after_rows` means what it
+    says whatever the batch size. A latent is active in a batch when it is among a row's top-k with a
+    positive value (or merely among the top-k when `update_` gets no values).
+    """
+
+    def __init__(self, n_latents: int, device: torch.device | str = "cpu") -> None:
+        if n_latents < 1:
+            raise InputError(f"DeadLatentTracker needs n_latents >= 1, got {n_latents}")
+        self.rows_since_active = torch.zeros(n_latents, dtype=torch.int64, device=device)
+
+    def update_(self, indices: Tensor, n_rows: int, values: Tensor | None = None) -> None:
+        """Advance every counter by n_rows, then zero those of the latents active in indices [B, k]."""
+        if n_rows < 0:
+            raise InputError(f"n_rows = {n_rows} must be >= 0 (the number of rows in the batch)")
+        fired = active_mask(indices, self.rows_since_active.numel(), values)
+        self.rows_since_active += n_rows
+        self.rows_since_active.masked_fill_(fired.to(self.rows_since_active.device), 0)
+
+    def dead_mask(self, dead_after_rows: int) -> Tensor:
+        """[n] bool: latents inactive for at least dead_after_rows rows."""
+        if dead_after_rows < 1:
+            raise InputError(f"dead_after_rows = {dead_after_rows} must be >= 1")
+        return self.rows_since_active >= dead_after_rows
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """State to store beside a checkpoint for an exact resume."""
+        return {"rows_since_active": self.rows_since_active.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore `state_dict()`; rejects a state for a different number of latents."""
+        counts = state.get("rows_since_active")
+        if not isinstance(counts, Tensor) or counts.shape != self.rows_since_active.shape:
+            got = None if not isinstance(counts, Tensor) else tuple(counts.shape)
+            raise StoreError(
+                f"dead-latent state has shape {got}, expected {tuple(self.rows_since_active.shape)} "
+                "(resume from the trainer state saved with this SAE)"
+            )
+        self.rows_since_active = counts.to(self.rows_since_active.device, torch.int64).clone()
