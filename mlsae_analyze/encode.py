@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlsae_analyze.latents import LatentsMeta, LatentsWriter, create_latents, read_latents_meta
 from mlsae_cache.errors import MlsaeError, StoreError
 from mlsae_cache.lock import StoreLock
 from mlsae_cache.models import resolve_device
 from mlsae_cache.store import TOKEN_ARRAYS, Cache, clear_store, discard_store
-from mlsae_analyze.latents import LatentsMeta, LatentsWriter, create_latents, read_latents_meta
 from mlsae_train.checkpoint import WEIGHTS_NAME, load_sae
 from mlsae_train.evaluate import check_compatible
 from mlsae_train.sae import TopKSAE

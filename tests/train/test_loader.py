@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +33,7 @@ def id_cache(tmp_path_factory: pytest.TempPathFactory) -> Cache:
 
 
 def ids(batch_x: np.ndarray) -> list[tuple[int, int]]:
-    return [(int(t), int(l)) for t, l in batch_x[:, :2]]
+    return [(int(t), int(layer)) for t, layer in batch_x[:, :2]]
 
 
 def take(loader: RowLoader, n_batches: int, start: int = 0) -> list:
@@ -44,14 +43,14 @@ def take(loader: RowLoader, n_batches: int, start: int = 0) -> list:
 @pytest.mark.parametrize("layers", [(0, 1, 2, 3), (1, 3)], ids=["all", "subset"])
 def test_an_epoch_visits_every_trainable_row_once(id_cache: Cache, layers: tuple[int, ...]) -> None:
     loader = RowLoader(id_cache, layers, LoaderConfig(batch_rows=50, block_units=3, seed=1))
-    want = {(t, l) for t in range(N_TOKENS) if t % 7 for l in layers}
+    want = {(t, layer) for t in range(N_TOKENS) if t % 7 for layer in layers}
     assert loader.rows_per_epoch == len(want)
     n_batches = len(want) // 50
     seen = [r for b, _ in take(loader, n_batches) for r in ids(b.x.numpy())]
     assert len(seen) == len(set(seen)) == n_batches * 50
     assert set(seen) <= want and len(want - set(seen)) < 50
     batch, _ = take(loader, 1)[0]
-    np.testing.assert_array_equal(batch.layer.numpy(), [layers.index(l) for _, l in ids(batch.x.numpy())])
+    np.testing.assert_array_equal(batch.layer.numpy(), [layers.index(layer) for _, layer in ids(batch.x.numpy())])
 
 
 def test_the_order_follows_the_seed(id_cache: Cache) -> None:
@@ -65,7 +64,7 @@ def test_rows_are_mixed_across_layers_and_sequences(id_cache: Cache) -> None:
     loader = RowLoader(id_cache, (0, 1, 2, 3), LoaderConfig(batch_rows=200, block_units=8, seed=0))
     batch, _ = take(loader, 1)[0]
     rows = ids(batch.x.numpy())
-    assert len({l for _, l in rows}) >= 3
+    assert len({layer for _, layer in rows}) >= 3
     assert len({t // 100 for t, _ in rows}) >= 4  # context windows of 100 tokens
 
 
