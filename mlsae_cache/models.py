@@ -205,3 +205,19 @@ def find_final_norm(model: nn.Module) -> nn.Module:
 def base_model(model: nn.Module) -> nn.Module:
     """The transformer without the LM head (the harvest never computes the LM head)."""
     return getattr(model, "base_model", model)
+
+
+def load_cache_model(
+    model_meta: dict[str, Any], device: str = "auto", model_cache: Path | None = None, override: str | None = None
+) -> LoadedModel:
+    """Reload the model a cache was harvested from (its `model` attribute), in its compute dtype, or `override`."""
+    if override is None and model_meta.get("name") in (None, "imported"):
+        raise InputError("this cache was imported from an array and names no model (pass --model)")
+    return load_model(
+        override or model_meta["name"],
+        gguf_file=None if override else model_meta.get("gguf_file"),
+        revision=None if override else model_meta.get("revision"),
+        device=device,
+        compute_dtype=model_meta.get("compute_dtype", "auto") if not override else "auto",
+        model_cache=model_cache,
+    )
