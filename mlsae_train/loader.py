@@ -28,10 +28,12 @@ from mlsae_cache.store import Cache
 
 
 class Batch(NamedTuple):
-    """x: [batch_rows, d_model] float32; layer: [batch_rows] int64, position of the row's layer in `layers`."""
+    """x: [batch_rows, d_model] float32; layer: [batch_rows] int64, position of the row's layer in `layers`;
+    token: [batch_rows] int64 cache row of each row (kept on the CPU: for bookkeeping, not for the model)."""
 
     x: torch.Tensor
     layer: torch.Tensor
+    token: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -81,24 +83,26 @@ class RowLoader:
         sizes = [int(self._unit_rows[b // len(self.layers)].sum()) for b in blocks]
         return blocks, list(np.cumsum([0, *sizes])[:-1])
 
-    def _read_unit(self, unit: int) -> tuple[np.ndarray, int]:
+    def _read_unit(self, unit: int) -> tuple[np.ndarray, int, np.ndarray]:
         chunk, slot = divmod(int(unit), len(self.layers))
         rows = self.cache.chunk(chunk, self._layer_pos[slot])
-        return rows[self._masks[chunk][: len(rows)]], slot
+        keep = self._masks[chunk][: len(rows)]
+        return rows[keep], slot, chunk * self.cache.chunk_tokens + np.flatnonzero(keep)
 
     def _read_block(self, pool: ThreadPoolExecutor, units: np.ndarray, rng_key: list[int]) -> Future:
         reads = [pool.submit(self._read_unit, u) for u in units]
 
-        def assemble() -> tuple[np.ndarray, np.ndarray]:
+        def assemble() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             parts = [f.result() for f in reads]
-            x = np.concatenate([p for p, _ in parts])
-            layer = np.concatenate([np.full(len(p), s, dtype=np.int64) for p, s in parts])
+            x = np.concatenate([p for p, _, _ in parts])
+            layer = np.concatenate([np.full(len(p), s, dtype=np.int64) for p, s, _ in parts])
+            token = np.concatenate([t for _, _, t in parts])
             perm = np.random.default_rng(rng_key).permutation(len(x))
-            return x[perm], layer[perm]
+            return x[perm], layer[perm], token[perm]
 
         return pool.submit(assemble)
 
-    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int) -> Iterator[tuple[np.ndarray, ...]]:
         """Permuted rows of each block of `epoch`, from row offset `start` on (earlier blocks are not read)."""
         blocks, starts = self._epoch_blocks(epoch)
         first = bisect.bisect_right(starts, start) - 1
@@ -110,11 +114,11 @@ class RowLoader:
             nxt = i + 1 + self.cfg.prefetch_blocks
             if nxt < len(blocks):
                 pending.append(self._read_block(pool, blocks[nxt], [self.cfg.seed, epoch, nxt]))
-            x, layer = pending.pop(0).result()
+            arrays = pending.pop(0).result()
             skip = max(0, start - starts[i])
-            yield x[skip:], layer[skip:]
+            yield tuple(a[skip:] for a in arrays)
 
-    def _rows(self, pool: ThreadPoolExecutor, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _rows(self, pool: ThreadPoolExecutor, start: int) -> Iterator[tuple[np.ndarray, ...]]:
         """The endless row stream from global row `start` on; epoch e holds rows [e * R, (e + 1) * R)."""
         epoch, offset = divmod(start, self.rows_per_epoch)
         while True:
@@ -128,28 +132,27 @@ class RowLoader:
         """
         n, position = self.cfg.batch_rows, start
         with ThreadPoolExecutor(self.cfg.read_threads + 1) as pool:
-            pending: deque[tuple[np.ndarray, np.ndarray]] = deque()
+            pending: deque[tuple[np.ndarray, ...]] = deque()
             head = held = 0  # rows of pending[0] already handed out; rows held in total
-            for x, layer in self._rows(pool, start):
-                pending.append((x, layer))
-                held += len(x)
+            for arrays in self._rows(pool, start):
+                pending.append(arrays)
+                held += len(arrays[0])
                 while held - head >= n:
                     parts, need = [], n
                     while need:  # slices of the front blocks: only the batch itself is copied
-                        px, pl = pending[0]
-                        take = min(need, len(px) - head)
-                        parts.append((px[head : head + take], pl[head : head + take]))
+                        front = pending[0]
+                        take = min(need, len(front[0]) - head)
+                        parts.append(tuple(a[head : head + take] for a in front))
                         head, need = head + take, need - take
-                        if head == len(px):
+                        if head == len(front[0]):
                             pending.popleft()
-                            held, head = held - len(px), 0
+                            held, head = held - len(front[0]), 0
                     position += n
                     yield self._to_batch(*(np.concatenate(p) for p in zip(*parts, strict=True))), position
 
-    def _to_batch(self, x: np.ndarray, layer: np.ndarray) -> Batch:
-        xt, lt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(layer)
-        if self.device.type == "cuda":
-            return Batch(
-                xt.pin_memory().to(self.device, non_blocking=True), lt.pin_memory().to(self.device, non_blocking=True)
-            )
-        return Batch(xt, lt)
+    def _to_batch(self, x: np.ndarray, layer: np.ndarray, token: np.ndarray) -> Batch:
+        xt, lt, tt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(layer), torch.from_numpy(token)
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
+            xt = xt.pin_memory().to(self.device, non_blocking=True)
+            lt = lt.pin_memory().to(self.device, non_blocking=True)
+        return Batch(xt, lt, tt)

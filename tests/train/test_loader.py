@@ -51,6 +51,7 @@ def test_an_epoch_visits_every_trainable_row_once(id_cache: Cache, layers: tuple
     assert set(seen) <= want and len(want - set(seen)) < 50
     batch, _ = take(loader, 1)[0]
     np.testing.assert_array_equal(batch.layer.numpy(), [layers.index(layer) for _, layer in ids(batch.x.numpy())])
+    np.testing.assert_array_equal(batch.token.numpy(), [t for t, _ in ids(batch.x.numpy())])
 
 
 def test_the_order_follows_the_seed(id_cache: Cache) -> None:
