@@ -396,7 +396,8 @@ class _LazyChunk:
 def _chunk_task(chunk: _LazyChunk, cfg: VarianceConfig) -> _Partial:
     """Read one token chunk (a nested synchronous compute) and return its partial sums."""
     indices, values, trainable, sequence = dask.compute(*chunk.arrays, scheduler="sync")
-    return _chunk_partial(np.asarray(indices), np.asarray(values), np.asarray(trainable), sequence, cfg)
+    arrays = (np.asarray(a) for a in (indices, values, trainable, sequence))
+    return _chunk_partial(*arrays, cfg)
 
 
 def _chunk_sources(data: Any, chunks: tuple[int, ...]) -> list[Any]:
@@ -485,5 +486,8 @@ def compute_variance(
 
         with Client(scheduler, set_as_default=False) as client:
             return client.compute(graph).result()
-    (result,) = dask.compute(graph, scheduler=scheduler)
+    # Chunk tasks take ~0.3 s each: the processes scheduler's default batching of 6 tasks per dispatch
+    # would run a graph of a few chunks on one worker (threads already use 1; distributed ignores it).
+    with dask.config.set(chunksize=1):
+        (result,) = dask.compute(graph, scheduler=scheduler)
     return result
