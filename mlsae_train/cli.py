@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from mlsae_cache.clikit import handle_errors, progress_bar, setup_logging
+from mlsae_cache.clikit import handle_errors, progress_bar, setup_logging, silence_library_progress
 from mlsae_cache.config import parse_layers
 
 
@@ -65,13 +65,40 @@ def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options:
 
 
 def format_eval(result: dict[str, Any]) -> str:
-    lines = [f"{'layer':>5}  {'FVU':>8}  {'MSE':>10}  {'L0':>6}  {'rows':>8}"]
-    for layer, fvu, mse, l0, n in zip(
-        result["layer"], result["fvu"], result["mse"], result["l0"], result["n_rows"], strict=True
+    """The per-layer table of `eval`, with delta CE and KL columns when the result has them (--splice)."""
+    spliced = "delta_ce" in result
+    n = len(result["layer"])
+    delta_ce, kl = result.get("delta_ce", [None] * n), result.get("kl", [None] * n)
+    lines = [
+        f"{'layer':>5}  {'FVU':>8}  {'MSE':>10}  {'L0':>6}  {'rows':>8}" + ("  dCE(nats)  KL(nats)" if spliced else "")
+    ]
+    for layer, fvu, mse, l0, rows, dce, div in zip(
+        result["layer"], result["fvu"], result["mse"], result["l0"], result["n_rows"], delta_ce, kl, strict=True
     ):
-        lines.append(f"{layer:>5}  {fvu:>8.4f}  {mse:>10.4g}  {l0:>6.1f}  {n:>8}")
+        line = f"{layer:>5}  {fvu:>8.4f}  {mse:>10.4g}  {l0:>6.1f}  {rows:>8}"
+        lines.append(line + (f"  {dce:>9.4f}  {div:>8.4f}" if spliced else ""))
     lines.append(f"mean FVU {result['fvu_mean']:.4f}; dead fraction {result['dead_fraction']:.4f}")
+    if spliced:
+        lines.append(
+            f"clean CE {result['clean_ce']:.4f} nats/token; mean delta CE {result['delta_ce_mean']:.4f}, "
+            f"mean KL {result['kl_mean']:.4f} over {result['n_predicted']} predictions in {result['n_windows']} windows"
+        )
     return "\n".join(lines)
+
+
+def splice_options(func: Any) -> Any:
+    """The options of `SpliceConfig` shared by `eval --splice` and `compare --splice` (start/stop are separate)."""
+    options = [
+        click.option("--model", default=None, help="Model to splice into (default: the one the cache names)."),
+        click.option(
+            "--dataset", default=None, help="Fresh text for splicing (pydoc, FILE or hub id) instead of CACHE."
+        ),
+        click.option("--max-windows", default=None, type=int, help="Spliced context windows at most (default: all)."),
+        click.option("--batch-windows", default=8, show_default=True, type=int, help="Windows per forward pass."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 @main.command(name="eval")
@@ -82,6 +109,8 @@ def format_eval(result: dict[str, Any]) -> str:
 @click.option("--stop", default=None, type=int, help="End of the evaluated token range (default: all).")
 @click.option("--layers", "layers_text", default="all", show_default=True, help="Layers (default: the SAE's).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--splice", "--model-splice", "splice", is_flag=True, help="Also delta CE and KL by splicing.")
+@splice_options
 @click.pass_context
 @handle_errors
 def eval_(
@@ -93,18 +122,31 @@ def eval_(
     stop: int | None,
     layers_text: str,
     device: str,
+    splice: bool,
+    **splice_kwargs: Any,
 ) -> None:
-    """Per-layer FVU, MSE, L0 and the dead fraction of SAE on the trainable rows of CACHE."""
+    """Per-layer FVU, MSE, L0 and the dead fraction of SAE on the trainable rows of CACHE; with --splice, also
+    delta CE and KL with the SAE spliced into the model at each layer (on whole windows of the same range)."""
+    from mlsae_cache.errors import InputError
     from mlsae_cache.models import resolve_device
     from mlsae_cache.store import Cache
     from mlsae_train.checkpoint import load_sae
     from mlsae_train.evaluate import evaluate
+    from mlsae_train.splice import SpliceConfig, splice_evaluate
 
+    splice_cfg = SpliceConfig(start=start, stop=stop, **splice_kwargs)
+    if not splice and splice_cfg != SpliceConfig(start=start, stop=stop):
+        raise InputError("--model, --dataset, --max-windows and --batch-windows only apply with --splice (add it)")
     model, cfg = load_sae(sae, resolve_device(device))
     store = Cache(cache)
     layers = parse_layers(layers_text) or tuple(cfg.get("layers") or store.layers)
     with progress_bar(stop, "tok", ctx.obj["quiet"], "eval") as advance:
         result = evaluate(model, store, layers, start, stop, progress=advance).to_dict()
+    if splice:
+        silence_library_progress()
+        with progress_bar(splice_cfg.max_windows, "window", ctx.obj["quiet"], "splice") as advance:
+            spliced = splice_evaluate(model, store, layers, splice_cfg, progress=advance).to_dict()
+        result.update({key: value for key, value in spliced.items() if key != "layer"})
     click.echo(format_eval(result))
     if out_file is not None:
         out_file.write_text(json.dumps(result, indent=2) + "\n")
@@ -121,3 +163,29 @@ def convert_reference_(src: Path, out: Path) -> None:
 
     convert_reference(src, out)
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("mlsae", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--cache", required=True, type=click.Path(path_type=Path), help="Cache of the evaluation rows.")
+@click.option("--single", "singles", multiple=True, help="LAYER=DIR: an SAE trained with fit --layers LAYER.")
+@click.option("--splice", is_flag=True, help="Also delta CE and KL by splicing each SAE into the model.")
+@click.option("--start", default=0, show_default=True, type=int, help="First token of the evaluated range.")
+@click.option("--stop", default=None, type=int, help="End of the evaluated token range (default: all).")
+@splice_options
+@click.option("--device", default="auto", show_default=True)
+@click.pass_context
+@handle_errors
+def compare(ctx: click.Context, mlsae: Path, out: Path, singles: tuple[str, ...], **options: Any) -> None:
+    """Put the MLSAE beside single-layer SAEs, per layer (FVU, delta CE, KL, dead fraction); write
+    OUT/compare.json, OUT/compare.md and OUT/compare.png."""
+    from mlsae_train.compare import CompareConfig, format_table, parse_single
+    from mlsae_train.compare import compare as run_compare
+
+    cfg = CompareConfig(mlsae=mlsae, out=out, singles=tuple(parse_single(s) for s in singles), **options)
+    silence_library_progress()
+    with progress_bar(cfg.max_windows, "window", ctx.obj["quiet"], "compare") as advance:
+        result = run_compare(cfg, progress=advance)
+    click.echo(format_table(result))
+    click.echo(f"wrote {', '.join(result.files)}")
