@@ -1,0 +1,155 @@
+"""Where the latents of one prompt sit over layers: the data of a single-prompt heatmap (METHOD.md section 6).
+
+The prompt is tokenised as the harvest tokenises a document (the model's separator token, then the text
+without added special tokens), run through the model the cache was harvested from, and every SAE layer's
+resid_post is captured. Rows follow the cache's trainable policy: position 0 (the attention-sink position,
+whose activations are huge and atypical) and special tokens are skipped, so with a separator at position 0
+every text token is kept. With a[l, t, j] the SAE activations of the kept tokens t:
+
+    totals[l, j] = sum_t a[l, t, j];  P_j(l) = totals[l, j] / sum_l totals[l, j];  E[L|j] = sum_l l P_j(l),
+
+l being the layer position 0..L-1. Only latents active somewhere in the prompt are returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlsae_analyze.encode import encode_rows
+from mlsae_cache.errors import InputError
+from mlsae_cache.hooks import ResidCapture
+from mlsae_cache.models import LoadedModel, base_model, find_blocks, load_cache_model, resolve_device
+from mlsae_cache.store import Cache, CacheMeta
+from mlsae_cache.text import token_stream
+from mlsae_train.checkpoint import load_sae
+from mlsae_train.evaluate import check_compatible
+from mlsae_train.sae import TopKSAE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """A single-prompt heatmap: the SAE, the cache whose model it reads, the text; `model` overrides the
+    cache's model (needed for an imported cache, which names none)."""
+
+    sae: Path
+    cache: Path
+    text: str
+    device: str = "auto"
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.text.strip():
+            raise InputError("--text is empty (give the prompt to analyse)")
+
+
+@dataclass(frozen=True)
+class PromptLayers:
+    """Per-layer activation of the latents active on the prompt.
+
+    latents [m] latent ids; totals, probs [L, m]; layer_mean [m] (layer positions); layers: the L block
+    indices; tokens: the m' kept tokens, decoded; model: the model's name.
+    """
+
+    latents: np.ndarray
+    totals: np.ndarray
+    probs: np.ndarray
+    layer_mean: np.ndarray
+    layers: tuple[int, ...]
+    tokens: tuple[str, ...]
+    model: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "layers": list(self.layers),
+            "tokens": list(self.tokens),
+            "latents": self.latents.tolist(),
+            "layer_mean": self.layer_mean.tolist(),
+            "probs": self.probs.tolist(),
+        }
+
+
+def prompt_tokens(text: str, tokenizer: Any, meta: CacheMeta) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [T] of `text` as the harvest makes them, and which are kept [T] (the trainable policy)."""
+    ids = next(iter(token_stream([text], tokenizer)))
+    if len(ids) > meta.context_length:
+        raise InputError(
+            f"the text is {len(ids)} tokens long, more than the cache's context length {meta.context_length} "
+            "(shorten it: activations beyond the harvested context are not what the SAE was trained on)"
+        )
+    keep = np.arange(len(ids)) != 0
+    if meta.trainable_policy.get("exclude_special_tokens", True):
+        keep &= ~np.isin(ids, sorted(set(tokenizer.all_special_ids)))
+    if not keep.any():
+        raise InputError(f"the text {text!r} leaves no token once position 0 and special tokens are skipped")
+    return ids, keep
+
+
+def _capture(loaded: LoadedModel, layers: tuple[int, ...], ids: np.ndarray, d_model: int) -> np.ndarray:
+    """resid_post of `layers` for one sequence: [T, L, d_model] float32."""
+    blocks = find_blocks(loaded.model)
+    if max(layers) >= len(blocks) or loaded.info.d_model != d_model:
+        raise InputError(
+            f"model {loaded.info.name} ({len(blocks)} blocks, d_model {loaded.info.d_model}) does not fit the SAE "
+            f"(layers {list(layers)}, d_model {d_model}); pass the model the cache was harvested from"
+        )
+    device = next(loaded.model.parameters()).device
+    capture = ResidCapture(base_model(loaded.model), blocks, layers, torch.float32)
+    acts, _ = capture(torch.from_numpy(ids)[None].to(device), d_model)
+    return acts.cpu().numpy()
+
+
+def layer_totals(sae: TopKSAE, acts: np.ndarray) -> np.ndarray:
+    """totals[l, j] = sum_t a[l, t, j] for rows acts [T, L, d_model]: shape [L, n_latents] float64."""
+    totals = np.zeros((acts.shape[1], sae.cfg.n_latents))
+    for layer in range(acts.shape[1]):
+        indices, values = encode_rows(sae, np.ascontiguousarray(acts[:, layer]))
+        totals[layer] = np.bincount(indices.ravel(), weights=values.ravel(), minlength=sae.cfg.n_latents)
+    return totals
+
+
+def distribution(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(active latent ids [m], P_j(l) [L, m], E[L|j] [m]) from totals [L, n]."""
+    per_latent = totals.sum(axis=0)
+    active = np.flatnonzero(per_latent > 0)
+    probs = totals[:, active] / per_latent[active]
+    layer_mean = np.arange(totals.shape[0], dtype=np.float64) @ probs
+    return active, probs, layer_mean
+
+
+def prompt_layers(cfg: PromptConfig) -> PromptLayers:
+    """Run the cache's model over cfg.text and return where each active latent sits over layers."""
+    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device))
+    cache = Cache(cfg.cache)
+    layers = tuple(sae_cfg.get("layers") or cache.layers)
+    check_compatible(sae, cache, layers)
+    loaded = load_cache_model(cache.meta.model, device=cfg.device, override=cfg.model)
+    ids, keep = prompt_tokens(cfg.text, loaded.tokenizer, cache.meta)
+    acts = _capture(loaded, layers, ids, sae.cfg.d_model)[keep]
+    log.info("prompt: %d tokens, %d kept", len(ids), len(acts))
+    totals = layer_totals(sae, acts)
+    latents, probs, layer_mean = distribution(totals)
+    return PromptLayers(
+        latents=latents,
+        totals=totals[:, latents],
+        probs=probs,
+        layer_mean=layer_mean,
+        layers=layers,
+        tokens=tuple(loaded.tokenizer.decode([int(i)]) for i in ids[keep]),
+        model=Path(loaded.info.name).name,
+    )
+
+
+def prompt_title(result: PromptLayers, text: str, max_chars: int = 70) -> str:
+    """Heatmap title: the model, the number of tokens used (position 0 skipped), and the start of the text."""
+    excerpt = " ".join(text.split())
+    excerpt = excerpt if len(excerpt) <= max_chars else excerpt[: max_chars - 1] + "…"
+    return f"{result.model} MLSAE on one prompt ({len(result.tokens)} tokens, position 0 skipped)\n“{excerpt}”"

@@ -1,0 +1,160 @@
+"""examples.py: the streaming top-N equals a dense brute force; selection, contexts and escaping."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from mlsae_analyze import examples as ex
+from mlsae_analyze.examples import ExamplesConfig, find_examples, parse_latent_ids
+from mlsae_analyze.latents import LatentsMeta
+from mlsae_cache.errors import InputError, StoreError
+
+N_LAYERS, K, N_LATENTS, N_TOKENS, WINDOW = 3, 4, 30, 500, 25
+
+
+def make_latents(seed: int = 0, chunk_tokens: int = 37) -> tuple[xr.Dataset, LatentsMeta]:
+    """Random latents in windows of 25 tokens; values on a coarse grid so that ties occur; latent 29 never fires."""
+    rng = np.random.default_rng(seed)
+    indices = np.stack([rng.choice(N_LATENTS - 1, K, replace=False) for _ in range(N_TOKENS * N_LAYERS)]).reshape(
+        N_TOKENS, N_LAYERS, K
+    )
+    values = np.round(rng.exponential(1.0, indices.shape), 1).astype(np.float32)
+    values[rng.random(indices.shape) < 0.3] = 0
+    indices = np.where(values > 0, indices, -1).astype(np.int32)  # inactive slots carry junk
+    position = np.tile(np.arange(WINDOW), N_TOKENS // WINDOW)
+    ds = xr.Dataset(
+        {
+            "indices": (("token", "layer", "k"), indices),
+            "values": (("token", "layer", "k"), values),
+            "trainable": (("token",), (position != 0) & (rng.random(N_TOKENS) > 0.1)),
+            "sequence": (("token",), np.repeat(np.arange(N_TOKENS // WINDOW), WINDOW)),
+            "position": (("token",), position.astype(np.int32)),
+            "token_ids": (("token",), rng.integers(0, 50, N_TOKENS).astype(np.int32)),
+        },
+        coords={"layer": np.array([1, 4, 7], np.int32)},
+    )
+    meta = LatentsMeta(
+        n_latents=N_LATENTS,
+        k=K,
+        layers=(1, 4, 7),
+        sae_fingerprint="s",
+        cache_fingerprint="c",
+        sae_path="sae",
+        cache_path="/nonexistent/cache",
+        chunk_tokens=chunk_tokens,
+        n_tokens=N_TOKENS,
+        total_tokens=N_TOKENS,
+        complete=True,
+    )
+    return ds, meta
+
+
+def dense(ds: xr.Dataset, include_untrainable: bool) -> np.ndarray:
+    """a[l, t, j] with dropped rows zeroed, shape [L, T, n]."""
+    a = np.zeros((N_LAYERS, N_TOKENS, N_LATENTS))
+    values, indices = ds["values"].values, ds["indices"].values
+    t, layer, slot = np.nonzero(values > 0)
+    np.add.at(a, (layer, t, indices[t, layer, slot]), values[t, layer, slot])
+    if not include_untrainable:
+        a[:, ~ds["trainable"].values] = 0
+    return a
+
+
+@pytest.mark.parametrize("include_untrainable", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [37, 500])
+def test_top_examples_equal_a_dense_brute_force(include_untrainable: bool, chunk_tokens: int) -> None:
+    ds, meta = make_latents(chunk_tokens=chunk_tokens)
+    cfg = ExamplesConfig(latents=tuple(range(N_LATENTS)), per_layer=6, include_untrainable=include_untrainable)
+    found = find_examples(ds, meta, cfg)
+    a = dense(ds, include_untrainable)
+    assert [s.latent for s in found] == list(range(N_LATENTS))
+    for summary in found:
+        j = summary.latent
+        np.testing.assert_allclose(summary.totals, a[:, :, j].sum(1))
+        for layer in range(N_LAYERS):
+            order = np.lexsort((np.arange(N_TOKENS), -a[layer, :, j]))  # value down, then token order
+            want = [(int(t), float(a[layer, t, j])) for t in order[:6] if a[layer, t, j] > 0]
+            got = [(e.token, e.activation) for e in summary.examples if e.layer == layer]
+            assert got == want, (j, layer)
+            assert [e.rank for e in summary.examples if e.layer == layer] == list(range(len(want)))
+    assert found[-1].examples == () and found[-1].mass == 0
+
+
+def test_top_selects_the_latents_with_most_mass() -> None:
+    ds, meta = make_latents()
+    found = find_examples(ds, meta, ExamplesConfig(top=5, per_layer=2))
+    mass = dense(ds, False).sum((0, 1))
+    assert [s.latent for s in found] == np.argsort(-mass, kind="stable")[:5].tolist()
+    assert all(len([e for e in s.examples if e.layer == 0]) == 2 for s in found)
+
+
+def test_contexts_stay_inside_the_window() -> None:
+    ds, meta = make_latents()
+    found = find_examples(ds, meta, ExamplesConfig(top=8, per_layer=3, context=4))
+    token_ids, sequence = ds["token_ids"].values, ds["sequence"].values
+    for e in (e for s in found for e in s.examples):
+        lo = e.token - e.focus
+        assert 0 <= e.focus <= 4 and len(e.context) - e.focus - 1 <= 4
+        assert list(e.context) == token_ids[lo : lo + len(e.context)].tolist()
+        assert set(sequence[lo : lo + len(e.context)]) == {e.sequence}
+        assert e.position == ds["position"].values[e.token]
+
+
+def test_outputs_escape_text_and_fall_back_to_token_ids(tmp_path: Path) -> None:
+    ds, meta = make_latents()
+    cfg = ExamplesConfig(latents=(0, 29), per_layer=2, context=2)
+    found = find_examples(ds, meta, cfg)
+    files, note = ex.write_examples(found, meta, cfg, tmp_path)
+    assert [f.name for f in files] == ["examples.md", "examples.tsv", "examples.html"]
+    assert note and "token ids" in note.lower()
+    md = (tmp_path / "examples.md").read_text()
+    assert note in md and "never fires" in md and "[" in md
+    tsv = (tmp_path / "examples.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == list(ex.TSV_COLUMNS)
+    assert len(tsv) == 1 + len(found[0].examples) and all(len(line.split("\t")) == len(ex.TSV_COLUMNS) for line in tsv)
+    # a tokenizer producing markup, pipes and line breaks
+    nasty = {i: f"<b>|{i}\n" for i in range(50)}
+    page = ex.render_html(found, meta, lambda i: nasty[i], "intro & <stuff>")
+    assert "<b>" not in page and html.escape("<b>|") in page and "intro &amp; &lt;stuff&gt;" in page
+    assert page.count("<mark>") == len(found[0].examples)
+    table = ex.render_markdown(found, meta, lambda i: nasty[i], "intro")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "⏎" in line]
+    assert rows and all(line.count(" | ") == 3 for line in rows)  # pipes escaped, one line per example
+
+
+def test_markdown_focus_keeps_spaces_outside_bold() -> None:
+    assert ex._md_focus(" foo") == " **foo**"
+    assert ex._md_focus(" ") == "**␣**"
+    assert ex._md_focus("a*b") == "**a\\*b**"
+
+
+@pytest.mark.parametrize(("text", "ok"), [("3,17", (3, 17)), ("5", (5,)), ("3,x", None), ("", None), ("3,3", None)])
+def test_parse_latent_ids(text: str, ok: tuple[int, ...] | None) -> None:
+    if ok is None:
+        with pytest.raises(InputError):
+            parse_latent_ids(text)
+    else:
+        assert parse_latent_ids(text) == ok
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"top": 0}, {"per_layer": 0}, {"context": -1}, {"latents": ()}], ids=["top", "per", "ctx", "empty"]
+)
+def test_config_rejects_bad_values(kwargs: dict) -> None:
+    with pytest.raises(InputError):
+        ExamplesConfig(**kwargs)
+
+
+def test_bad_latent_ids_and_indices_are_refused() -> None:
+    ds, meta = make_latents()
+    with pytest.raises(InputError, match="out of range"):
+        find_examples(ds, meta, ExamplesConfig(latents=(3, 30)))
+    bad = ds.copy(deep=True)
+    bad["indices"].values[5, 0, 0], bad["values"].values[5, 0, 0] = 99, 1.0
+    with pytest.raises(StoreError, match="outside"):
+        find_examples(bad, meta, ExamplesConfig(top=3))
