@@ -234,6 +234,14 @@ def to_float32(stored: np.ndarray, storage_dtype: str) -> np.ndarray:
     return stored.astype(np.float32, copy=False)
 
 
+def stored_to_torch(stored: np.ndarray, storage_dtype: str) -> Any:
+    """Stored activations as a torch tensor of their real dtype (bfloat16 bit patterns are viewed, not copied)."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(stored))
+    return tensor.view(torch.bfloat16) if storage_dtype == "bfloat16" else tensor
+
+
 def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Float64 sums over trainable rows: sum x [n_layers, d_model], sum ||x||^2 [n_layers], count.
 
@@ -349,8 +357,13 @@ class Cache:
 
     def chunk(self, chunk_index: int, layer_index: int) -> np.ndarray:
         """float32 rows of one stored chunk (token chunk, layer position): shape [<=chunk_tokens, d_model]."""
+        return to_float32(self.stored_chunk(chunk_index, layer_index), self.meta.storage_dtype)
+
+    def stored_chunk(self, chunk_index: int, layer_index: int) -> np.ndarray:
+        """One stored chunk's committed rows as stored (bfloat16 as uint16 bit patterns; see stored_to_torch)."""
         start = chunk_index * self.chunk_tokens
-        return self.activations(start, start + self.chunk_tokens, layer_index)
+        stop = min(start + self.chunk_tokens, self.n_tokens)
+        return self._group["activations"][start:stop, layer_index]
 
     def layer_mean(self) -> np.ndarray:
         return self._group["layer_mean"][:]

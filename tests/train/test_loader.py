@@ -63,10 +63,10 @@ def test_the_order_follows_the_seed(id_cache: Cache) -> None:
 
 def test_rows_are_mixed_across_layers_and_sequences(id_cache: Cache) -> None:
     loader = RowLoader(id_cache, (0, 1, 2, 3), LoaderConfig(batch_rows=200, block_units=8, seed=0))
-    batch, _ = take(loader, 1)[0]
-    rows = ids(batch.x.numpy())
-    assert len({layer for _, layer in rows}) >= 3
-    assert len({t // 100 for t, _ in rows}) >= 4  # context windows of 100 tokens
+    for batch, _ in take(loader, 10):
+        rows = ids(batch.x.numpy())
+        assert len({layer for _, layer in rows}) == 4  # stratified: every block holds every layer
+        assert len({t // 100 for t, _ in rows}) >= 4  # context windows of 100 tokens
 
 
 @pytest.mark.parametrize("stop", [1, 7, 30], ids=["first-batch", "mid-epoch", "next-epoch"])
