@@ -192,7 +192,10 @@ def _log_line(run: Run, m: StepMetrics, rows_per_s: float) -> dict[str, Any]:
         "step": run.step,
         "rows": run.rows,
         "fvu": m.fvu,
-        "fvu_per_layer": {str(layer): v for layer, v in zip(run.layers, m.fvu_per_layer, strict=True)},
+        # null for a layer with no row in this batch (JSON has no NaN)
+        "fvu_per_layer": {
+            str(layer): None if math.isnan(v) else v for layer, v in zip(run.layers, m.fvu_per_layer, strict=True)
+        },
         "l0": m.l0,
         "dead_fraction": m.dead_fraction,
         "auxk": m.auxk,
