@@ -47,6 +47,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--checkpoint-every-rows", default=1_000_000, show_default=True, type=int)
 @click.option("--log-every-steps", default=10, show_default=True, type=int)
 @click.option("--block-units", default=32, show_default=True, type=int, help="Stored chunks shuffled together.")
+@click.option("--train-tokens", default=None, type=int, help="Train on the first N tokens only (hold out the rest).")
 @click.pass_context
 @handle_errors
 def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options: Any) -> None:

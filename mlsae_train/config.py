@@ -33,6 +33,7 @@ class TrainConfig:
     checkpoint_every_rows: int = 1_000_000
     log_every_steps: int = 10
     block_units: int = 32
+    train_tokens: int | None = None
 
     def __post_init__(self) -> None:
         positive = (

@@ -78,7 +78,15 @@ class LoaderConfig:
 class RowLoader:
     """Iterates Batches of shuffled rows of `layers` (block indices present in the cache) from `cursor` on."""
 
-    def __init__(self, cache: Cache, layers: tuple[int, ...], cfg: LoaderConfig, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        cache: Cache,
+        layers: tuple[int, ...],
+        cfg: LoaderConfig,
+        device: torch.device | str = "cpu",
+        stop_token: int | None = None,
+    ):
+        """`stop_token`: use only tokens [0, stop_token) of the cache (the rest stays held out)."""
         missing = [layer for layer in layers if layer not in cache.layers]
         if missing:
             raise InputError(
@@ -88,7 +96,11 @@ class RowLoader:
         self.cache, self.cfg, self.layers = cache, cfg, tuple(layers)
         self.device = torch.device(device)
         self._layer_pos = [cache.layers.index(layer) for layer in layers]
-        trainable = cache.token_array("trainable")
+        trainable = cache.token_array("trainable").copy()
+        if stop_token is not None:
+            if not 0 < stop_token <= cache.n_tokens:
+                raise InputError(f"--train-tokens {stop_token} must be in 1..{cache.n_tokens} (the cache's tokens)")
+            trainable[stop_token:] = False
         ct = cache.chunk_tokens
         self._masks = [trainable[c * ct : (c + 1) * ct] for c in range(cache.n_chunks)]
         self._unit_rows = np.array([int(m.sum()) for m in self._masks], dtype=np.int64)

@@ -120,7 +120,8 @@ def prepare(cfg: TrainConfig) -> tuple[Run, dict[str, Any]]:
     cache, layers = open_cache(cfg)
     device = resolve_device(cfg.device)
     sae_cfg = SaeConfig(cache.d_model, cfg.expansion_factor * cache.d_model, cfg.k, cfg.standardize)
-    loader = RowLoader(cache, layers, LoaderConfig(cfg.batch_rows, cfg.block_units, cfg.seed), device)
+    loader_cfg = LoaderConfig(cfg.batch_rows, cfg.block_units, cfg.seed)
+    loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
     record = run_record(cfg, cache, layers, sae_cfg)
     check_out(cfg, record)
     autocast = torch.bfloat16 if cfg.autocast == "bf16" else None

@@ -83,3 +83,12 @@ def test_the_cursor_resumes_the_same_stream(id_cache: Cache, stop: int) -> None:
 def test_layers_not_in_the_cache_are_refused(id_cache: Cache) -> None:
     with pytest.raises(InputError, match=r"blocks \[9\] are not in the cache"):
         RowLoader(id_cache, (0, 9), LoaderConfig())
+
+
+def test_stop_token_holds_out_the_rest(id_cache: Cache) -> None:
+    loader = RowLoader(id_cache, (0, 1), LoaderConfig(batch_rows=50, seed=0), stop_token=500)
+    assert loader.rows_per_epoch == 2 * sum(1 for t in range(500) if t % 7)
+    seen = [t for b, _ in take(loader, loader.rows_per_epoch // 50) for t, _ in ids(b.x.numpy())]
+    assert max(seen) < 500
+    with pytest.raises(InputError, match="--train-tokens"):
+        RowLoader(id_cache, (0,), LoaderConfig(), stop_token=N_TOKENS + 1)

@@ -223,3 +223,10 @@ def test_recovers_a_known_dictionary(tmp_path: Path) -> None:
     assert set(report) >= {"layer", "fvu", "mse", "l0", "dead_fraction"}
     # raw-unit MSE follows the 30x layer scales (FVU does not)
     assert report["mse"][2] > 100 * report["mse"][0]
+
+
+def test_fit_options_match_config_fields() -> None:
+    from dataclasses import fields
+
+    params = {p.name for p in main.commands["fit"].params} - {"layers_text"} | {"layers"}
+    assert params == {f.name for f in fields(TrainConfig)}
