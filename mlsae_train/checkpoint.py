@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_atomically(final: Path, write: Any) -> None:
+def _replace_atomically(final: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path), fsync tmp_path, then rename it over `final`; the temp file never survives."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:

@@ -46,15 +46,16 @@ def fvu_per_layer(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int, per_di
     _check_rows(x, x_hat, layer, n_layers)
     dtype = torch.promote_types(x.dtype, torch.float32)
     x = x.to(dtype)
-    counts = torch.bincount(layer, minlength=n_layers).to(dtype)
-    sums = x.new_zeros(n_layers, x.shape[1]).index_add_(0, layer, x)
+    # Per-layer sums as products with a one-hot [B, L] matrix: measured 10-100x faster than index_add_
+    # on a busy 2-core machine, where index_add_'s parallel loop stalls.
+    onehot_t = F.one_hot(layer, n_layers).to(dtype).T
+    counts = onehot_t.sum(1)
+    sums = onehot_t @ x
     if not per_dim_mean:
         sums = sums.sum(1, keepdim=True).expand_as(sums) / x.shape[1]
     means = sums / counts.clamp_min(1.0)[:, None]
-    dev = (x - means[layer]).pow(2).sum(1)
-    den = x.new_zeros(n_layers).index_add_(0, layer, dev)
-    err = (x - x_hat.to(dtype)).pow(2).sum(1)
-    num = err.new_zeros(n_layers).index_add(0, layer, err)
+    den = onehot_t @ (x - means[layer]).pow(2).sum(1)
+    num = onehot_t @ (x - x_hat.to(dtype)).pow(2).sum(1)
     defined = den > 0
     return torch.where(defined, num / torch.where(defined, den, 1.0), torch.nan)
 

@@ -117,8 +117,11 @@ def sparse_rows_t_matmul(indices: Tensor, weights: Tensor, dense: Tensor, n_late
     Built as a CSR matrix [n, B] whose row i lists the rows r that selected latent i; cost O(B m d).
     """
     flat = indices.reshape(-1)
-    # A stable sort keeps each latent's row ids increasing, as CSR column indices must be.
-    order = torch.sort(flat, stable=True).indices
+    # A stable sort keeps each latent's row ids increasing, as CSR column indices must be. int32 keys
+    # sort faster than int64 ones (8 against 10 ms for 131k ids on 2 idle cores; 100 against 170 ms on
+    # busy ones).
+    keys = flat.to(torch.int32) if n_latents < 2**31 else flat
+    order = torch.sort(keys, stable=True).indices
     rows = torch.div(order, indices.shape[1], rounding_mode="floor")
     crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=flat.device)
     crow[1:] = torch.cumsum(torch.bincount(flat, minlength=n_latents), 0)

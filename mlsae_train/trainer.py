@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +31,15 @@ from mlsae_train.state import METRICS_NAME, load_state, save_state, state_exists
 log = logging.getLogger(__name__)
 
 ADAM = {"betas": (0.9, 0.999), "eps": 6.25e-10}  # the paper's Adam (METHOD.md section 4)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with the paper's settings; the fused kernel where this torch has it for the device."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True, **ADAM)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, **ADAM)
 
 
 class StepMetrics(NamedTuple):
@@ -126,7 +135,7 @@ def prepare(cfg: TrainConfig) -> tuple[Run, dict[str, Any]]:
     check_out(cfg, record)
     autocast = torch.bfloat16 if cfg.autocast == "bf16" else None
     sae = TopKSAE(sae_cfg, torch.Generator().manual_seed(cfg.seed), autocast_dtype=autocast).to(device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, **ADAM)
+    optimizer = make_optimizer(sae.parameters(), cfg.lr)
     tracker = DeadLatentTracker(sae_cfg.n_latents, device)
     run = Run(cfg, cache, layers, sae, optimizer, tracker, loader)
     if cfg.resume and not state_exists(cfg.out):
@@ -142,33 +151,42 @@ def prepare(cfg: TrainConfig) -> tuple[Run, dict[str, Any]]:
     return run, record
 
 
-def train_step(run: Run, batch: Batch) -> StepMetrics:
-    """One optimiser step on a batch; returns its metrics (floats: a CPU-GPU sync point)."""
-    sae, n_layers = run.sae, len(run.layers)
-    out = sae(batch.x)
-    per_layer = fvu_per_layer(out.x_std, out.x_hat_std, batch.layer, n_layers)
+def optimise(
+    sae: TopKSAE,
+    optimizer: torch.optim.Optimizer,
+    tracker: DeadLatentTracker,
+    x: torch.Tensor,
+    layer: torch.Tensor,
+    n_layers: int,
+    dead: torch.Tensor,
+    k_aux: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step (METHOD.md sections 3-4) on rows x [B, d] of layers `layer` [B], with dead latents
+    `dead` [n]. Returns (per-layer FVU [n_layers], L_fvu, L_aux, values [B, k]), detached."""
+    out = sae(x)
+    per_layer = fvu_per_layer(out.x_std, out.x_hat_std, layer, n_layers)
     l_fvu = per_layer[~per_layer.isnan()].mean()
-    dead = run.tracker.dead_mask(run.cfg.dead_after_rows)
     # AuxK: dead latents regress the residual, in the same standardised space (METHOD.md section 4).
-    l_aux = (
-        auxk_loss(out.x_std - out.x_hat_std, out.pre_acts, dead, sae.W_dec, run.cfg.k_aux)
-        if run.cfg.k_aux
-        else l_fvu.new_zeros(())
-    )
+    l_aux = auxk_loss(out.x_std - out.x_hat_std, out.pre_acts, dead, sae.W_dec, k_aux) if k_aux else l_fvu.new_zeros(())
     total_loss(l_fvu, l_aux).backward()
     sae.remove_gradient_parallel_to_decoder_()
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     sae.set_decoder_norm_()
-    run.tracker.update_(out.indices, batch.x.shape[0], out.values)
+    tracker.update_(out.indices, x.shape[0], out.values)
+    return per_layer.detach(), l_fvu.detach(), l_aux.detach(), out.values.detach()
+
+
+def train_step(run: Run, batch: Batch) -> StepMetrics:
+    """One optimiser step on a batch; returns its metrics (floats: a CPU-GPU sync point)."""
+    dead = run.tracker.dead_mask(run.cfg.dead_after_rows)
+    per_layer, l_fvu, l_aux, values = optimise(
+        run.sae, run.optimizer, run.tracker, batch.x, batch.layer, len(run.layers), dead, run.cfg.k_aux
+    )
     run.rows += batch.x.shape[0]
     run.step += 1
     return StepMetrics(
-        float(l_fvu.detach()),
-        per_layer.detach().cpu().tolist(),
-        float(l0(out.values.detach())),
-        float(dead.float().mean()),
-        float(l_aux.detach()),
+        float(l_fvu), per_layer.cpu().tolist(), float(l0(values)), float(dead.float().mean()), float(l_aux)
     )
 
 
