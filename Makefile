@@ -48,8 +48,13 @@ demo: $(STAMP)
 		--cosine $(DEMO)/cosine --examples $(DEMO)/examples --title "mlsae demo: SmolLM2-135M on Python's docs"
 	@echo "report: $(DEMO)/report/report.md"
 
+# Benchmarks of SPEC section 8 (README "Performance"). sparsify is installed without its unrelated
+# dependencies (never touching torch), only here.
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps eai-sparsify==1.3.3 einops natsort simple-parsing docstring-parser schedulefree
 	$(PY) benchmarks/harvest.py
+	$(PY) benchmarks/train.py $(if $(wildcard $(DEMO)/cache/zarr.json),--cache $(DEMO)/cache)
+	$(PY) benchmarks/analyze.py
 
 clean:
 	rm -rf $(DEMO)
