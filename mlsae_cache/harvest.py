@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from itertools import chain
@@ -171,32 +172,46 @@ class RowMaker:
 def write_rows(
     writer: CacheWriter, batches: Iterable[np.ndarray], make_rows: RowMaker, progress: Callable[[int], None]
 ) -> bool:
-    """Compute and commit rows from `writer.resume_token` up to max_tokens; True when the text ran out."""
+    """Compute and commit rows from `writer.resume_token` up to max_tokens; True when the text ran out.
+
+    Commits run in order on one background thread, overlapping the next forward pass; at most one waits,
+    which bounds memory, and an error in a commit surfaces at the next one.
+    """
     meta = writer.meta
     per_batch = meta.batch_size * meta.context_length
     start, target = writer.resume_token, meta.max_tokens or math.inf
     first_batch = start // per_batch
     chunk_start, pending, n_pending = start, [], 0
     exhausted = True
-    for i, windows in enumerate(batches):
-        pos = i * per_batch
-        if i < first_batch:
-            continue
-        if pos >= target:
-            exhausted = False
-            break
-        rows = make_rows(windows, i * meta.batch_size)
-        rows = rows.slice(max(0, start - pos), int(min(len(rows), target - pos)))
-        pending.append(rows)
-        n_pending += len(rows)
-        while n_pending >= meta.chunk_tokens:
-            block = Rows.concat(pending)
-            writer.write_chunk(chunk_start, block.slice(0, meta.chunk_tokens))
-            chunk_start += meta.chunk_tokens
-            pending, n_pending = [block.slice(meta.chunk_tokens, len(block))], len(block) - meta.chunk_tokens
-        progress(len(rows))
-    if n_pending:
-        writer.write_chunk(chunk_start, Rows.concat(pending))
+    with ThreadPoolExecutor(max_workers=1) as committer:
+        commit: Future | None = None
+
+        def submit(at: int, rows: Rows) -> Future:
+            if commit is not None:
+                commit.result()
+            return committer.submit(writer.write_chunk, at, rows)
+
+        for i, windows in enumerate(batches):
+            pos = i * per_batch
+            if i < first_batch:
+                continue
+            if pos >= target:
+                exhausted = False
+                break
+            rows = make_rows(windows, i * meta.batch_size)
+            rows = rows.slice(max(0, start - pos), int(min(len(rows), target - pos)))
+            pending.append(rows)
+            n_pending += len(rows)
+            while n_pending >= meta.chunk_tokens:
+                block = Rows.concat(pending)
+                commit = submit(chunk_start, block.slice(0, meta.chunk_tokens))
+                chunk_start += meta.chunk_tokens
+                pending, n_pending = [block.slice(meta.chunk_tokens, len(block))], len(block) - meta.chunk_tokens
+            progress(len(rows))
+        if n_pending:
+            commit = submit(chunk_start, Rows.concat(pending))
+        if commit is not None:
+            commit.result()
     return exhausted
 
 

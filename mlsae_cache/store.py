@@ -238,24 +238,27 @@ def stored_to_torch(stored: np.ndarray, storage_dtype: str) -> Any:
     """Stored activations as a torch tensor of their real dtype (bfloat16 bit patterns are viewed, not copied)."""
     import torch
 
-    tensor = torch.from_numpy(np.ascontiguousarray(stored))
+    tensor = torch.from_numpy(stored)
     return tensor.view(torch.bfloat16) if storage_dtype == "bfloat16" else tensor
 
 
 def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Float64 sums over trainable rows: sum x [n_layers, d_model], sum ||x||^2 [n_layers], count.
 
-    Layer by layer, so no float64 copy of the whole chunk is made; numpy's single-threaded sums make the
-    result the same bits whatever the machine's thread count (shards merge exactly).
+    Layer by layer, so no float64 copy of the whole chunk is made. torch widens to float64 (its vectorised
+    half-precision conversion is several times numpy's); numpy then sums single-threaded, so the bits do not
+    depend on the machine's thread count (shards merge exactly).
     """
-    kept = rows.activations[rows.trainable]
-    n_layers, d_model = kept.shape[1:]
+    import torch
+
+    keep = torch.from_numpy(rows.trainable)
+    n_layers, d_model = rows.activations.shape[1:]
     sums, sq = np.zeros((n_layers, d_model)), np.zeros(n_layers)
     for i in range(n_layers):
-        x = to_float32(kept[:, i], storage_dtype).astype(np.float64)
+        x = stored_to_torch(rows.activations[:, i], storage_dtype)[keep].to(torch.float64).numpy()
         sums[i] = x.sum(axis=0)
         sq[i] = np.einsum("nd,nd->", x, x)
-    return sums, sq, int(kept.shape[0])
+    return sums, sq, int(rows.trainable.sum())
 
 
 def write_rows_at(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> None:
