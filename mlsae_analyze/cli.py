@@ -8,19 +8,14 @@ from typing import Any
 
 import click
 
-from mlsae_cache.clikit import handle_errors, progress_bar, setup_logging
+from mlsae_cache.clikit import handle_errors, mlsae_group, progress_bar
 
 SCHEDULER_HELP = "threads, processes, sync, or a dask.distributed address tcp://host:port."
 
 
-@click.group()
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+@mlsae_group
+def main() -> None:
     """Analyse the latents of a multi-layer SAE: distributions over layers and variance decompositions."""
-    setup_logging(debug, quiet)
-    ctx.obj = {"quiet": quiet}
 
 
 @main.command()

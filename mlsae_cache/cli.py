@@ -7,19 +7,14 @@ from pathlib import Path
 
 import click
 
-from mlsae_cache.clikit import handle_errors, progress_bar, setup_logging, silence_library_progress
+from mlsae_cache.clikit import handle_errors, mlsae_group, progress_bar, silence_library_progress
 from mlsae_cache.config import HarvestConfig, parse_layers
 from mlsae_cache.store import Cache, verify
 
 
-@click.group()
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+@mlsae_group
+def main() -> None:
     """Harvest the residual stream of every layer of a language model into a reusable Zarr cache."""
-    setup_logging(debug, quiet)
-    ctx.obj = {"quiet": quiet}
 
 
 @main.command()

@@ -46,6 +46,20 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def mlsae_group(func: Callable[[], None]) -> click.Group:
+    """Make `func` (its docstring is the help) a click group with the options every mlsae CLI shares."""
+
+    @click.group(name=func.__name__, help=func.__doc__)
+    @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+    @click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
+    @click.pass_context
+    def group(ctx: click.Context, debug: bool, quiet: bool) -> None:
+        setup_logging(debug, quiet)
+        ctx.obj = {"quiet": quiet}
+
+    return group
+
+
 def setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -8,18 +8,13 @@ from typing import Any
 
 import click
 
-from mlsae_cache.clikit import handle_errors, progress_bar, setup_logging, silence_library_progress
+from mlsae_cache.clikit import handle_errors, mlsae_group, progress_bar, silence_library_progress
 from mlsae_cache.config import parse_layers
 
 
-@click.group()
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("--quiet", is_flag=True, help="No progress bars or info logs.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+@mlsae_group
+def main() -> None:
     """Train one TopK sparse autoencoder on the residual stream of every layer, from a cache."""
-    setup_logging(debug, quiet)
-    ctx.obj = {"quiet": quiet}
 
 
 @main.command()
