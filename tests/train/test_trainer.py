@@ -230,3 +230,38 @@ def test_fit_options_match_config_fields() -> None:
 
     params = {p.name for p in main.commands["fit"].params} - {"layers_text"} | {"layers"}
     assert params == {f.name for f in fields(TrainConfig)}
+
+
+@pytest.mark.parametrize(
+    ("args", "check"),
+    [
+        (["--no-standardize"], lambda cfg, lines: cfg["standardize"] is False),
+        (["--autocast", "bf16"], lambda cfg, lines: cfg["autocast"] == "bf16" and lines[-1]["fvu"] < 1.5),
+        (["--k-aux", "0", "--dead-after-rows", "1"], lambda cfg, lines: all(x["auxk"] == 0 for x in lines)),
+        (["--log-every-steps", "3"], lambda cfg, lines: [x["step"] for x in lines][:2] == [3, 6]),
+        (["--train-tokens", "1000"], lambda cfg, lines: cfg["train_tokens"] == 1000),
+    ],
+    ids=["no-standardize", "autocast-bf16", "k-aux-0", "log-every", "train-tokens"],
+)
+def test_fit_options_take_effect(tmp_path: Path, random_cache: Path, args: list[str], check) -> None:  # noqa: ANN001
+    out = tmp_path / "sae"
+    result = invoke(
+        "fit",
+        str(random_cache),
+        str(out),
+        "--device",
+        "cpu",
+        "--expansion-factor",
+        "2",
+        "--k",
+        "4",
+        "--batch-rows",
+        "128",
+        "--max-rows",
+        "2560",
+        *args,
+    )
+    assert result.exit_code == 0, result.stderr
+    cfg = json.loads((out / "cfg.json").read_text())
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert check(cfg, lines)
