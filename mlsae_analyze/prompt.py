@@ -103,8 +103,8 @@ def _capture(loaded: LoadedModel, layers: tuple[int, ...], ids: np.ndarray, d_mo
         )
     device = next(loaded.model.parameters()).device
     capture = ResidCapture(base_model(loaded.model), blocks, layers, torch.float32)
-    acts, _ = capture(torch.from_numpy(ids)[None].to(device), d_model)
-    return acts.cpu().numpy()
+    acts, _ = capture(torch.from_numpy(ids)[None].to(device), d_model)  # [L, T, d_model]
+    return acts.transpose(0, 1).cpu().numpy()
 
 
 def layer_totals(sae: TopKSAE, acts: np.ndarray) -> np.ndarray:

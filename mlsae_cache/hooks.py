@@ -26,7 +26,7 @@ def block_output(output: Any) -> torch.Tensor:
 
 
 class ResidCapture:
-    """Runs `model` on token ids; returns resid_post of `layers` as [batch * seq, n_layers, d_model] in `out_dtype`
+    """Runs `model` on token ids; returns resid_post of `layers` as [n_layers, batch * seq, d_model] in `out_dtype`
     and each layer's largest |value| before the cast (to refuse values the storage dtype cannot hold).
 
     Each hook copies its block's output straight into one preallocated buffer, casting on the way, so no
@@ -46,7 +46,7 @@ class ResidCapture:
             x = block_output(output)
             low, high = torch.aminmax(x)
             self._peaks[position] = torch.maximum(-low, high).float()
-            self._buffer[:, position, :] = x.reshape(-1, x.shape[-1])
+            self._buffer[position] = x.reshape(-1, x.shape[-1])
             if last:
                 raise _StopForward
 
@@ -55,7 +55,7 @@ class ResidCapture:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
         n_rows = input_ids.numel()
-        self._buffer = torch.empty(n_rows, len(self.layers), d_model, dtype=self.out_dtype, device=input_ids.device)
+        self._buffer = torch.empty(len(self.layers), n_rows, d_model, dtype=self.out_dtype, device=input_ids.device)
         self._peaks = torch.full((len(self.layers),), float("nan"), device=input_ids.device)
         last = max(self.layers)
         handles = [

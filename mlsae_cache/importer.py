@@ -63,8 +63,8 @@ def _meta(cfg: ImportConfig, acts: np.ndarray, ctx: int, dtype: str) -> CacheMet
 
 
 def _rows(acts: np.ndarray, ids: np.ndarray | None, start: int, stop: int, ctx: int, dtype: str) -> Rows:
-    x = torch.from_numpy(np.array(acts[start:stop], dtype=np.float32))
-    check_range(x.abs().amax(dim=(0, 2)), dtype, tuple(range(acts.shape[1])))
+    x = torch.from_numpy(np.array(acts[start:stop], dtype=np.float32)).transpose(0, 1).contiguous()  # layer-major
+    check_range(x.abs().amax(dim=(1, 2)), dtype, tuple(range(acts.shape[1])))
     index = np.arange(start, stop)
     token_ids = np.zeros(stop - start, np.int32) if ids is None else np.asarray(ids[start:stop], np.int32)
     return Rows(
