@@ -22,7 +22,8 @@ def one_line(message: str) -> str:
 
 
 def handle_errors(func: F) -> F:
-    """Turn MlsaeError (and a full disk) into `Error: ...` on stderr with its exit code; --debug re-raises."""
+    """Turn MlsaeError, Ctrl-C and a full disk into one `Error: ...` line on stderr with an exit code (2 or 1 as
+    the error says, 130 for Ctrl-C); --debug re-raises."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -34,6 +35,11 @@ def handle_errors(func: F) -> F:
                 raise
             click.echo(f"Error: {one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("Error: interrupted (committed work is kept: re-run the same command to resume)", err=True)
+            sys.exit(130)
         except OSError as e:
             if debug or e.errno != 28:
                 raise

@@ -184,3 +184,16 @@ def test_info_on_a_non_cache(tmp_path: Path) -> None:
     result = run("info", str(tmp_path))
     assert result.exit_code == 2 and "not an mlsae cache" in result.stderr
     assert run("info", str(tmp_path / "absent")).exit_code == 2
+
+
+def test_ctrl_c_is_one_line_and_keeps_committed_work(
+    tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlsae_cache.harvest as harvest_module
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harvest_module, "harvest", interrupted)
+    result = run("harvest", str(tmp_path / "c"), "--model", str(tiny_models["llama"]), *SMALL)
+    assert result.exit_code == 130 and result.stderr.count("\n") == 1 and "re-run the same command" in result.stderr
