@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from mlsae_cache.errors import StoreError
-from mlsae_cache.store import ATTR, TOKEN_ARRAYS, create_array, read_root_attribute, write_rows_at
+from mlsae_cache.store import ATTR, TOKEN_ARRAYS, check_format, create_array, read_root_attribute, write_rows_at
 
 FORMAT = "mlsae-latents"
 VERSION = 1
@@ -47,16 +47,7 @@ class LatentsMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path | str) -> LatentsMeta:
-        if data.get("format") != FORMAT:
-            raise StoreError(
-                f"{path} is not an mlsae latents store (format {data.get('format')!r}; "
-                "give the OUT of `mlsae-analyze encode`)"
-            )
-        if data.get("version") != VERSION:
-            raise StoreError(
-                f"{path} is a latents store of version {data.get('version')!r}; this mlsae reads "
-                f"version {VERSION} (re-run `mlsae-analyze encode`)"
-            )
+        check_format(data, FORMAT, VERSION, path, "latents store", "re-run `mlsae-analyze encode`")
         kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         kwargs["layers"] = tuple(kwargs["layers"])
         return cls(**kwargs)

@@ -33,8 +33,7 @@ from mlsae_cache.store import (
     clear_store,
     create_store,
     discard_store,
-    is_cache,
-    read_meta,
+    existing_cache,
 )
 from mlsae_cache.text import TextSpec, window_batches
 
@@ -92,16 +91,6 @@ def build_meta(cfg: HarvestConfig, info: ModelInfo, layers: tuple[int, ...]) -> 
         trainable_policy=dict(TRAINABLE_POLICY),
         versions=library_versions(),
     )
-
-
-def check_out_path(out: Path) -> None:
-    """OUT may be absent, an empty directory or a cache; anything else is refused untouched."""
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"OUT {out} is a file, not a cache directory (choose another path)")
-    if out.is_dir() and any(out.iterdir()) and not is_cache(out):
-        raise StoreError(
-            f"OUT {out} is a non-empty directory that is not an mlsae cache (choose a new or empty directory)"
-        )
 
 
 def describe_difference(old: CacheMeta, new: CacheMeta) -> str:
@@ -227,8 +216,7 @@ def harvest(
 ) -> HarvestResult:
     """Create, resume or extend the cache at `cfg.out`. Validates every input before touching the disk."""
     out = Path(cfg.out)
-    check_out_path(out)
-    existing = read_meta(out) if out.is_dir() and is_cache(out) else None
+    existing = existing_cache(out)
     loaded = loaded or load_model(
         cfg.model,
         gguf_file=cfg.gguf_file,

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from mlsae_cache.errors import InputError, MlsaeError, NotFoundError
-from mlsae_cache.harvest import check_out_path, check_range, library_versions, to_storage
+from mlsae_cache.harvest import check_range, library_versions, to_storage
 from mlsae_cache.lock import StoreLock
-from mlsae_cache.store import CacheMeta, CacheWriter, Rows, clear_store, create_store, discard_store, is_cache
+from mlsae_cache.store import CacheMeta, CacheWriter, Rows, clear_store, create_store, discard_store, existing_cache
 
 IMPORT_POLICY = {"exclude_special_tokens": False, "exclude_position_0": False}
 
@@ -89,8 +89,7 @@ def import_array(cfg: ImportConfig, progress: Callable[[int], None] = lambda n: 
     if ctx < 1:
         raise InputError(f"--context-length must be at least 1, got {ctx}")
     out = Path(cfg.out)
-    check_out_path(out)
-    if is_cache(out) and not cfg.overwrite:
+    if existing_cache(out) is not None and not cfg.overwrite:
         raise InputError(f"{out} already holds a cache (use --overwrite to replace it)")
     meta = _meta(cfg, acts, ctx, dtype)
     out_existed = out.exists()

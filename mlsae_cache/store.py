@@ -85,13 +85,7 @@ class CacheMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path | str = "") -> CacheMeta:
-        if data.get("format") != FORMAT:
-            raise StoreError(f"{path} is not an mlsae cache (format {data.get('format')!r}; expected {FORMAT!r})")
-        if data.get("version") != VERSION:
-            raise StoreError(
-                f"{path} is an mlsae cache of format version {data.get('version')!r}, but this mlsae reads "
-                f"version {VERSION} (upgrade mlsae, or re-harvest the cache)"
-            )
+        check_format(data, FORMAT, VERSION, path, "cache", "re-harvest the cache")
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["layers"] = tuple(kwargs["layers"])
@@ -100,6 +94,17 @@ class CacheMeta:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+
+def check_format(data: dict[str, Any], fmt: str, version: int, path: Path | str, kind: str, remake: str) -> None:
+    """Refuse a root attribute of another format, or of a version this mlsae does not read."""
+    if data.get("format") != fmt:
+        raise StoreError(f"{path} is not an mlsae {kind} (format {data.get('format')!r}; expected {fmt!r})")
+    if data.get("version") != version:
+        raise StoreError(
+            f"{path} is an mlsae {kind} of format version {data.get('version')!r}, but this mlsae reads "
+            f"version {version} (upgrade mlsae, or {remake})"
+        )
 
 
 def read_root_attribute(path: Path | str, kind: str, hint: str) -> dict[str, Any]:
@@ -125,12 +130,21 @@ def read_meta(path: Path | str) -> CacheMeta:
     return CacheMeta.from_dict(attr, path)
 
 
-def is_cache(path: Path | str) -> bool:
+def existing_cache(out: Path) -> CacheMeta | None:
+    """The metadata of the cache at OUT, or None when OUT is absent or an empty directory.
+
+    Anything else (a file, a foreign or damaged directory) is refused, and left untouched.
+    """
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"OUT {out} is a file, not a cache directory (choose another path)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
     try:
-        read_meta(path)
-    except (NotFoundError, StoreError):
-        return False
-    return True
+        return read_meta(out)
+    except StoreError as e:
+        raise StoreError(
+            f"OUT {out} is a non-empty directory that is not an mlsae cache ({e}); choose a new or empty directory"
+        ) from e
 
 
 def clear_store(path: Path) -> None:
