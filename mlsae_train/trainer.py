@@ -102,8 +102,9 @@ def run_record(cfg: TrainConfig, cache: Cache, layers: tuple[int, ...], sae_cfg:
     }
 
 
-def check_out(cfg: TrainConfig, record: dict[str, Any]) -> None:
-    """OUT must be new, empty, or (with --resume) a run of the same cache and hyperparameters."""
+def check_out(cfg: TrainConfig, record: dict[str, Any]) -> dict[str, Any] | None:
+    """OUT must be new, empty, or (with --resume) a run of the same cache and hyperparameters, whose saved
+    trainer state is returned (None when there is none to continue from)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"OUT {out} is a file (choose a directory)")
@@ -115,14 +116,16 @@ def check_out(cfg: TrainConfig, record: dict[str, Any]) -> None:
             raise InputError(
                 f"OUT {out} already holds files of another run (use --resume to continue it, or choose a new OUT)"
             )
-        return
-    saved = load_state(out)["record"]
+        return None
+    state = load_state(out)
+    saved = state["record"]
     diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in record.items() if k != "cache_path" and saved.get(k) != v]
     if diffs:
         raise InputError(
             f"--resume: {out} was trained with other settings ({'; '.join(diffs)}); resume with the "
             "same cache and options, or choose a new OUT"
         )
+    return state
 
 
 def prepare(cfg: TrainConfig) -> tuple[Run, dict[str, Any]]:
@@ -132,17 +135,16 @@ def prepare(cfg: TrainConfig) -> tuple[Run, dict[str, Any]]:
     loader_cfg = LoaderConfig(cfg.batch_rows, cfg.block_units, cfg.seed)
     loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
     record = run_record(cfg, cache, layers, sae_cfg)
-    check_out(cfg, record)
+    state = check_out(cfg, record)
     autocast = torch.bfloat16 if cfg.autocast == "bf16" else None
     sae = TopKSAE(sae_cfg, torch.Generator().manual_seed(cfg.seed), autocast_dtype=autocast).to(device)
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     tracker = DeadLatentTracker(sae_cfg.n_latents, device)
     run = Run(cfg, cache, layers, sae, optimizer, tracker, loader)
-    if cfg.resume and not state_exists(cfg.out):
+    if cfg.resume and state is None:
         log.warning("%s holds no checkpoint yet: starting the run from the beginning", cfg.out)
         truncate_metrics(Path(cfg.out) / METRICS_NAME, 0)
-    elif cfg.resume:
-        state = load_state(cfg.out)
+    elif state is not None:
         sae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         tracker.load_state_dict(state["tracker"])
@@ -230,8 +232,10 @@ def fit(cfg: TrainConfig, progress: Callable[[int, dict[str, Any]], None] = lamb
     next_checkpoint = (run.rows // cfg.checkpoint_every_rows + 1) * cfg.checkpoint_every_rows
     line: dict[str, Any] = {}
     started, rows_at_start = time.perf_counter(), run.rows
+    # a resumed run that already reached its target reads no data
+    batches = run.loader.batches(run.rows) if run.rows < run.target_rows else iter(())
     with metrics_file.open("a") as log_file:
-        for batch, _ in run.loader.batches(run.rows):
+        for batch, _ in batches:
             if run.rows >= run.target_rows:
                 break
             if run.step == 0:
