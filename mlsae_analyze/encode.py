@@ -57,7 +57,7 @@ def encode_chunk(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], start: int
     parts = [encode_rows(sae, cache.activations(start, stop, cache.layers.index(layer))) for layer in layers]
     arrays = {"indices": np.stack([p[0] for p in parts], axis=1), "values": np.stack([p[1] for p in parts], axis=1)}
     for name in TOKEN_ARRAYS:
-        arrays[name] = cache.token_array(name)[start:stop]
+        arrays[name] = cache.token_array(name, start, stop)
     return arrays
 
 

@@ -374,11 +374,13 @@ class Cache:
     def n_chunks(self) -> int:
         return math.ceil(self.n_tokens / self.chunk_tokens)
 
-    def token_array(self, name: str) -> np.ndarray:
-        """One of token_ids, sequence, position, trainable over the committed rows."""
+    def token_array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """One of token_ids, sequence, position, trainable over committed rows [start, stop) (default: all);
+        only the chunks holding that range are read."""
         if name not in TOKEN_ARRAYS:
             raise KeyError(name)
-        return self._group[name][: self.n_tokens]
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        return self._group[name][start:stop]
 
     def activations(self, start: int, stop: int, layer_index: int | slice = slice(None)) -> np.ndarray:
         """float32 activations of rows [start, stop) at layer position(s) `layer_index`."""

@@ -134,14 +134,14 @@ def cache_window_batches(
     """Batches of the whole windows inside the cache's token range [start, stop), rebuilt from token ids."""
     stop = cache.n_tokens if stop is None else min(stop, cache.n_tokens)
     ctx = cache.meta.context_length
-    sequence = cache.token_array("sequence")[start:stop]
-    offsets = whole_windows(sequence, cache.token_array("position")[start:stop], ctx)[:max_windows]
+    sequence = cache.token_array("sequence", start, stop)
+    offsets = whole_windows(sequence, cache.token_array("position", start, stop), ctx)[:max_windows]
     if len(offsets) == 0:
         raise InputError(
             f"token range [{start}, {stop}) of {cache.path} holds no whole window of {ctx} tokens "
             "(widen --start/--stop, or pass --dataset for fresh text)"
         )
-    token_ids, trainable = cache.token_array("token_ids")[start:stop], cache.token_array("trainable")[start:stop]
+    token_ids, trainable = cache.token_array("token_ids", start, stop), cache.token_array("trainable", start, stop)
     for first in range(0, len(offsets), batch_windows):
         rows = offsets[first : first + batch_windows, None] + np.arange(ctx)
         yield WindowBatch(token_ids[rows].astype(np.int64), trainable[rows])
