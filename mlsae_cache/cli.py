@@ -39,6 +39,8 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
 @click.option("--chunk-tokens", default=4096, show_default=True, type=int, help="Token rows per stored chunk.")
 @click.option("--model-cache", default=None, type=click.Path(path_type=Path), help="Where embedded models convert to.")
+@click.option("--num-shards", default=1, show_default=True, type=int, help="Split the tokens between N workers.")
+@click.option("--shard-index", default=0, show_default=True, type=int, help="Which shard this worker writes (0..N-1).")
 @click.pass_context
 @handle_errors
 def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) -> None:
@@ -48,7 +50,8 @@ def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) 
     silence_library_progress()
 
     cfg = HarvestConfig(out=out, layers=parse_layers(layers_text), **options)  # type: ignore[arg-type]
-    with progress_bar(cfg.max_tokens, "tok", ctx.obj["quiet"], "harvest") as advance:
+    total = cfg.max_tokens and -(-cfg.max_tokens // cfg.num_shards)  # a shard: about its share
+    with progress_bar(total, "tok", ctx.obj["quiet"], "harvest") as advance:
         result = run_harvest(cfg, progress=advance)
     click.echo(result.message)
 
@@ -92,7 +95,19 @@ def describe(cache: Cache) -> dict[str, object]:
         "trainable_tokens": int(cache.token_array("trainable").sum()),
         "bytes_on_disk": cache.nbytes_stored(),
         "fingerprint": m.fingerprint,
+        **shard_facts(cache.path),
     }
+
+
+def shard_facts(path: Path) -> dict[str, object]:
+    """How far a sharded harvest under way has got (nothing for other caches)."""
+    from mlsae_cache.shards import missing_shards, read_plan
+
+    plan = read_plan(path)
+    if plan is None:
+        return {}
+    missing = missing_shards(path, plan)
+    return {"shards_done": f"{plan.num_shards - len(missing)} of {plan.num_shards} (waiting for {missing})"}
 
 
 @main.command()

@@ -58,6 +58,8 @@ class HarvestConfig:
     overwrite: bool = False
     chunk_tokens: int = 4096
     model_cache: Path | None = None
+    num_shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
         if self.context_length < 1:
@@ -68,5 +70,15 @@ class HarvestConfig:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.chunk_tokens < 1:
             raise InputError(f"--chunk-tokens must be at least 1, got {self.chunk_tokens}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise InputError(
+                f"--shard-index {self.shard_index} must be in 0..{self.num_shards - 1} (--num-shards {self.num_shards})"
+            )
+        if self.num_shards > 1 and self.max_tokens is None:
+            raise InputError("--num-shards needs --max-tokens: the shards split a known number of tokens")
+        if self.num_shards > 1 and self.overwrite:
+            raise InputError(
+                "--overwrite cannot be combined with --num-shards: remove OUT first, then start the shards"
+            )
         if self.dtype not in STORAGE_DTYPES:
             raise InputError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")

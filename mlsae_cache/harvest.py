@@ -26,6 +26,7 @@ from mlsae_cache.errors import InputError, MlsaeError, RuntimeFailure, StoreErro
 from mlsae_cache.hooks import ResidCapture
 from mlsae_cache.lock import StoreLock
 from mlsae_cache.models import LoadedModel, ModelInfo, base_model, find_blocks, load_model
+from mlsae_cache.shards import finish, missing_shards, read_plan
 from mlsae_cache.store import (
     CacheMeta,
     CacheWriter,
@@ -159,16 +160,22 @@ class RowMaker:
 
 
 def write_rows(
-    writer: CacheWriter, batches: Iterable[np.ndarray], make_rows: RowMaker, progress: Callable[[int], None]
+    commit_chunk: Callable[[int, Rows], None],
+    batches: Iterable[np.ndarray],
+    make_rows: RowMaker,
+    progress: Callable[[int], None],
+    start: int,
+    stop: int | None,
 ) -> bool:
-    """Compute and commit rows from `writer.resume_token` up to max_tokens; True when the text ran out.
+    """Compute rows [start, stop) (stop None: to the end of the text) and hand them to `commit_chunk` one token
+    chunk at a time; `start` is a chunk boundary. True when the text ran out before `stop`.
 
     Commits run in order on one background thread, overlapping the next forward pass; at most one waits,
     which bounds memory, and an error in a commit surfaces at the next one.
     """
-    meta = writer.meta
+    meta = make_rows.meta
     per_batch = meta.batch_size * meta.context_length
-    start, target = writer.resume_token, meta.max_tokens or math.inf
+    target = math.inf if stop is None else stop
     first_batch = start // per_batch
     chunk_start, pending, n_pending = start, [], 0
     exhausted = True
@@ -178,7 +185,7 @@ def write_rows(
         def submit(at: int, rows: Rows) -> Future:
             if commit is not None:
                 commit.result()
-            return committer.submit(writer.write_chunk, at, rows)
+            return committer.submit(commit_chunk, at, rows)
 
         for i, windows in enumerate(batches):
             pos = i * per_batch
@@ -204,20 +211,33 @@ def write_rows(
     return exhausted
 
 
-def _text_batches(cfg: HarvestConfig, tokenizer: object, batch_size: int) -> Iterator[np.ndarray]:
+def text_batches(cfg: HarvestConfig, tokenizer: object, batch_size: int) -> Iterator[np.ndarray]:
     """The window batches, with the first already drawn so empty or too-short text fails before any write."""
     spec = TextSpec(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.streaming)
     batches = window_batches(spec, tokenizer, cfg.context_length, batch_size)
     return chain([next(batches)], batches)
 
 
-def harvest(
-    cfg: HarvestConfig, progress: Callable[[int], None] = lambda n: None, loaded: LoadedModel | None = None
-) -> HarvestResult:
-    """Create, resume or extend the cache at `cfg.out`. Validates every input before touching the disk."""
-    out = Path(cfg.out)
-    existing = existing_cache(out)
-    loaded = loaded or load_model(
+def _check_existing(cfg: HarvestConfig, out: Path, existing: CacheMeta | None, meta: CacheMeta) -> HarvestResult | None:
+    """Refuse a cache of other settings; a no-op result when it already holds what is asked for."""
+    if existing is None or cfg.overwrite:
+        return None
+    if existing.fingerprint != meta.fingerprint:
+        raise StoreError(
+            f"{out} holds a cache made with other settings ({describe_difference(existing, meta)}); "
+            "use --overwrite to replace it, or another OUT"
+        )
+    target = cfg.max_tokens or math.inf
+    if existing.complete and (existing.exhausted or existing.n_tokens >= target):
+        n = existing.n_tokens
+        return HarvestResult(
+            n, True, existing.exhausted, True, f"{out} is already complete with {n} tokens; nothing to do"
+        )
+    return None
+
+
+def _load(cfg: HarvestConfig) -> LoadedModel:
+    return load_model(
         cfg.model,
         gguf_file=cfg.gguf_file,
         revision=cfg.revision,
@@ -225,46 +245,69 @@ def harvest(
         compute_dtype=cfg.compute_dtype,
         model_cache=cfg.model_cache,
     )
+
+
+def _finished(out: Path, meta: CacheMeta) -> HarvestResult:
+    note = " (the text ran out before --max-tokens)" if meta.exhausted and meta.max_tokens else ""
+    n = meta.n_tokens
+    return HarvestResult(n, True, meta.exhausted, False, f"wrote {out}: {n} tokens x {meta.n_layers} layers{note}")
+
+
+def harvest(
+    cfg: HarvestConfig, progress: Callable[[int], None] = lambda n: None, loaded: LoadedModel | None = None
+) -> HarvestResult:
+    """Create, resume or extend the cache at `cfg.out` (or one shard of it, with cfg.num_shards > 1).
+    Validates every input before touching the disk."""
+    out = Path(cfg.out)
+    existing = existing_cache(out)
+    loaded = loaded or _load(cfg)
     meta = build_meta(cfg, loaded.info, resolve_layers(cfg.layers, loaded.info.n_layers))
-    if existing is not None and not cfg.overwrite:
-        if existing.fingerprint != meta.fingerprint:
-            raise StoreError(
-                f"{out} holds a cache made with other settings ({describe_difference(existing, meta)}); "
-                "use --overwrite to replace it, or another OUT"
-            )
-        target = cfg.max_tokens or math.inf
-        if existing.complete and (existing.exhausted or existing.n_tokens >= target):
-            return HarvestResult(
-                existing.n_tokens,
-                True,
-                existing.exhausted,
-                True,
-                f"{out} is already complete with {existing.n_tokens} tokens; nothing to do",
-            )
+    done = _check_existing(cfg, out, existing, meta)
+    if done is not None:
+        return done
+    if cfg.num_shards > 1:
+        from mlsae_cache.sharded import harvest_shard
+
+        return harvest_shard(cfg, out, meta, loaded, progress)
     # A store with no committed row (a creation cut short, say) is made afresh: nothing in it can be lost.
     created = existing is None or cfg.overwrite or existing.n_tokens == 0
-    if not created and existing.batch_size != cfg.batch_size:
+    batch_size = meta.batch_size if created else existing.batch_size
+    if batch_size != cfg.batch_size:
         log.warning(
-            "continuing with the cache's batch size %d (not %d) so that rows match an uninterrupted run",
-            existing.batch_size,
+            "continuing with the cache's batch size %d (not %d) so rows match an uninterrupted run",
+            batch_size,
             cfg.batch_size,
         )
-    batches = _text_batches(cfg, loaded.tokenizer, meta.batch_size if created else existing.batch_size)
+    batches = text_batches(cfg, loaded.tokenizer, batch_size)
     out_existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
     with StoreLock(out):
+        plan = None if existing is None or cfg.overwrite else read_plan(out)
+        if plan is not None:  # a sharded harvest: complete it if its shards are done, never write over them
+            missing = missing_shards(out, plan)
+            if missing:
+                raise StoreError(
+                    f"{out} is being harvested in {plan.num_shards} shards and shards {missing} have not finished: "
+                    f"run them (--num-shards {plan.num_shards} --shard-index i), or use --overwrite to start over"
+                )
+            return _finished(out, finish(out, plan))
         if created:
             clear_store(out)
             create_store(out, meta)
         writer = CacheWriter(out)
         writer.set_meta(max_tokens=cfg.max_tokens, complete=False, versions=meta.versions)
         try:
-            exhausted = write_rows(writer, batches, RowMaker(loaded, writer.meta), progress)
+            exhausted = write_rows(
+                writer.write_chunk,
+                batches,
+                RowMaker(loaded, writer.meta),
+                progress,
+                writer.resume_token,
+                cfg.max_tokens,
+            )
         except MlsaeError:
             if created:
                 discard_store(out, keep_dir=out_existed)
             raise
         writer.set_meta(complete=True, exhausted=exhausted)
-    n = writer.meta.n_tokens
-    note = " (the text ran out before --max-tokens)" if exhausted and cfg.max_tokens else ""
-    return HarvestResult(n, True, exhausted, False, f"wrote {out}: {n} tokens x {meta.n_layers} layers{note}")
+    return _finished(out, writer.meta)

@@ -298,6 +298,54 @@ def write_rows_at(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) 
         arr[start:stop] = values
 
 
+def write_chunk_data(group: zarr.Group, meta: CacheMeta, start: int, rows: Rows) -> tuple[np.ndarray, np.ndarray, int]:
+    """Write rows [start, start + len(rows)) filling token chunk start // chunk_tokens from its start, then
+    that chunk's partial sums, which it returns: the part of a commit that touches only this chunk's keys
+    (shards run it side by side on disjoint chunks)."""
+    ct = meta.chunk_tokens
+    assert start % ct == 0 and 0 < len(rows) <= ct
+    arrays = {"activations": rows.token_major(), **{name: getattr(rows, name) for name in TOKEN_ARRAYS}}
+    write_rows_at(group, start, arrays)
+    s, q, c = chunk_partials(rows, meta.storage_dtype)
+    write_rows_at(
+        group, start // ct, {"chunk_sum": s[None], "chunk_sq_norm_sum": q[None], "chunk_count": np.asarray([c])}
+    )
+    return s, q, c
+
+
+def read_partials(group: zarr.Group, n_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored partial sums of the first `n_chunks` token chunks."""
+    return group["chunk_sum"][:n_chunks], group["chunk_sq_norm_sum"][:n_chunks], group["chunk_count"][:n_chunks]
+
+
+def write_statistics(group: zarr.Group, sums: np.ndarray, sq: np.ndarray, counts: np.ndarray) -> None:
+    """layer_mean and layer_sq_norm from per-chunk partial sums [chunk, ...], summed in chunk order (so a cache
+    written in one run, several, or shards gets the same bits)."""
+    count = int(counts.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums.sum(axis=0) / count if count else np.full(sums.shape[1:], np.nan)
+        sq_norm = sq.sum(axis=0) / count if count else np.full(sq.shape[1:], np.nan)
+    group["layer_mean"][:] = mean
+    group["layer_sq_norm"][:] = sq_norm
+
+
+def resize_store(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:
+    """Set the token extent of every token and token-chunk array (a sharded harvest sizes them up front, so its
+    workers never rewrite array metadata, and trims them to what was written at the end)."""
+    n_chunks = math.ceil(n_tokens / chunk_tokens)
+    for name in ("activations", *TOKEN_ARRAYS):
+        group[name].resize((n_tokens, *group[name].shape[1:]))
+    for name in ("chunk_sum", "chunk_sq_norm_sum", "chunk_count"):
+        group[name].resize((n_chunks, *group[name].shape[1:]))
+
+
+def set_meta(group: zarr.Group, meta: CacheMeta, **changes: Any) -> CacheMeta:
+    """Replace fields of the root attribute (one atomic write of the group's zarr.json); the new metadata."""
+    meta = replace(meta, **changes)
+    group.attrs[ATTR] = meta.to_dict()
+    return meta
+
+
 class CacheWriter:
     """Appends rows to a cache, one token chunk per commit. The caller holds the store lock."""
 
@@ -305,10 +353,10 @@ class CacheWriter:
         self.path = Path(path)
         self.meta = read_meta(self.path)
         self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
-        n_chunks = math.ceil(self.meta.n_tokens / self.meta.chunk_tokens)
-        self._sums = self.group["chunk_sum"][:n_chunks]
-        self._sq = self.group["chunk_sq_norm_sum"][:n_chunks]
-        self._counts = self.group["chunk_count"][:n_chunks]
+        # the committed chunks' partial sums, kept in memory so each commit reads none of them back
+        self._sums, self._sq, self._counts = read_partials(
+            self.group, math.ceil(self.meta.n_tokens / self.meta.chunk_tokens)
+        )
 
     @property
     def resume_token(self) -> int:
@@ -316,34 +364,19 @@ class CacheWriter:
         return (self.meta.n_tokens // self.meta.chunk_tokens) * self.meta.chunk_tokens
 
     def write_chunk(self, start: int, rows: Rows) -> None:
-        """Write rows [start, start + len(rows)) that fill token chunk start // chunk_tokens from its start."""
-        ct = self.meta.chunk_tokens
-        assert start % ct == 0 and 0 < len(rows) <= ct and start <= self.meta.n_tokens
-        stop, chunk = start + len(rows), start // ct
-        arrays = {"activations": rows.token_major(), **{name: getattr(rows, name) for name in TOKEN_ARRAYS}}
-        write_rows_at(self.group, start, arrays)
-        s, q, c = chunk_partials(rows, self.meta.storage_dtype)
+        """Commit rows [start, start + len(rows)) that fill token chunk start // chunk_tokens from its start."""
+        assert start <= self.meta.n_tokens
+        s, q, c = write_chunk_data(self.group, self.meta, start, rows)
+        chunk = start // self.meta.chunk_tokens
         self._sums = np.concatenate([self._sums[:chunk], s[None]])
         self._sq = np.concatenate([self._sq[:chunk], q[None]])
         self._counts = np.concatenate([self._counts[:chunk], [c]])
-        write_rows_at(
-            self.group, chunk, {"chunk_sum": s[None], "chunk_sq_norm_sum": q[None], "chunk_count": np.asarray([c])}
-        )
-        self._write_statistics()
-        self.set_meta(n_tokens=max(stop, self.meta.n_tokens))
-
-    def _write_statistics(self) -> None:
-        count = int(self._counts.sum())
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self._sums.sum(axis=0) / count if count else np.full(self._sums.shape[1:], np.nan)
-            sq = self._sq.sum(axis=0) / count if count else np.full(self._sq.shape[1:], np.nan)
-        self.group["layer_mean"][:] = mean
-        self.group["layer_sq_norm"][:] = sq
+        write_statistics(self.group, self._sums, self._sq, self._counts)
+        self.set_meta(n_tokens=max(start + len(rows), self.meta.n_tokens))
 
     def set_meta(self, **changes: Any) -> None:
         """Replace fields of the root attribute (one atomic write of the group's zarr.json)."""
-        self.meta = replace(self.meta, **changes)
-        self.group.attrs[ATTR] = self.meta.to_dict()
+        self.meta = set_meta(self.group, self.meta, **changes)
 
 
 class Cache:
