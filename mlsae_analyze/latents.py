@@ -18,7 +18,15 @@ import numpy as np
 import zarr
 
 from mlsae_cache.errors import StoreError
-from mlsae_cache.store import ATTR, TOKEN_ARRAYS, check_format, create_array, read_root_attribute, write_rows_at
+from mlsae_cache.store import (
+    ATTR,
+    TOKEN_ARRAYS,
+    check_format,
+    create_array,
+    read_root_attribute,
+    writable,
+    write_rows_at,
+)
 
 FORMAT = "mlsae-latents"
 VERSION = 1
@@ -68,7 +76,7 @@ def create_latents(path: Path, meta: LatentsMeta) -> None:
     for name, dtype in TOKEN_ARRAYS.items():
         create_array(group, name, (0,), (ct,), dtype, ("token",), compress=True)
     create_array(group, "layer", (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
-    group["layer"][:] = np.asarray(meta.layers, dtype=np.int32)
+    writable(group["layer"])[:] = np.asarray(meta.layers, dtype=np.int32)
 
 
 class LatentsWriter:

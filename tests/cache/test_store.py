@@ -1,0 +1,73 @@
+"""The store's fast paths against zarr's own writes: the same bytes on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlsae_cache.store as store
+from mlsae_cache.store import Cache, CacheMeta, CacheWriter, Rows, create_store, verify
+from tests.cache.test_resume import assert_same_store
+
+
+def rows(n: int, n_layers: int, d: int, dtype: str, seed: int) -> Rows:
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n_layers, n, d)) * 5).astype(np.float32)
+    x[1] = 0.0  # an all-zero chunk, which zarr skips unless told to store it
+    raw = (x.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else x.astype(store.STORAGE_DTYPES[dtype])
+    trainable = rng.random(n) > 0.2
+    return Rows(
+        raw, rng.integers(0, 99, n).astype(np.int32), np.arange(n) // 8, np.arange(n, dtype=np.int32) % 8, trainable
+    )
+
+
+def write(path: Path, dtype: str) -> None:
+    meta = CacheMeta(
+        d_model=24, layers=(0, 1, 2), model={}, dataset={}, context_length=8, storage_dtype=dtype, fingerprint="f",
+        chunk_tokens=64,
+    )  # fmt: skip
+    create_store(path, meta)
+    writer = CacheWriter(path)
+    for i, n in enumerate((64, 64, 40)):  # two full chunks and a partial last one
+        writer.write_chunk(64 * i, rows(n, 3, 24, dtype, i))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_raw_chunk_writes_equal_zarr_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    write(tmp_path / "fast", dtype)
+    with monkeypatch.context() as m:
+        m.setattr(store, "write_raw_chunks", lambda arr, chunk, layer_major: [False] * len(layer_major))
+        write(tmp_path / "zarr", dtype)
+    assert_same_store(tmp_path / "fast", tmp_path / "zarr")
+    assert (tmp_path / "fast" / "activations" / "c" / "0" / "1" / "0").exists()  # the all-zero layer
+    assert verify(tmp_path / "fast") > 0
+    want = np.concatenate(
+        [store.to_float32(rows(n, 3, 24, dtype, i).token_major(), dtype) for i, n in enumerate((64, 64, 40))]
+    )
+    np.testing.assert_array_equal(Cache(tmp_path / "fast").activations(0, 168), want)
+
+
+def test_partials_equal_a_float64_reference() -> None:
+    r = rows(64, 3, 24, "float16", 7)
+    sums, sq, count = store.chunk_partials(r, "float16")
+    x = r.activations.astype(np.float64)[:, r.trainable]
+    np.testing.assert_array_equal(sums, x.sum(axis=1))  # float16 sums are exact in float64, in any order
+    np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
+    assert count == r.trainable.sum()
+
+
+def test_verify_accepts_chunks_of_zeros(tmp_path: Path) -> None:
+    """Chunks equal to the fill value (`layer` of block 0 alone, `sequence` of a first window, a chunk with no
+    trainable token) are stored, so `verify` does not take them for missing ones."""
+    meta = CacheMeta(
+        d_model=4, layers=(0,), model={}, dataset={}, context_length=8, storage_dtype="float32", fingerprint="f",
+        chunk_tokens=4,
+    )  # fmt: skip
+    create_store(tmp_path, meta)
+    zeros = np.zeros(4, dtype=np.int32)
+    CacheWriter(tmp_path).write_chunk(
+        0, Rows(np.ones((1, 4, 4), np.float32), zeros, zeros.astype(np.int64), zeros, np.zeros(4, bool))
+    )
+    assert verify(tmp_path) == 11  # one chunk of each array
