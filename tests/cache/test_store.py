@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 import mlsae_cache.store as store
+from mlsae_cache.errors import CorruptError
 from mlsae_cache.store import Cache, CacheMeta, CacheWriter, Rows, create_store, verify
 from tests.cache.test_resume import assert_same_store
 
@@ -71,3 +73,26 @@ def test_verify_accepts_chunks_of_zeros(tmp_path: Path) -> None:
         0, Rows(np.ones((1, 4, 4), np.float32), zeros, zeros.astype(np.int64), zeros, np.zeros(4, bool))
     )
     assert verify(tmp_path) == 11  # one chunk of each array
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_raw_chunk_reads_equal_zarr_reads(tmp_path: Path, dtype: str) -> None:
+    write(tmp_path, dtype)  # bfloat16 chunks are compressed: they take zarr's path
+    cache = Cache(tmp_path)
+    arr = zarr.open_group(str(tmp_path), mode="r")["activations"]
+    for chunk in range(cache.n_chunks):
+        for layer in range(3):
+            got = cache.stored_chunk(chunk, layer)
+            np.testing.assert_array_equal(got, arr[64 * chunk : min(64 * chunk + 64, 168), layer])
+            assert got.dtype == arr.dtype and got.shape == (64 if chunk < 2 else 40, 24)
+    assert (store.read_raw_chunk(arr, (0, 0, 0)) is None) == (dtype == "bfloat16")
+
+
+def test_raw_chunk_read_detects_a_flipped_byte(tmp_path: Path) -> None:
+    write(tmp_path, "float16")
+    chunk = tmp_path / "activations" / "c" / "1" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptError, match="activations/c/1/2/0 is corrupted"):
+        Cache(tmp_path).stored_chunk(1, 2)
