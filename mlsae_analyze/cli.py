@@ -220,6 +220,12 @@ def examples(
 )
 @click.option("--examples", "examples_dir", type=click.Path(path_type=Path), help="An `examples` OUT.")
 @click.option("--title", default=None, help=TITLE_HELP)
+@click.option(
+    "--compare",
+    "compare_dir",
+    type=click.Path(path_type=Path),
+    help="A `mlsae-train compare` OUT: add the Findings section (the paper's claims vs this run).",
+)
 @handle_errors
 def report(
     out: Path,
@@ -229,12 +235,14 @@ def report(
     figure_dirs: tuple[Path, ...],
     examples_dir: Path | None,
     title: str | None,
+    compare_dir: Path | None,
 ) -> None:
-    """One self-contained page, OUT/report.md, with the numbers and figures of the given analysis outputs."""
+    """One self-contained page, OUT/report.md, with the numbers and figures of the given analysis outputs; with
+    --compare, a Findings section sets them beside the paper's claims."""
     from mlsae_analyze.outputs import output_dir
     from mlsae_analyze.report import ReportConfig, write_report
 
-    cfg = ReportConfig(variance_dir, eval_file, cosine_dir, figure_dirs, examples_dir, title)
+    cfg = ReportConfig(variance_dir, eval_file, cosine_dir, figure_dirs, examples_dir, title, compare_dir)
     with output_dir(out, "report") as tmp:
         write_report(cfg, tmp)
     click.echo(f"wrote {out}/report.md")

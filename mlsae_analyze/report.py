@@ -1,9 +1,10 @@
 """Read the outputs of the analysis commands, draw their figures, and gather everything into report.md.
 
 Inputs: a `variance` OUT (variance.zarr + summary.json), optionally a `mlsae-train eval --out` JSON, a
-`cosine` OUT (cosine.json), directories of further PNGs (e.g. `prompt-heatmap` outputs) and an `examples`
-OUT. The report directory is self-contained: figures are drawn or copied into it and linked by relative
-paths, so it can be moved or shared whole; `write_report` checks that every link resolves.
+`cosine` OUT (cosine.json), a `mlsae-train compare` OUT (compare.json: adds the Findings section of
+`findings.py`), directories of further PNGs (e.g. `prompt-heatmap` outputs) and an `examples` OUT. The report
+directory is self-contained: figures are drawn or copied into it and linked by relative paths, so it can be
+moved or shared whole; `write_report` checks that every link resolves.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import numpy as np
 
 from mlsae_analyze import plots
 from mlsae_analyze.examples import layer_runs
+from mlsae_analyze.findings import findings_section
 from mlsae_analyze.latents import read_latents_meta
 from mlsae_cache.errors import InputError, MlsaeError, NotFoundError, RuntimeFailure, StoreError
 from mlsae_cache.store import read_meta
+from mlsae_train.compare import CompareResult, comparison_figure
 
 SUMMARY_MEANINGS = {
     "var_total": "Var(L): variance of the layer over all activation mass (triples (layer, token, latent) "
@@ -111,6 +114,27 @@ def read_eval(path: Path) -> dict[str, Any]:
             f"eval file {path} has no per-layer `layer` and `fvu` lists (give a `mlsae-train eval` output)"
         )
     return data
+
+
+def _compare_row_ok(row: Any) -> bool:
+    """A compare.json row: {"layer": int, "mlsae": {"fvu": number, ...}, "single": {...} | null}."""
+    if not isinstance(row, dict) or isinstance(row.get("layer"), bool) or not isinstance(row.get("layer"), int):
+        return False
+    sides = [row.get("mlsae")] + ([row["single"]] if row.get("single") is not None else [])
+    return all(isinstance(side, dict) and isinstance(side.get("fvu"), int | float) for side in sides)
+
+
+def read_compare(path: Path) -> CompareResult:
+    """The compare.json of a `mlsae-train compare` OUT directory, checked for one well-formed row per layer."""
+    hint = f"give the OUT of `mlsae-train compare MLSAE {path} --cache CACHE --single L=DIR ...`"
+    if not path.is_dir():
+        raise NotFoundError(f"compare output {path} does not exist or is not a directory ({hint})")
+    data = read_json(path / "compare.json", "compare output", hint)
+    rows = data.get("rows")
+    if not isinstance(rows, list) or not rows or not all(_compare_row_ok(row) for row in rows):
+        raise StoreError(f"{path}/compare.json lacks per-layer `rows` with `mlsae` and `single` metrics ({hint})")
+    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    return CompareResult(rows, data.get("clean_ce"), data.get("n_windows"), sources)
 
 
 def model_name(cache_path: str | Path) -> str:
@@ -226,7 +250,7 @@ def cosine_section(data: dict[str, Any], figure: str) -> list[str]:
 @dataclass(frozen=True)
 class ReportConfig:
     """What goes into the report: a variance OUT, and optionally an eval JSON, a cosine OUT, directories of
-    PNGs to include, an examples OUT, and a title (default: the model and SAE)."""
+    PNGs to include, an examples OUT, a title (default: the model and SAE) and a compare OUT (Findings)."""
 
     variance: Path
     eval: Path | None = None
@@ -234,6 +258,7 @@ class ReportConfig:
     figures: tuple[Path, ...] = ()
     examples: Path | None = None
     title: str | None = None
+    compare: Path | None = None
 
 
 EXAMPLE_FILES = ("examples.md", "examples.html", "examples.tsv")
@@ -287,8 +312,8 @@ def check_links(report: Path) -> None:
         raise RuntimeFailure(f"report {report} links missing files {missing} (please report this bug)")
 
 
-def header_section(variance: VarianceOutput, title: str, link: dict[str, str]) -> list[str]:
-    """Title, where the numbers come from, and the two aggregate figures."""
+def title_section(variance: VarianceOutput, title: str) -> list[str]:
+    """Title and where the numbers come from."""
     s = variance.summary
     return [
         f"# {title}: analysis over layers",
@@ -297,6 +322,12 @@ def header_section(variance: VarianceOutput, title: str, link: dict[str, str]) -
         f"layers {layer_runs(list(s.get('layers', variance.layers)))}; {_number(s.get('n_rows', '?'))} rows; "
         f"{'all rows' if s.get('include_untrainable') else 'trainable rows only'}, min_count {s.get('min_count', 1)}.",
         "",
+    ]
+
+
+def heatmap_section(link: dict[str, str]) -> list[str]:
+    """The two aggregate figures."""
+    return [
         "## Where latents fire over layers",
         "",
         "Each column is one latent that fires somewhere, sorted by its mean layer; colour is the share of its "
@@ -317,12 +348,17 @@ def write_report(cfg: ReportConfig, out: Path) -> Path:
     variance = read_variance(cfg.variance)
     cosine = read_cosine(cfg.cosine) if cfg.cosine else None
     evaluation = read_eval(cfg.eval) if cfg.eval else None
+    comparison = read_compare(cfg.compare) if cfg.compare else None
     check_extras(cfg)
     title = cfg.title or source_title(variance.summary)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     figures = variance_figures(variance, out / "figures", title, cosine)
+    if comparison is not None:
+        figures["compare"] = plots.save_png(comparison_figure(comparison), out / "figures" / "compare.png")
     link = {key: path.relative_to(out).as_posix() for key, path in figures.items()}
-    lines = header_section(variance, title, link)
+    lines = title_section(variance, title)
+    lines += findings_section(variance.summary, cosine, comparison, link["compare"]) if comparison else []
+    lines += heatmap_section(link)
     lines += summary_section(variance.summary)
     lines += eval_section(evaluation) if evaluation else []
     lines += cosine_section(cosine, link["cosine"]) if cosine else []
