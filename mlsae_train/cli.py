@@ -46,13 +46,20 @@ def main() -> None:
 @click.pass_context
 @handle_errors
 def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options: Any) -> None:
-    """Train an SAE on the rows of CACHE; write cfg.json, sae.safetensors, metrics.jsonl in OUT."""
+    """Train an SAE on the rows of CACHE; write cfg.json, sae.safetensors, metrics.jsonl in OUT.
+
+    Under `torchrun --nproc_per_node N`, trains data-parallel on N processes (--batch-rows stays the global batch).
+    """
     from mlsae_train.config import TrainConfig
+    from mlsae_train.distributed import is_main_process
     from mlsae_train.trainer import fit as run_fit
 
     cfg = TrainConfig(cache=cache, out=out, layers=parse_layers(layers_text), **options)
-    with progress_bar(None, "row", ctx.obj["quiet"], "fit") as advance:
+    reports = is_main_process()  # under torchrun, rank 0 alone shows progress and the summary
+    with progress_bar(None, "row", ctx.obj["quiet"] or not reports, "fit") as advance:
         result = run_fit(cfg, progress=lambda n, line: advance(n))
+    if not reports:
+        return
     final = result.final
     click.echo(
         f"wrote {out}: {result.steps} steps, {result.rows} rows; FVU {final.get('fvu', float('nan')):.4f}, "

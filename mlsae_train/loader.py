@@ -10,11 +10,20 @@ The epoch's row stream is the concatenation of the permuted blocks and batches a
 an epoch visits every selected row exactly once, the whole order follows from (seed, epoch), and one number,
 the count of rows handed out, is enough to resume the same stream. Background threads read and decode the units of the
 next blocks while the current one is consumed.
+
+Data parallelism (distributed.py): rank r of W takes the r-th of W equal contiguous slices of every global batch,
+as the single-process loader lays the batch out, so the ranks' batches laid end to end in rank order are exactly
+the single-process batch. A block's row order follows from the masks and the seed alone, so each rank plans a block
+before reading it and reads only the units that its slices touch. A batch's rows are gathered in index order, so
+rank r's slices mostly fall in the r-th part of a block's units; but the rows that the batch straddling two blocks
+takes from the older one are spread over all its units and go to the first ranks. Measured with 32-unit blocks and
+batches of 4,096 rows: each rank reads 64-85% of the units at W = 2, ~57% at W = 4, ~36% at W = 8.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,20 +38,27 @@ from mlsae_cache.store import Cache, stored_to_torch
 
 
 class _Block(NamedTuple):
-    """The units of one block as stored (never concatenated: rows are gathered straight from them) and the
-    order in which its trainable rows are handed out, as indices into the units laid end to end."""
+    """The units of one block as stored (never concatenated: rows are gathered straight from them; None for a
+    unit this process does not need) and the order in which its trainable rows are handed out, as indices into
+    the units laid end to end."""
 
-    units: list[np.ndarray]
+    units: list[np.ndarray | None]
     slots: np.ndarray
     first_tokens: np.ndarray
     offsets: np.ndarray
     order: np.ndarray
 
+    def unit_of(self, idx: np.ndarray) -> np.ndarray:
+        """Position in `units` of each row index."""
+        return np.searchsorted(self.offsets, idx, side="right") - 1
+
     def gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows `idx` (sorted) as (x [n, d_model] stored dtype, layer slot [n], token [n])."""
-        unit_of = np.searchsorted(self.offsets, idx, side="right") - 1
+        """Rows `idx` (sorted, not empty) as (x [n, d_model] stored dtype, layer slot [n], token [n])."""
+        unit_of = self.unit_of(idx)
         local = idx - self.offsets[unit_of]
-        x = np.empty((len(idx), self.units[0].shape[1]), dtype=self.units[0].dtype)
+        first = self.units[unit_of[0]]
+        assert first is not None, "a row of a unit that was not read"
+        x = np.empty((len(idx), first.shape[1]), dtype=first.dtype)
         bounds = np.flatnonzero(np.diff(unit_of)) + 1
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(idx)], strict=True):
             np.take(self.units[unit_of[a]], local[a:b], axis=0, out=x[a:b])
@@ -67,12 +83,47 @@ class LoaderConfig:
     seed: int = 0
     read_threads: int = 2
     prefetch_blocks: int = 1
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_rows < 1:
             raise InputError(f"--batch-rows must be at least 1, got {self.batch_rows}")
         if self.block_units < 1 or self.read_threads < 1 or self.prefetch_blocks < 0:
             raise InputError("block_units and read_threads must be at least 1, prefetch_blocks at least 0")
+        if not 0 <= self.rank < self.world_size:
+            raise InputError(f"rank {self.rank} is not in 0..{self.world_size - 1} (world_size {self.world_size})")
+        if self.batch_rows % self.world_size:
+            w, low = self.world_size, self.batch_rows // self.world_size * self.world_size
+            fix = f"{low} or {low + w}" if low else f"{w}"
+            raise InputError(
+                f"--batch-rows {self.batch_rows} is not divisible by the {w} processes of this run, which each take "
+                f"an equal slice of every batch (pass --batch-rows {fix})"
+            )
+
+    @property
+    def rows_per_rank(self) -> int:
+        """Rows of each global batch that this rank takes."""
+        return self.batch_rows // self.world_size
+
+
+def rank_rows(order: np.ndarray, offset: int, batch_rows: int, rank: int, world_size: int) -> np.ndarray:
+    """The rows of a run of the row stream that rank `rank` of `world_size` takes, in the order it takes them.
+
+    `order` holds consecutive rows of the stream, the first of them `offset` rows after the start of some batch
+    (any multiple of batch_rows may be added). Each batch's part of the run is sorted, as the single-process loader
+    gathers it, and the rank keeps positions [rank * m, (rank + 1) * m) of every batch, m = batch_rows / world_size.
+    Shapes: order [R] -> [<= R].
+    """
+    m, first = batch_rows // world_size, offset % batch_rows
+    lo, hi = rank * m, (rank + 1) * m
+    starts = [0, *range(batch_rows - first, len(order), batch_rows)] if first else range(0, len(order), batch_rows)
+    bounds = [*starts, len(order)]
+    kept = []
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        at = first if i == 0 else 0  # position of this part's first row in its batch
+        kept.append(np.sort(order[a:b])[max(lo - at, 0) : max(hi - at, 0)])
+    return np.concatenate(kept) if kept else order[:0]
 
 
 class RowLoader:
@@ -129,59 +180,72 @@ class RowLoader:
         sizes = [int(self._unit_rows[b // len(self.layers)].sum()) for b in blocks]
         return blocks, list(np.cumsum([0, *sizes])[:-1])
 
-    def _read_unit(self, unit: int) -> tuple[np.ndarray, int, int]:
+    def _read_unit(self, unit: int) -> np.ndarray:
         """Raw stored rows of one unit (no float conversion here: it is done on whole batches)."""
         chunk, slot = divmod(int(unit), len(self.layers))
-        return self.cache.stored_chunk(chunk, self._layer_pos[slot]), slot, chunk
+        return self.cache.stored_chunk(chunk, self._layer_pos[slot])
 
-    def _read_block(self, pool: ThreadPoolExecutor, units: np.ndarray, rng_key: list[int]) -> Future:
-        reads = [pool.submit(self._read_unit, u) for u in units]
-        ct = self.cache.chunk_tokens
+    def _plan_block(self, units: np.ndarray, rng_key: list[int], skip: int, offset: int) -> _Block:
+        """A block without its data: the order of its rows from the masks and the seed alone, less the first
+        `skip` rows; for one rank of several, only the rows that it takes (`rank_rows`; the block's first kept
+        row is `offset` rows into the batch grid)."""
+        chunks, slots = np.divmod(np.asarray(units, dtype=np.int64), len(self.layers))
+        masks = [self._masks[c] for c in chunks]
+        kept = np.flatnonzero(np.concatenate(masks))
+        order = kept[np.random.default_rng(rng_key).permutation(len(kept))][skip:]
+        if self.cfg.world_size > 1:
+            order = rank_rows(order, offset, self.cfg.batch_rows, self.cfg.rank, self.cfg.world_size)
+        return _Block(
+            units=[None] * len(masks),
+            slots=slots,
+            first_tokens=chunks * self.cache.chunk_tokens,
+            offsets=np.cumsum([0] + [len(m) for m in masks[:-1]]).astype(np.int64),
+            order=order,
+        )
+
+    def _read_block(self, pool: ThreadPoolExecutor, units: np.ndarray, plan: _Block) -> Future:
+        """Read, in the background, the units that the plan's rows touch (a unit without one is never read)."""
+        needed = np.unique(plan.unit_of(plan.order))
+        reads = {int(i): pool.submit(self._read_unit, units[i]) for i in needed}
 
         def assemble() -> _Block:
-            parts = [f.result() for f in reads]
-            keep = np.concatenate([self._masks[c][: len(x)] for x, _, c in parts])
-            kept = np.flatnonzero(keep)
-            return _Block(
-                units=[x for x, _, _ in parts],
-                slots=np.array([s for _, s, _ in parts], dtype=np.int64),
-                first_tokens=np.array([c * ct for _, _, c in parts], dtype=np.int64),
-                offsets=np.cumsum([0] + [len(x) for x, _, _ in parts[:-1]]).astype(np.int64),
-                order=kept[np.random.default_rng(rng_key).permutation(len(kept))],
-            )
+            return plan._replace(units=[reads[i].result() if i in reads else None for i in range(len(units))])
 
         return pool.submit(assemble)
 
-    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int) -> Iterator[_Block]:
+    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int, origin: int) -> Iterator[_Block]:
         """The blocks of `epoch` from row offset `start` on (earlier blocks are not read; a partly used block
-        comes with its first rows dropped from `order`)."""
+        comes with its first rows dropped from `order`). Batches start at global row `origin`."""
         blocks, starts = self._epoch_blocks(epoch)
+
+        def submit(i: int) -> Future:
+            skip = max(0, start - starts[i])
+            offset = epoch * self.rows_per_epoch + starts[i] + skip - origin
+            plan = self._plan_block(blocks[i], [self.cfg.seed, epoch, i], skip, offset)
+            return self._read_block(pool, blocks[i], plan)
+
         first = bisect.bisect_right(starts, start) - 1
-        pending = [
-            self._read_block(pool, blocks[i], [self.cfg.seed, epoch, i])
-            for i in range(first, min(first + 1 + self.cfg.prefetch_blocks, len(blocks)))
-        ]
+        pending = [submit(i) for i in range(first, min(first + 1 + self.cfg.prefetch_blocks, len(blocks)))]
         for i in range(first, len(blocks)):
             nxt = i + 1 + self.cfg.prefetch_blocks
             if nxt < len(blocks):
-                pending.append(self._read_block(pool, blocks[nxt], [self.cfg.seed, epoch, nxt]))
-            block = pending.pop(0).result()
-            skip = max(0, start - starts[i])
-            yield block._replace(order=block.order[skip:]) if skip else block
+                pending.append(submit(nxt))
+            yield pending.pop(0).result()
 
     def _rows(self, pool: ThreadPoolExecutor, start: int) -> Iterator[_Block]:
         """The endless row stream from global row `start` on; epoch e holds rows [e * R, (e + 1) * R)."""
         epoch, offset = divmod(start, self.rows_per_epoch)
         while True:
-            yield from self._epoch_rows(pool, epoch, offset)
+            yield from self._epoch_rows(pool, epoch, offset, start)
             epoch, offset = epoch + 1, 0
 
     def batches(self, start: int = 0) -> Iterator[tuple[Batch, int]]:
-        """Endless batches of exactly batch_rows rows from global row `start`, each with the row count after it.
+        """Endless batches of exactly batch_rows rows from global row `start`, each with the row count after it
+        (for one rank of several: its batch_rows / world_size rows of each, with the global count).
 
         That count is the whole cursor: `batches(count)` continues the same stream.
         """
-        n, position = self.cfg.batch_rows, start
+        n, position = self.cfg.rows_per_rank, start
         with ThreadPoolExecutor(self.cfg.read_threads + 1) as pool:
             pending: deque[_Block] = deque()
             head = held = 0  # rows of pending[0] already handed out; rows held in total
@@ -194,12 +258,13 @@ class RowLoader:
                         front = pending[0]
                         take = min(need, len(front.order) - head)
                         # sorted: a batch is a set, and in-order gathers run about twice as fast
-                        parts.append(front.gather(np.sort(front.order[head : head + take])))
+                        if take:
+                            parts.append(front.gather(np.sort(front.order[head : head + take])))
                         head, need = head + take, need - take
                         if head == len(front.order):
                             pending.popleft()
                             held, head = held - len(front.order), 0
-                    position += n
+                    position += self.cfg.batch_rows
                     arrays = parts[0] if len(parts) == 1 else [np.concatenate(p) for p in zip(*parts, strict=True)]
                     yield self._to_batch(*arrays), position
 

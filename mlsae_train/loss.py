@@ -2,9 +2,15 @@
 
 Notation: B rows, d = d_model, n = n_latents, L = n_layers. A batch mixes rows of every layer; `layer`
 [B] gives each row's layer.
+
+Data parallelism (distributed.py): with `all_reduce` (an in-place sum over ranks), a loss sees one rank's rows
+of the global batch, sums the statistics it normalises by (counts, means, denominators) over ranks, and returns
+this rank's share: the shares summed over ranks are the loss of the global batch, and so are their gradients.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,18 @@ def _check_rows(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int) -> None:
         )
 
 
-def fvu_per_layer(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int, per_dim_mean: bool = True) -> Tensor:
+AllReduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over the ranks of a data-parallel run, in place, and returns it."""
+
+
+def fvu_per_layer(
+    x: Tensor,
+    x_hat: Tensor,
+    layer: Tensor,
+    n_layers: int,
+    per_dim_mean: bool = True,
+    all_reduce: AllReduce | None = None,
+) -> Tensor:
     """Fraction of variance unexplained of each layer's rows in the batch.
 
     FVU_l = sum_{r in l} ||x_r - x^_r||^2 / sum_{r in l} ||x_r - m_l||^2, with m_l [d] the per-dimension
@@ -42,6 +59,8 @@ def fvu_per_layer(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int, per_di
     all entries of those rows (the reference code's variant, for comparison).
     Shapes: x, x_hat [B, d]; layer [B] int64 in [0, n_layers) -> [n_layers]. NaN for a layer without rows
     in the batch, or whose rows have zero variance (FVU undefined). Differentiable in x_hat.
+    With `all_reduce`, counts, means and denominators are those of the global batch and the numerator this
+    rank's: the result is this rank's share of the global FVU (0 for a layer without rows here).
     """
     _check_rows(x, x_hat, layer, n_layers)
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -51,10 +70,15 @@ def fvu_per_layer(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int, per_di
     onehot_t = F.one_hot(layer, n_layers).to(dtype).T
     counts = onehot_t.sum(1)
     sums = onehot_t @ x
+    if all_reduce is not None:  # one collective for both: the means need global counts and sums
+        stats = all_reduce(torch.cat([counts[:, None], sums], 1))
+        counts, sums = stats[:, 0], stats[:, 1:]
     if not per_dim_mean:
         sums = sums.sum(1, keepdim=True).expand_as(sums) / x.shape[1]
     means = sums / counts.clamp_min(1.0)[:, None]
     den = onehot_t @ (x - means[layer]).pow(2).sum(1)
+    if all_reduce is not None:
+        den = all_reduce(den)
     num = onehot_t @ (x - x_hat.to(dtype)).pow(2).sum(1)
     defined = den > 0
     return torch.where(defined, num / torch.where(defined, den, 1.0), torch.nan)
@@ -82,20 +106,33 @@ def auxk_select(pre_acts: Tensor, dead_mask: Tensor, k_aux: int = AUXK_K) -> tup
     return acts, dead_ids[pos]
 
 
-def auxk_loss(residual: Tensor, pre_acts: Tensor, dead_mask: Tensor, W_dec: Tensor, k_aux: int = AUXK_K) -> Tensor:
+def auxk_loss(
+    residual: Tensor,
+    pre_acts: Tensor,
+    dead_mask: Tensor,
+    W_dec: Tensor,
+    k_aux: int = AUXK_K,
+    all_reduce: AllReduce | None = None,
+) -> Tensor:
     """AuxK loss (Gao et al. 2024; METHOD.md section 4): dead latents regress the residual.
 
     e = residual (x_std - x^_std, detached here in any case), e^ = sum_j a_j W_dec[i_j] with (a, i) from
     `auxk_select` and no b_dec; L_aux = ||e - e^||^2 / ||e - mean_rows(e)||^2, the mean per dimension.
     Shapes: residual [B, d], pre_acts [B, n], dead_mask [n] bool, W_dec [n, d] -> scalar.
     Returns a zero scalar (no graph) when no latent is dead or e has no variance.
+    With `all_reduce` (and dead_mask the same on every rank), mean_rows(e) and the denominator are those of the
+    global batch: the result is this rank's share of the global L_aux.
     """
     if not bool(dead_mask.any()):
         return residual.new_zeros(())
     e = residual.detach()
     acts, indices = auxk_select(pre_acts, dead_mask, k_aux)
     e_hat = sparse_decode(acts, indices, W_dec)
-    den = (e - e.mean(0)).pow(2).sum()
+    if all_reduce is None:
+        den = (e - e.mean(0)).pow(2).sum()
+    else:
+        stats = all_reduce(torch.cat([e.sum(0), e.new_full((1,), e.shape[0])]))
+        den = all_reduce((e - stats[:-1] / stats[-1]).pow(2).sum())
     if not bool(den > 0):
         return residual.new_zeros(())
     return (e - e_hat).pow(2).sum() / den
@@ -149,9 +186,13 @@ class DeadLatentTracker:
 
     def update_(self, indices: Tensor, n_rows: int, values: Tensor | None = None) -> None:
         """Advance every counter by n_rows, then zero those of the latents active in indices [B, k]."""
+        self.advance_(n_rows, active_mask(indices, self.rows_since_active.numel(), values))
+
+    def advance_(self, n_rows: int, fired: Tensor) -> None:
+        """Advance every counter by n_rows, then zero those of the latents in `fired` [n] bool (for a data-parallel
+        run: the global batch's rows, and the latents active on any rank)."""
         if n_rows < 0:
             raise InputError(f"n_rows = {n_rows} must be >= 0 (the number of rows in the batch)")
-        fired = active_mask(indices, self.rows_since_active.numel(), values)
         self.rows_since_active += n_rows
         self.rows_since_active.masked_fill_(fired.to(self.rows_since_active.device), 0)
 

@@ -3,6 +3,10 @@
 The loop reads top to bottom: a run is prepared (fresh or resumed), then each step is forward, loss, backward,
 decoder-gradient projection, Adam, decoder renormalisation, dead-latent bookkeeping; metrics are logged as JSON
 lines and the state is checkpointed at intervals and at the end.
+
+Under torchrun (distributed.py) every rank runs this same loop on its slice of each global batch; the loss, the
+gradients, the dead-latent counters and the logged metrics are global (summed over ranks), so every rank takes the
+same step and holds the same weights, and rank 0 alone writes OUT.
 """
 
 from __future__ import annotations
@@ -12,19 +16,21 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from mlsae_cache.errors import InputError, StoreError
-from mlsae_cache.models import resolve_device
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import save_sae
 from mlsae_train.config import TrainConfig
+from mlsae_train.distributed import ONE_PROCESS, World, process_group
 from mlsae_train.loader import Batch, LoaderConfig, RowLoader
-from mlsae_train.loss import DeadLatentTracker, auxk_loss, fvu_per_layer, l0, total_loss
+from mlsae_train.loss import DeadLatentTracker, active_mask, auxk_loss, fvu_per_layer, l0, total_loss
 from mlsae_train.sae import SaeConfig, TopKSAE
 from mlsae_train.state import METRICS_NAME, load_state, save_state, state_exists, truncate_metrics
 
@@ -61,8 +67,11 @@ class Run:
     optimizer: torch.optim.Adam
     tracker: DeadLatentTracker
     loader: RowLoader
+    world: World = ONE_PROCESS
+    model: nn.Module | None = None  # what the forward goes through: the SAE, or its DistributedDataParallel wrapper
     rows: int = 0
     step: int = 0
+    resumed: bool = False  # from a saved trainer state
 
     @property
     def target_rows(self) -> int:
@@ -128,11 +137,13 @@ def check_out(cfg: TrainConfig, record: dict[str, Any]) -> dict[str, Any] | None
     return state
 
 
-def prepare(cfg: TrainConfig) -> tuple[Run, dict[str, Any]]:
+def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str, Any]]:
+    """The run, fresh or resumed from OUT's trainer state (which every rank reads). Reads, validates, writes
+    nothing and waits for no other rank, so bad input fails alike on every rank before any collective."""
     cache, layers = open_cache(cfg)
-    device = resolve_device(cfg.device)
+    device = world.device(cfg.device)
     sae_cfg = SaeConfig(cache.d_model, cfg.expansion_factor * cache.d_model, cfg.k, cfg.standardize)
-    loader_cfg = LoaderConfig(cfg.batch_rows, cfg.block_units, cfg.seed)
+    loader_cfg = LoaderConfig(cfg.batch_rows, cfg.block_units, cfg.seed, rank=world.rank, world_size=world.world_size)
     loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
     record = run_record(cfg, cache, layers, sae_cfg)
     state = check_out(cfg, record)
@@ -140,17 +151,24 @@ def prepare(cfg: TrainConfig) -> tuple[Run, dict[str, Any]]:
     sae = TopKSAE(sae_cfg, torch.Generator().manual_seed(cfg.seed), autocast_dtype=autocast).to(device)
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     tracker = DeadLatentTracker(sae_cfg.n_latents, device)
-    run = Run(cfg, cache, layers, sae, optimizer, tracker, loader)
-    if cfg.resume and state is None:
-        log.warning("%s holds no checkpoint yet: starting the run from the beginning", cfg.out)
-        truncate_metrics(Path(cfg.out) / METRICS_NAME, 0)
-    elif state is not None:
+    run = Run(cfg, cache, layers, sae, optimizer, tracker, loader, world)
+    if state is not None:
         sae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         tracker.load_state_dict(state["tracker"])
-        run.rows, run.step = state["rows"], state["step"]
-        truncate_metrics(Path(cfg.out) / METRICS_NAME, run.step)
+        run.rows, run.step, run.resumed = state["rows"], state["step"], True
     return run, record
+
+
+def start_log(run: Run) -> None:
+    """Rank 0 makes OUT and drops log lines written after the checkpoint that the run resumes from."""
+    if not run.world.is_main:
+        return
+    Path(run.cfg.out).mkdir(parents=True, exist_ok=True)
+    if run.cfg.resume and not run.resumed:
+        log.warning("%s holds no checkpoint yet: starting the run from the beginning", run.cfg.out)
+    if run.cfg.resume:
+        truncate_metrics(Path(run.cfg.out) / METRICS_NAME, run.step)
 
 
 def optimise(
@@ -162,38 +180,83 @@ def optimise(
     n_layers: int,
     dead: torch.Tensor,
     k_aux: int,
+    world: World = ONE_PROCESS,
+    model: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimiser step (METHOD.md sections 3-4) on rows x [B, d] of layers `layer` [B], with dead latents
-    `dead` [n]. Returns (per-layer FVU [n_layers], L_fvu, L_aux, values [B, k]), detached."""
-    out = sae(x)
-    per_layer = fvu_per_layer(out.x_std, out.x_hat_std, layer, n_layers)
-    l_fvu = per_layer[~per_layer.isnan()].mean()
-    # AuxK: dead latents regress the residual, in the same standardised space (METHOD.md section 4).
-    l_aux = auxk_loss(out.x_std - out.x_hat_std, out.pre_acts, dead, sae.W_dec, k_aux) if k_aux else l_fvu.new_zeros(())
-    total_loss(l_fvu, l_aux).backward()
+    `dead` [n]. Returns (per-layer FVU [n_layers], L_fvu, L_aux, values [B, k]), detached; in a data-parallel
+    run x is this rank's slice of the batch, `model` wraps `sae`, and the losses are this rank's shares."""
+    per_layer, l_fvu, l_aux, out = step_loss(sae, x, layer, n_layers, dead, k_aux, world, model)
+    total_loss(l_fvu, l_aux).backward()  # in a data-parallel run, returns with gradients summed over ranks
     sae.remove_gradient_parallel_to_decoder_()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sae.set_decoder_norm_()
-    tracker.update_(out.indices, x.shape[0], out.values)
+    fired = world.any_(active_mask(out.indices, sae.cfg.n_latents, out.values))
+    tracker.advance_(x.shape[0] * world.world_size, fired)
     return per_layer.detach(), l_fvu.detach(), l_aux.detach(), out.values.detach()
+
+
+def step_loss(
+    sae: TopKSAE,
+    x: torch.Tensor,
+    layer: torch.Tensor,
+    n_layers: int,
+    dead: torch.Tensor,
+    k_aux: int,
+    world: World = ONE_PROCESS,
+    model: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """Forward and losses of one step: (per-layer FVU [n_layers], L_fvu, L_aux, the SAE's ForwardOutput), each
+    loss this rank's share of the global batch's (the whole loss in one process)."""
+    out = (sae if model is None else model)(x)
+    per_layer = fvu_per_layer(out.x_std, out.x_hat_std, layer, n_layers, all_reduce=world.all_reduce)
+    l_fvu = per_layer[~per_layer.isnan()].mean()
+    # AuxK: dead latents regress the residual, in the same standardised space (METHOD.md section 4).
+    l_aux = (
+        auxk_loss(out.x_std - out.x_hat_std, out.pre_acts, dead, sae.W_dec, k_aux, all_reduce=world.all_reduce)
+        if k_aux
+        else l_fvu.new_zeros(())
+    )
+    return per_layer, l_fvu, l_aux, out
 
 
 def train_step(run: Run, batch: Batch) -> StepMetrics:
     """One optimiser step on a batch; returns its metrics (floats: a CPU-GPU sync point)."""
     dead = run.tracker.dead_mask(run.cfg.dead_after_rows)
     per_layer, l_fvu, l_aux, values = optimise(
-        run.sae, run.optimizer, run.tracker, batch.x, batch.layer, len(run.layers), dead, run.cfg.k_aux
+        run.sae,
+        run.optimizer,
+        run.tracker,
+        batch.x,
+        batch.layer,
+        len(run.layers),
+        dead,
+        run.cfg.k_aux,
+        run.world,
+        run.model,
     )
-    run.rows += batch.x.shape[0]
+    run.rows += run.cfg.batch_rows
     run.step += 1
-    return StepMetrics(
-        float(l_fvu), per_layer.cpu().tolist(), float(l0(values)), float(dead.float().mean()), float(l_aux)
-    )
+    # global values: each rank holds its share of the losses, and l0 over an equal slice of the rows
+    shares = [per_layer, l_fvu[None], l_aux[None], l0(values)[None] / run.world.world_size]
+    summed = run.world.sum_(torch.cat([t.float() for t in shares])).cpu().tolist()
+    n = len(run.layers)
+    return StepMetrics(summed[n], summed[:n], summed[n + 2], float(dead.float().mean()), summed[n + 1])
+
+
+def init_b_dec(run: Run, x: torch.Tensor) -> None:
+    """b_dec = geometric median of the first batch, standardised space; in a data-parallel run of the global batch
+    (the ranks' slices in rank order are exactly the single-process batch), then rank 0's value everywhere."""
+    run.sae.init_b_dec_(run.world.gather_rows(x.to(run.sae.b_dec.dtype)))
+    run.world.broadcast_(run.sae.b_dec.data)
 
 
 def checkpoint(run: Run, record: dict[str, Any]) -> None:
-    """Trainer state first (weights, optimiser, counters, cursor), then the exported SAE."""
+    """Trainer state first (weights, optimiser, counters, cursor), then the exported SAE; rank 0 only (every rank
+    holds the same state)."""
+    if not run.world.is_main:
+        return
     save_state(
         run.cfg.out,
         {
@@ -225,32 +288,46 @@ def _log_line(run: Run, m: StepMetrics, rows_per_s: float) -> dict[str, Any]:
 
 
 def fit(cfg: TrainConfig, progress: Callable[[int, dict[str, Any]], None] = lambda n, m: None) -> FitResult:
-    """Train (or resume) to `max_rows` rows (default one epoch of the cache's selected rows)."""
-    run, record = prepare(cfg)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    metrics_file = Path(cfg.out) / METRICS_NAME
+    """Train (or resume) to `max_rows` rows (default one epoch of the cache's selected rows); under torchrun, as one
+    rank of a data-parallel run (`progress` is called on every rank, with the global rows of each step)."""
+    world = World.from_env()
+    run, record = prepare(cfg, world)
+    with process_group(world, run.sae.b_dec.device):
+        run.model = world.data_parallel(run.sae)  # rank 0's weights on every rank
+        world.barrier()  # every rank has read OUT (check_out, resume state) before rank 0 writes into it
+        start_log(run)
+        line = train(run, record, progress)
+        if not math.isfinite(line.get("fvu", 0.0)) and world.is_main:
+            log.warning("the final FVU is not finite; try a lower --lr")
+        checkpoint(run, record)
+        world.barrier()  # no rank returns before the final checkpoint is written
+        run.model = None  # free the wrapper before the process group (distributed.process_group says why)
+    return FitResult(Path(cfg.out), run.rows, run.step, line)
+
+
+def train(run: Run, record: dict[str, Any], progress: Callable[[int, dict[str, Any]], None]) -> dict[str, Any]:
+    """The loop: steps to the target rows, logging and checkpointing at intervals; returns the last log line."""
+    cfg = run.cfg
     next_checkpoint = (run.rows // cfg.checkpoint_every_rows + 1) * cfg.checkpoint_every_rows
     line: dict[str, Any] = {}
     started, rows_at_start = time.perf_counter(), run.rows
     # a resumed run that already reached its target reads no data
     batches = run.loader.batches(run.rows) if run.rows < run.target_rows else iter(())
-    with metrics_file.open("a") as log_file:
+    metrics = (Path(cfg.out) / METRICS_NAME).open("a") if run.world.is_main else nullcontext()
+    with metrics as log_file:
         for batch, _ in batches:
             if run.rows >= run.target_rows:
                 break
             if run.step == 0:
-                run.sae.init_b_dec_(batch.x)  # geometric median of the first batch, standardised space
+                init_b_dec(run, batch.x)
             m = train_step(run, batch)
             rate = (run.rows - rows_at_start) / max(time.perf_counter() - started, 1e-9)
             line = _log_line(run, m, rate)
-            if run.step % cfg.log_every_steps == 0 or run.rows >= run.target_rows:
+            if log_file is not None and (run.step % cfg.log_every_steps == 0 or run.rows >= run.target_rows):
                 log_file.write(json.dumps(line) + "\n")
                 log_file.flush()
             if run.rows >= next_checkpoint:
                 checkpoint(run, record)
                 next_checkpoint += cfg.checkpoint_every_rows
-            progress(batch.x.shape[0], line)
-    if not math.isfinite(line.get("fvu", 0.0)):
-        log.warning("the final FVU is not finite; try a lower --lr")
-    checkpoint(run, record)
-    return FitResult(Path(cfg.out), run.rows, run.step, line)
+            progress(cfg.batch_rows, line)
+    return line

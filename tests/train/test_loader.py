@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import islice
 
 import numpy as np
@@ -92,3 +93,80 @@ def test_stop_token_holds_out_the_rest(id_cache: Cache) -> None:
     assert max(seen) < 500
     with pytest.raises(InputError, match="--train-tokens"):
         RowLoader(id_cache, (0,), LoaderConfig(), stop_token=N_TOKENS + 1)
+
+
+def rank_batches(cache: Cache, layers: tuple[int, ...], cfg: LoaderConfig, world_size: int, n: int, start: int = 0):
+    """n batches of each rank of `world_size`, from cursor `start`: [rank][batch] -> (Batch, cursor)."""
+    ranks = [RowLoader(cache, layers, replace(cfg, rank=r, world_size=world_size)) for r in range(world_size)]
+    return [take(loader, n, start) for loader in ranks]
+
+
+@pytest.mark.parametrize(
+    ("layers", "world_size", "batch_rows", "block_units", "start"),
+    [
+        ((0, 1, 2, 3), 2, 50, 3, 0),
+        ((1, 3), 3, 90, 5, 270),
+        ((0, 2), 2, 64, 1, 1664),  # blocks of one unit, cursor past the first epoch (1714 rows)
+        ((0, 1, 2, 3), 4, 400, 2, 20),  # batches longer than blocks; cursor inside the first batch's grid
+    ],
+    ids=["2-ranks", "3-ranks-resumed", "next-epoch", "4-ranks-long-batches"],
+)
+def test_rank_slices_laid_end_to_end_are_the_single_process_batch(
+    id_cache: Cache, layers: tuple[int, ...], world_size: int, batch_rows: int, block_units: int, start: int
+) -> None:
+    cfg = LoaderConfig(batch_rows=batch_rows, block_units=block_units, seed=5)
+    single = take(RowLoader(id_cache, layers, cfg), 12, start)
+    ranks = rank_batches(id_cache, layers, cfg, world_size, 12, start)
+    for b, (whole, cursor) in enumerate(single):
+        parts = [ranks[r][b][0] for r in range(world_size)]
+        assert all(ranks[r][b][1] == cursor for r in range(world_size))  # the global cursor on every rank
+        assert all(len(p.x) == batch_rows // world_size for p in parts)
+        for field in ("x", "layer", "token"):
+            laid = np.concatenate([getattr(p, field).numpy() for p in parts])
+            np.testing.assert_array_equal(laid, getattr(whole, field))
+        rows = [set(ids(p.x.numpy())) for p in parts]
+        assert sum(map(len, rows)) == len(set().union(*rows)) == batch_rows  # disjoint
+
+
+def test_each_rank_reads_only_the_units_its_slices_touch(id_cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One epoch of 24 batches (tokens < 700 of 1,000: units past them have no trainable row and are never read):
+    the ranks between them read every unit that the single process reads, and each rank fewer. (Not half: the rows
+    that a batch takes from the end of a block are spread over all its units, and one rank takes them all.)"""
+    cfg = LoaderConfig(batch_rows=100, block_units=8, seed=0, prefetch_blocks=0)
+    reads: list[tuple[int, int]] = []
+    stored_chunk = Cache.stored_chunk
+
+    def counting(self: Cache, chunk: int, layer: int) -> np.ndarray:
+        reads.append((chunk, layer))
+        return stored_chunk(self, chunk, layer)
+
+    monkeypatch.setattr(Cache, "stored_chunk", counting)
+
+    def units_read(loader: RowLoader) -> set[tuple[int, int]]:
+        reads.clear()
+        batches = loader.batches()
+        assert len(list(islice(batches, loader.rows_per_epoch // 100))) == 24
+        batches.close()  # waits for reads in flight
+        assert len(reads) == len(set(reads))  # no unit read twice
+        return set(reads)
+
+    single = units_read(RowLoader(id_cache, (0, 1, 2, 3), cfg, stop_token=700))
+    per_rank = [
+        units_read(RowLoader(id_cache, (0, 1, 2, 3), replace(cfg, rank=r, world_size=2), stop_token=700))
+        for r in range(2)
+    ]
+    assert single == {(c, layer) for c in range(11) for layer in range(4)}  # chunks of 64 tokens holding t < 700
+    assert per_rank[0] | per_rank[1] == single
+    assert all(len(units) < len(single) for units in per_rank), [len(u) for u in per_rank]
+
+
+@pytest.mark.parametrize(
+    ("batch_rows", "world_size", "fix"),
+    [(129, 2, "--batch-rows 128 or 130"), (1, 2, "--batch-rows 2"), (100, 3, "--batch-rows 99 or 102")],
+)
+def test_a_batch_not_divisible_by_the_ranks_is_refused(batch_rows: int, world_size: int, fix: str) -> None:
+    with pytest.raises(InputError, match=f"--batch-rows {batch_rows} is not divisible by the {world_size} processes"):
+        LoaderConfig(batch_rows=batch_rows, world_size=world_size)
+    with pytest.raises(InputError) as info:
+        LoaderConfig(batch_rows=batch_rows, world_size=world_size)
+    assert fix in str(info.value)
