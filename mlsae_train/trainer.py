@@ -296,10 +296,14 @@ def fit(cfg: TrainConfig, progress: Callable[[int, dict[str, Any]], None] = lamb
         run.model = world.data_parallel(run.sae)  # rank 0's weights on every rank
         world.barrier()  # every rank has read OUT (check_out, resume state) before rank 0 writes into it
         start_log(run)
+        step_at_start = run.step
         line = train(run, record, progress)
         if not math.isfinite(line.get("fvu", 0.0)) and world.is_main:
             log.warning("the final FVU is not finite; try a lower --lr")
-        checkpoint(run, record)
+        # a resumed run that had nothing left to do keeps its files as they are: a re-save would give the same
+        # weights a new save_id, and what was made from the checkpoint (encoded latents) would no longer match it
+        if run.step != step_at_start or not run.resumed:
+            checkpoint(run, record)
         world.barrier()  # no rank returns before the final checkpoint is written
         run.model = None  # free the wrapper before the process group (distributed.process_group says why)
     return FitResult(Path(cfg.out), run.rows, run.step, line)

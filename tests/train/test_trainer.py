@@ -90,6 +90,16 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path, random
     assert strip == [{k: v for k, v in json.loads(line).items() if k != "rows_per_s"} for line in log_ref]
 
 
+def test_resume_of_a_finished_run_changes_no_file(tmp_path: Path, random_cache: Path) -> None:
+    """Re-running a finished fit with --resume (as `make demo` does) leaves the checkpoint's bytes, and so the
+    fingerprint that encoded latents record, as they were."""
+    fit(TrainConfig(cache=random_cache, out=tmp_path / "run", **SMALL))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    result = fit(TrainConfig(cache=random_cache, out=tmp_path / "run", resume=True, **SMALL))
+    assert result.rows >= 6000
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, random_cache: Path) -> None:
     opts = [
         "--expansion-factor",
