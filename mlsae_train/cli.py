@@ -61,6 +61,9 @@ def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options:
     if not reports:
         return
     final = result.final
+    if not final:  # a resumed run that had already reached its target took no step
+        click.echo(f"{out} is already trained ({result.steps} steps, {result.rows} rows); nothing to do")
+        return
     click.echo(
         f"wrote {out}: {result.steps} steps, {result.rows} rows; FVU {final.get('fvu', float('nan')):.4f}, "
         f"L0 {final.get('l0', float('nan')):.1f}, dead {final.get('dead_fraction', float('nan')):.3f}"

@@ -37,6 +37,7 @@ SMALL = dict(
     device="cpu",
     dead_after_rows=500,
 )
+CLI_SMALL = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
 
 
 class Crash(BaseException):
@@ -96,7 +97,12 @@ def test_resume_of_a_finished_run_changes_no_file(tmp_path: Path, random_cache: 
     fit(TrainConfig(cache=random_cache, out=tmp_path / "run", **SMALL))
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     result = fit(TrainConfig(cache=random_cache, out=tmp_path / "run", resume=True, **SMALL))
-    assert result.rows >= 6000
+    assert result.rows >= 6000 and not result.final
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    again = CliRunner().invoke(
+        main, ["--quiet", "fit", str(random_cache), str(tmp_path / "run"), "--resume", *CLI_SMALL]
+    )
+    assert again.exit_code == 0 and again.output.strip().endswith("nothing to do"), again.output
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
