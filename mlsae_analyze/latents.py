@@ -24,6 +24,7 @@ from mlsae_cache.store import (
     check_format,
     create_array,
     read_root_attribute,
+    remove_partials,
     writable,
     write_rows_at,
 )
@@ -85,6 +86,7 @@ class LatentsWriter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.meta = read_latents_meta(path)
+        remove_partials(self.path)
         self.group = zarr.open_group(str(path), mode="r+", zarr_format=3)
 
     def write_chunk(self, start: int, arrays: dict[str, np.ndarray]) -> None:

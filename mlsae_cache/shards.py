@@ -26,6 +26,7 @@ from mlsae_cache.store import (
     Rows,
     read_meta,
     read_partials,
+    remove_partials,
     resize_store,
     set_meta,
     write_chunk_data,
@@ -169,4 +170,5 @@ def finish(path: Path, plan: ShardPlan) -> CacheMeta:
     resize_store(root, n_tokens, plan.chunk_tokens)
     meta = set_meta(root, meta, n_tokens=n_tokens, complete=True, exhausted=exhausted)
     shutil.rmtree(Path(path) / GROUP)
+    remove_partials(path)
     return meta

@@ -154,6 +154,14 @@ def clear_store(path: Path) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
+def remove_partials(path: Path) -> None:
+    """Delete the `*.partial` files of writes that a kill cut short (zarr and rawchunks.py write each file beside
+    its name and rename it into place). Only a writer holding the store lock exclusively may call this: a running
+    writer's files look the same."""
+    for partial in Path(path).rglob("*.partial"):
+        partial.unlink(missing_ok=True)
+
+
 def discard_store(path: Path, keep_dir: bool) -> None:
     """Remove a store this run created and could not fill, so nothing half-written is left behind."""
     clear_store(path)
@@ -368,6 +376,7 @@ class CacheWriter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.meta = read_meta(self.path)
+        remove_partials(self.path)
         self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         # the committed chunks' partial sums, kept in memory so each commit reads none of them back
         self._sums, self._sq, self._counts = read_partials(

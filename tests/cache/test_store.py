@@ -96,3 +96,14 @@ def test_raw_chunk_read_detects_a_flipped_byte(tmp_path: Path) -> None:
     chunk.write_bytes(bytes(data))
     with pytest.raises(CorruptError, match="activations/c/1/2/0 is corrupted"):
         Cache(tmp_path).stored_chunk(1, 2)
+
+
+def test_a_writer_removes_the_partial_files_of_killed_writes(tmp_path: Path) -> None:
+    """A kill during a chunk write leaves `<chunk>.<id>.partial` beside the chunk; the next writer deletes it, so
+    a resumed store holds the same files as an uninterrupted one."""
+    write(tmp_path, "float16")
+    stray = tmp_path / "activations" / "c" / "1" / "0" / "0.0123abcd.partial"
+    stray.write_bytes(b"cut short")
+    before = sorted(p for p in tmp_path.rglob("*") if p != stray)
+    CacheWriter(tmp_path)
+    assert not stray.exists() and sorted(tmp_path.rglob("*")) == before
