@@ -133,7 +133,6 @@ def eval_(
 ) -> None:
     """Per-layer FVU, MSE, L0 and the dead fraction of SAE on the trainable rows of CACHE; with --splice, also
     delta CE and KL with the SAE spliced into the model at each layer (on whole windows of the same range)."""
-    from mlsae_cache.errors import InputError
     from mlsae_cache.models import resolve_device
     from mlsae_cache.store import Cache
     from mlsae_train.checkpoint import load_sae
@@ -141,8 +140,7 @@ def eval_(
     from mlsae_train.splice import SpliceConfig, splice_evaluate
 
     splice_cfg = SpliceConfig(start=start, stop=stop, **splice_kwargs)
-    if not splice and splice_cfg != SpliceConfig(start=start, stop=stop):
-        raise InputError("--model, --dataset, --max-windows and --batch-windows only apply with --splice (add it)")
+    splice_cfg.check_used(splice)
     model, cfg = load_sae(sae, resolve_device(device))
     store = Cache(cache)
     layers = parse_layers(layers_text) or tuple(cfg.get("layers") or store.layers)

@@ -73,9 +73,7 @@ class CompareConfig:
         layers = [layer for layer, _ in self.singles]
         if len(set(layers)) != len(layers):
             raise InputError(f"--single names layers {layers}; give each layer at most once")
-        scfg = self.splice_config()  # validates the range and window options
-        if not self.splice and scfg != SpliceConfig(start=self.start, stop=self.stop):
-            raise InputError("--model, --dataset, --max-windows and --batch-windows only apply with --splice (add it)")
+        self.splice_config().check_used(self.splice)  # also validates the range and window options
 
     def splice_config(self) -> SpliceConfig:
         return SpliceConfig(self.model, self.dataset, self.start, self.stop, self.max_windows, self.batch_windows)

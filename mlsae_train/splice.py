@@ -83,6 +83,11 @@ class SpliceConfig:
         if self.batch_windows < 1:
             raise InputError(f"--batch-windows must be at least 1, got {self.batch_windows}")
 
+    def check_used(self, splice: bool) -> None:
+        """Refuse window options given without --splice (eval and compare), where nothing would read them."""
+        if not splice and self != SpliceConfig(start=self.start, stop=self.stop):
+            raise InputError("--model, --dataset, --max-windows and --batch-windows only apply with --splice (add it)")
+
 
 class WindowBatch(NamedTuple):
     """Context windows. Shapes: token_ids [B, T] int64; trainable [B, T] bool (where the SAE is spliced in)."""

@@ -304,6 +304,15 @@ def test_compare_rejects_bad_singles(
     assert result.exit_code == 2 and message in result.output, result.output
 
 
+def test_compare_refuses_splice_options_without_splice(
+    llama_setup: Setup, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "cmp"
+    args = [str(trained["mlsae"]), str(out), "--cache", str(llama_setup.cache.path), "--batch-windows", "2"]
+    result = CliRunner().invoke(main, ["compare", *args])
+    assert result.exit_code == 2 and "only apply with --splice" in result.output and not out.exists()
+
+
 def test_cli_options_match_the_configs() -> None:
     compare_params = {p.name for p in main.commands["compare"].params}
     assert compare_params == set(CompareConfig.__dataclass_fields__)
