@@ -326,9 +326,8 @@ def write_chunk_data(group: zarr.Group, meta: CacheMeta, start: int, rows: Rows)
     activations = writable(group["activations"])
     if activations.shape[0] < start + len(rows):
         activations.resize((start + len(rows), *activations.shape[1:]))
-    for layer, written in enumerate(write_raw_chunks(activations, start // ct, rows.activations)):
-        if not written:
-            activations[start : start + len(rows), layer] = rows.activations[layer]
+    if not write_raw_chunks(activations, start // ct, rows.activations):
+        activations[start : start + len(rows)] = rows.token_major()
     write_rows_at(group, start, {name: getattr(rows, name) for name in TOKEN_ARRAYS})
     s, q, c = chunk_partials(rows, meta.storage_dtype)
     write_rows_at(
