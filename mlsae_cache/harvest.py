@@ -227,8 +227,7 @@ def _check_existing(cfg: HarvestConfig, out: Path, existing: CacheMeta | None, m
             f"{out} holds a cache made with other settings ({describe_difference(existing, meta)}); "
             "use --overwrite to replace it, or another OUT"
         )
-    target = cfg.max_tokens or math.inf
-    if existing.complete and (existing.exhausted or existing.n_tokens >= target):
+    if existing.covers(cfg.max_tokens):
         n = existing.n_tokens
         return HarvestResult(
             n, True, existing.exhausted, True, f"{out} is already complete with {n} tokens; nothing to do"

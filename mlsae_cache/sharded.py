@@ -44,9 +44,13 @@ def _prepare(cfg: HarvestConfig, out: Path, meta: CacheMeta) -> None:
     if existing is None or existing.n_tokens == 0:
         clear_store(out)
         create_store(out, meta)
-        existing = existing_cache(out)
-    assert existing is not None
-    start_shards(out, existing, plan_shards(cfg.num_shards, cfg.max_tokens, existing), versions=meta.versions)
+        existing = meta
+    start_shards(out, existing, _plan(cfg, existing), versions=meta.versions)
+
+
+def _plan(cfg: HarvestConfig, meta: CacheMeta) -> ShardPlan:
+    assert cfg.max_tokens is not None  # HarvestConfig requires it with --num-shards
+    return plan_shards(cfg.num_shards, cfg.max_tokens, meta)
 
 
 def _check_plan(cfg: HarvestConfig, out: Path, plan: ShardPlan) -> None:
@@ -66,8 +70,7 @@ def _ready(cfg: HarvestConfig, out: Path) -> tuple[bool, ShardPlan | None]:
     if plan is not None:
         _check_plan(cfg, out, plan)
         return True, plan
-    complete = existing.complete and (existing.exhausted or existing.n_tokens >= (cfg.max_tokens or 0))
-    return complete, None
+    return existing.covers(cfg.max_tokens), None
 
 
 def _join(cfg: HarvestConfig, out: Path, meta: CacheMeta) -> tuple[StoreLock, ShardPlan | None]:
@@ -96,7 +99,7 @@ def harvest_shard(
     """Write shard cfg.shard_index of the cache at `out`, then complete the cache if it was the last."""
     existing = existing_cache(out)
     if existing is None or read_plan(out) is None:  # refuse an impossible plan before writing anything
-        plan_shards(cfg.num_shards, cfg.max_tokens, existing if existing is not None and existing.n_tokens else meta)
+        _plan(cfg, existing if existing is not None and existing.n_tokens else meta)
     batch_size = existing.batch_size if existing is not None and existing.n_tokens else cfg.batch_size
     batches = text_batches(cfg, loaded.tokenizer, batch_size)
     out.mkdir(parents=True, exist_ok=True)

@@ -66,12 +66,9 @@ class ShardProgress:
     exhausted: bool = False
 
 
-def plan_shards(num_shards: int, max_tokens: int | None, meta: CacheMeta) -> ShardPlan:
-    """The plan for the rows of a cache with metadata `meta` still to write; InputError for impossible ones."""
-    if num_shards < 1:
-        raise InputError(f"--num-shards must be at least 1, got {num_shards}")
-    if max_tokens is None:
-        raise InputError("--num-shards needs --max-tokens: the shards split a known number of tokens")
+def plan_shards(num_shards: int, max_tokens: int, meta: CacheMeta) -> ShardPlan:
+    """The plan for the rows of a cache with metadata `meta` still to write (HarvestConfig has checked the
+    options themselves); InputError when there are fewer chunks left than shards."""
     ct = meta.chunk_tokens
     plan = ShardPlan(num_shards, max_tokens, meta.n_tokens // ct, ct)
     if plan.end_chunk - plan.first_chunk < num_shards:

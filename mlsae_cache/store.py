@@ -96,6 +96,10 @@ class CacheMeta:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    def covers(self, max_tokens: int | None) -> bool:
+        """Complete with `max_tokens` rows (None: all the text), or with all the text there was."""
+        return self.complete and (self.exhausted or (max_tokens is not None and self.n_tokens >= max_tokens))
+
 
 def check_format(data: dict[str, Any], fmt: str, version: int, path: Path | str, kind: str, remake: str) -> None:
     """Refuse a root attribute of another format, or of a version this mlsae does not read."""
