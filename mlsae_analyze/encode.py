@@ -15,7 +15,7 @@ from mlsae_analyze.latents import LatentsMeta, LatentsWriter, create_latents, re
 from mlsae_cache.errors import MlsaeError, StoreError
 from mlsae_cache.lock import StoreLock
 from mlsae_cache.models import resolve_device
-from mlsae_cache.store import TOKEN_ARRAYS, Cache, clear_store, discard_store
+from mlsae_cache.store import TOKEN_ARRAYS, Cache, clear_store, discard_store, holds_nothing
 from mlsae_train.checkpoint import WEIGHTS_NAME, load_sae
 from mlsae_train.evaluate import check_compatible
 from mlsae_train.sae import TopKSAE
@@ -86,7 +86,7 @@ def _existing(out: Path, meta: LatentsMeta, overwrite: bool) -> LatentsMeta | No
     """The latents already at OUT that this run continues, or None to start afresh; refuses anything else."""
     if out.exists() and not out.is_dir():
         raise StoreError(f"OUT {out} is a file (choose a directory)")
-    if not out.is_dir() or not any(out.iterdir()):
+    if holds_nothing(out):
         return None
     old = read_latents_meta(out)  # StoreError for a foreign directory
     if overwrite or old.n_tokens == 0:

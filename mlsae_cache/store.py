@@ -135,6 +135,13 @@ def read_meta(path: Path | str) -> CacheMeta:
     return CacheMeta.from_dict(attr, path)
 
 
+def holds_nothing(path: Path) -> bool:
+    """True when `path` is absent, or a directory holding nothing but the `.partial` files of writes that a kill
+    cut short (a store whose creation was killed while writing its first file): a writer may start afresh."""
+    path = Path(path)
+    return not path.is_dir() or all(child.name.endswith(".partial") for child in path.iterdir())
+
+
 def existing_cache(out: Path) -> CacheMeta | None:
     """The metadata of the cache at OUT, or None when OUT is absent or an empty directory.
 
@@ -142,7 +149,7 @@ def existing_cache(out: Path) -> CacheMeta | None:
     """
     if out.exists() and not out.is_dir():
         raise StoreError(f"OUT {out} is a file, not a cache directory (choose another path)")
-    if not out.is_dir() or not any(out.iterdir()):
+    if holds_nothing(out):
         return None
     try:
         return read_meta(out)

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import zarr
 
+from mlsae_cache import rawchunks
 from mlsae_cache.errors import LockedError, StoreError
 from mlsae_cache.harvest import harvest
 from mlsae_cache.lock import StoreLock
@@ -43,7 +45,7 @@ def reference(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> Pat
     return out
 
 
-@pytest.mark.parametrize("crash_at", [1, 2, 5, 9, 14, 22, 40, 61, 75])
+@pytest.mark.parametrize("crash_at", [1, 2, 5, 9, 14, 22, 40, 61, 73])  # 73: the last write of the run
 def test_crash_at_any_write_then_resume_is_identical(
     tmp_path: Path,
     tiny_models: dict[str, Path],
@@ -70,6 +72,59 @@ def test_crash_at_any_write_then_resume_is_identical(
     monkeypatch.setattr(zarr.Array, "__setitem__", original)
     assert not read_meta(out).complete
     harvest(cfg, loaded=loaded_llama)
+    assert_same_store(out, reference)
+
+
+@pytest.mark.parametrize("crash_at", [1, 3, 11])
+def test_crash_inside_a_raw_chunk_write_then_resume_is_identical(
+    tmp_path: Path,
+    tiny_models: dict[str, Path],
+    loaded_llama,
+    reference: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_at: int,
+) -> None:
+    """Full activation chunks bypass zarr (rawchunks.py): a crash between writing a chunk's file and renaming it
+    into place leaves a `.partial` file, which the resumed run removes."""
+    out = tmp_path / "c"
+    cfg = small_config(out, tiny_models["llama"])
+    calls = {"n": 0}
+
+    def crashing(src, dst):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise Crash
+        return os.replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(rawchunks, "os", SimpleNamespace(replace=crashing))  # rawchunks.py's renames only
+        with pytest.raises(Crash):
+            harvest(cfg, loaded=loaded_llama)
+    assert list(out.rglob("*.partial"))
+    harvest(cfg, loaded=loaded_llama)
+    assert_same_store(out, reference)
+
+
+def test_crash_while_creating_the_store_then_rerun_is_identical(
+    tmp_path: Path,
+    tiny_models: dict[str, Path],
+    loaded_llama,
+    reference: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed before the group's zarr.json is renamed into place, OUT holds only a `.partial` file: the same
+    command starts afresh instead of refusing a directory that is not a cache."""
+    out = tmp_path / "c"
+
+    def crashing(src, dst):  # noqa: ANN001, ANN202
+        raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", crashing)
+        with pytest.raises(Crash):
+            harvest(small_config(out, tiny_models["llama"]), loaded=loaded_llama)
+    assert [p.name.endswith(".partial") for p in out.iterdir()] == [True]
+    harvest(small_config(out, tiny_models["llama"]), loaded=loaded_llama)
     assert_same_store(out, reference)
 
 
