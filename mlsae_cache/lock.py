@@ -30,6 +30,10 @@ class StoreLock:
         self._fd: int | None = None
 
     def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def acquire(self) -> StoreLock:
+        """Take the lock (for holders that release it outside a `with` block)."""
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         deadline = time.monotonic() + self.wait
         mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB

@@ -78,7 +78,7 @@ def _join(cfg: HarvestConfig, out: Path, meta: CacheMeta) -> tuple[StoreLock, Sh
     them), with the plan; None for the plan when the cache turned out complete."""
     deadline = time.monotonic() + PLAN_WAIT_S
     while True:
-        shared = StoreLock(out, shared=True, wait=max(0.0, deadline - time.monotonic())).__enter__()
+        shared = StoreLock(out, shared=True, wait=max(0.0, deadline - time.monotonic())).acquire()
         ready, plan = _ready(cfg, out)
         if ready:
             return shared, plan
