@@ -2,16 +2,21 @@
 that gives exactly the bytes zarr reads and writes: full chunks of an uncompressed little-endian array with a
 crc32c, on a local store (store.py falls back to zarr for everything else). Part of the format owner: the chunk
 key comes from zarr's own metadata, and tests/cache/test_store.py compares both paths byte for byte.
+
+The checksum is the same crc32c that zarr computes (with google-crc32c), from the `crc32c` package: measured
+here 11 against 4.1 GB/s on one thread, and it releases the GIL, so the loader's reader threads and the harvest's
+commit thread check chunks beside other Python work (google-crc32c holds the GIL throughout).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import uuid
 from pathlib import Path
 
-import google_crc32c
+import crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
@@ -35,7 +40,7 @@ def write_raw_chunks(arr: zarr.Array, chunk: int, layer_major: np.ndarray) -> bo
         return False
     for layer in range(n_layers):
         data = np.ascontiguousarray(layer_major[layer]).reshape(-1).view(np.uint8)
-        checksum = np.uint32(google_crc32c.value(data)).tobytes()
+        checksum = np.uint32(crc32c.crc32c(data)).tobytes()
         path = _raw_chunk_path(arr, (chunk, layer, 0))
         assert path is not None
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,22 +61,28 @@ def _raw_chunk_path(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
 
 
 def read_raw_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> np.ndarray | None:
-    """The whole chunk `coords` of `arr`, flat, checked against its crc32c, read straight from its file; None
-    where that path does not apply (the caller reads through zarr).
+    """The whole chunk `coords` of `arr`, flat and read-only, checked against its crc32c, mapped straight from its
+    file; None where that path does not apply (the caller reads through zarr).
 
-    Why by hand: zarr decodes a chunk through two more copies than this one read (measured on the demo cache:
-    0.6-1.4 M against 2.1-2.9 M rows/s, 2-3x the CPU), and the trainer's loader reads every row this way.
+    Why by hand: zarr decodes a chunk through two more copies than one read (measured on the demo cache: 0.6-1.4 M
+    against 2.1-2.9 M rows/s, 2-3x the CPU), and the trainer's loader reads every row this way. Why mapped: the
+    file's pages are already in the page cache, so a read would only copy them into fresh memory that the kernel
+    must first zero (measured on 1 M demo-cache rows: 0.29 s of CPU mapped against 0.86 s read). The file is
+    replaced by rename, never rewritten in place, so the mapping keeps the checked bytes; the size is checked
+    before the mapping, so no access can fall beyond the end of the file.
     """
     path = _raw_chunk_path(arr, coords)
     if path is None:
         return None
     size = int(np.prod(arr.chunks)) * arr.dtype.itemsize
-    buf = np.empty(size + 4, dtype=np.uint8)
+    corrupt = CorruptError(f"chunk {path} is corrupted (checksum mismatch or wrong size); re-create the cache")
     try:
-        with open(path, "rb", buffering=0) as f:
-            n = f.readinto(buf)
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size + 4:
+                raise corrupt
+            buf = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
     except FileNotFoundError:
         return None  # zarr gives the fill value, or (under verify) reports it missing
-    if n != size + 4 or np.uint32(google_crc32c.value(buf[:-4])).tobytes() != buf[-4:].tobytes():
-        raise CorruptError(f"chunk {path} is corrupted (checksum mismatch or wrong size); re-create the cache")
+    if np.uint32(crc32c.crc32c(buf[:-4])).tobytes() != buf[-4:].tobytes():
+        raise corrupt
     return buf[:-4].view(arr.dtype)

@@ -462,7 +462,8 @@ class Cache:
         return to_float32(self.stored_chunk(chunk_index, layer_index), self.meta.storage_dtype)
 
     def stored_chunk(self, chunk_index: int, layer_index: int) -> np.ndarray:
-        """One stored chunk's committed rows as stored (bfloat16 as uint16 bit patterns; see stored_to_torch)."""
+        """One stored chunk's committed rows as stored (bfloat16 as uint16 bit patterns; see stored_to_torch),
+        read-only (a mapping of the chunk's file, where rawchunks.py applies)."""
         start = chunk_index * self.chunk_tokens
         stop = min(start + self.chunk_tokens, self.n_tokens)
         if self._activations is None:

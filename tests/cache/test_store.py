@@ -88,6 +88,18 @@ def test_raw_chunk_reads_equal_zarr_reads(tmp_path: Path, dtype: str) -> None:
     assert (store.read_raw_chunk(arr, (0, 0, 0)) is None) == (dtype == "bfloat16")
 
 
+def test_raw_chunk_read_refuses_a_truncated_file_and_hands_out_read_only_rows(tmp_path: Path) -> None:
+    """A mapped chunk is checked for its size before any access (a short file would otherwise fault), and its
+    rows cannot be written through."""
+    write(tmp_path, "float16")
+    rows = Cache(tmp_path).stored_chunk(0, 1)
+    assert not rows.flags.writeable
+    chunk = tmp_path / "activations" / "c" / "1" / "2" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-10])
+    with pytest.raises(CorruptError, match="activations/c/1/2/0 is corrupted"):
+        Cache(tmp_path).stored_chunk(1, 2)
+
+
 def test_raw_chunk_read_detects_a_flipped_byte(tmp_path: Path) -> None:
     write(tmp_path, "float16")
     chunk = tmp_path / "activations" / "c" / "1" / "2" / "0"
