@@ -55,9 +55,7 @@ def main() -> None:
         )
     with tempfile.TemporaryDirectory() as tmp:
         cache = loader_bench.ensure_cache(args.cache, Path(tmp))
-        loader_bench.warm_page_cache(cache)
-        rate, batches = loader_bench.loader_rate(cache, 4096, 150, 32)
-        raw = loader_bench.memmap_rate(cache, Path(tmp), 4096, 150)
+        rate, raw, batches = loader_bench.compare_with_memmap(cache, Path(tmp), 4096, 600, 32)
         q = loader_bench.shuffle_quality(cache, batches, 4096)
     print(f"\nloader on {cache.path} ({cache.n_tokens} tokens x {len(cache.layers)} layers):")
     print(

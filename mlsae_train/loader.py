@@ -9,8 +9,9 @@ shuffles at two levels instead:
 The epoch's row stream is the concatenation of the permuted blocks and batches are consecutive slices of it, so
 an epoch visits every selected row exactly once, the whole order follows from (seed, epoch), and one number,
 the count of rows handed out, is enough to resume the same stream. Background threads read the units of the next
-blocks and gather each block's rows in the order they are handed out (each batch's rows sorted), while the current
-one is consumed; a batch is then a slice of a gathered block.
+blocks (each a mapping of its chunk file, checked against its crc32c) and gather each block's rows into one
+reused buffer in the order they are handed out (each batch's rows sorted), two runs of batches side by side, while
+the current block is consumed; a batch is then a slice of a gathered block.
 
 Data parallelism (distributed.py): rank r of W takes the r-th of W equal contiguous slices of every global batch,
 as the single-process loader lays the batch out, so the ranks' batches laid end to end in rank order are exactly
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections import deque
+import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,32 +50,72 @@ class _Block(NamedTuple):
     first_tokens: np.ndarray
     offsets: np.ndarray
     order: np.ndarray
+    pieces: np.ndarray  # bounds in `order` of the parts of successive batches: [n_pieces + 1]
 
     def unit_of(self, idx: np.ndarray) -> np.ndarray:
         """Position in `units` of each row index."""
         return np.searchsorted(self.offsets, idx, side="right") - 1
 
-    def gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows `idx` (not empty; fastest when runs of it are sorted) as (x [n, d_model] stored dtype, layer slot
-        [n], token [n])."""
+    def gather(self, idx: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows `idx` (not empty; fastest when runs of it are sorted) as (x [n, d_model] stored dtype, filled in
+        place, layer slot [n], token [n])."""
         unit_of = self.unit_of(idx)
         local = idx - self.offsets[unit_of]
-        first = self.units[unit_of[0]]
-        assert first is not None, "a row of a unit that was not read"
-        x = np.empty((len(idx), first.shape[1]), dtype=first.dtype)
+        assert self.units[unit_of[0]] is not None, "a row of a unit that was not read"
         bounds = np.flatnonzero(np.diff(unit_of)) + 1
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(idx)], strict=True):
-            np.take(self.units[unit_of[a]], local[a:b], axis=0, out=x[a:b])
+            np.take(self.units[unit_of[a]], local[a:b], axis=0, out=x[a:b], mode="clip")  # in range: unbuffered
         return x, self.slots[unit_of], self.first_tokens[unit_of] + local
 
 
 class _Rows(NamedTuple):
-    """A block's rows (of this rank) gathered in the order they are handed out: x [n, d_model] stored dtype,
-    layer slot [n], token [n]. Batches are slices of it (views: one copy per row in all)."""
+    """The rows of one batch that one block holds (for one rank of several: its share of them), gathered in the
+    order they are handed out: x [n, d_model] stored dtype, layer slot [n], token [n]. Most batches are one of
+    these as it is (one copy per row in all); the batch that straddles two blocks joins two."""
 
     x: np.ndarray
     layer: np.ndarray
     token: np.ndarray
+
+
+GATHER_TASKS = 2
+"""Gather tasks per block, each for a run of its batches: two let both cores of a small machine gather at once
+(measured on the demo cache: 2.0-2.2 M rows/s with 1 or 2, 1.8-2.0 M with 32, one per batch)."""
+
+
+class _Buffers:
+    """Block buffers, reused once nothing refers to them any more.
+
+    Why by hand: a fresh buffer's pages are zeroed and mapped by the kernel as they are first written, and unmapped
+    when it is freed; for the loader that cost as much CPU as gathering the rows into it (measured on the demo
+    cache: 1.3-1.8 s against 0.1-0.2 s of system time per 2.5 M rows). Batches are views of a block's buffer, and
+    each view holds a reference to it, so a buffer whose only reference is this pool's is free: CPython's reference
+    count says so exactly, whoever still holds a batch.
+    """
+
+    def __init__(self, rows: int, d_model: int, dtype: np.dtype, keep: int = 4) -> None:
+        """`rows`: the most rows any block takes (each buffer has room for them); `keep`: buffers kept for reuse
+        (the loader holds three blocks at most: one handed out, one being gathered, and the last one's final rows)."""
+        self.rows, self.d_model, self.dtype, self.keep = rows, d_model, dtype, keep
+        self._pool: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        # the count of a buffer that only the pool holds, measured the way `take` measures it (the counts that
+        # the interpreter's own references add differ between Python versions)
+        self._free_refs = self._refcounts([np.empty(0)])[0]
+
+    @staticmethod
+    def _refcounts(pool: list[np.ndarray]) -> list[int]:
+        return [sys.getrefcount(buf) for buf in pool]
+
+    def take(self, n: int) -> np.ndarray:
+        """A [n, d_model] buffer that nothing else refers to (its contents are arbitrary)."""
+        with self._lock:
+            for buf, refs in zip(self._pool, self._refcounts(self._pool), strict=True):
+                if refs == self._free_refs and len(buf) >= n:
+                    return buf[:n]
+            buf = np.empty((max(n, self.rows), self.d_model), self.dtype)
+            self._pool = [*self._pool[1 - self.keep :], buf] if self.keep > 1 else [buf]
+            return buf[:n]
 
 
 class Batch(NamedTuple):
@@ -92,8 +134,8 @@ class LoaderConfig:
     batch_rows: int = 4096
     block_units: int = 32
     seed: int = 0
-    read_threads: int = 8  # chunk reads wait on the disk more than on the CPU: measured 0.9-1.1 M rows/s with 2,
-    # 1.3-1.5 M with 8 on the demo cache
+    read_threads: int = 2  # a read maps the chunk's file and checks its crc32c (the GIL released): measured on the
+    # demo cache, 2.0-2.2 M rows/s with 1 or 2 threads, 1.8-2.0 M with 8
     prefetch_blocks: int = 1
     rank: int = 0
     world_size: int = 1
@@ -119,13 +161,14 @@ class LoaderConfig:
         return self.batch_rows // self.world_size
 
 
-def rank_rows(order: np.ndarray, offset: int, batch_rows: int, rank: int, world_size: int) -> np.ndarray:
-    """The rows of a run of the row stream that rank `rank` of `world_size` takes, in the order it takes them.
+def rank_parts(order: np.ndarray, offset: int, batch_rows: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """The rows of a run of the row stream that rank `rank` of `world_size` takes, one array per batch that the run
+    overlaps (empty ones left out), in the order it takes them.
 
     `order` holds consecutive rows of the stream, the first of them `offset` rows after the start of some batch
     (any multiple of batch_rows may be added). Each batch's part of the run is sorted, as the single-process loader
     gathers it, and the rank keeps positions [rank * m, (rank + 1) * m) of every batch, m = batch_rows / world_size.
-    Shapes: order [R] -> [<= R].
+    Shapes: order [R] -> arrays of at most m rows.
     """
     m, first = batch_rows // world_size, offset % batch_rows
     lo, hi = rank * m, (rank + 1) * m
@@ -134,8 +177,10 @@ def rank_rows(order: np.ndarray, offset: int, batch_rows: int, rank: int, world_
     kept = []
     for i, (a, b) in enumerate(itertools.pairwise(bounds)):
         at = first if i == 0 else 0  # position of this part's first row in its batch
-        kept.append(np.sort(order[a:b])[max(lo - at, 0) : max(hi - at, 0)])
-    return np.concatenate(kept) if kept else order[:0]
+        part = np.sort(order[a:b])[max(lo - at, 0) : max(hi - at, 0)]
+        if len(part):
+            kept.append(part)
+    return kept
 
 
 class RowLoader:
@@ -157,6 +202,9 @@ class RowLoader:
                 f"{cache.path} (it holds {list(cache.layers)})"
             )
         self.cache, self.cfg, self.layers = cache, cfg, tuple(layers)
+        self._buffers = _Buffers(
+            cfg.block_units * cache.chunk_tokens, cache.d_model, STORAGE_DTYPES[cache.meta.storage_dtype]
+        )
         self.device = torch.device(device)
         self._layer_pos = [cache.layers.index(layer) for layer in layers]
         trainable = cache.token_array("trainable").copy()
@@ -207,36 +255,42 @@ class RowLoader:
         order = kept[np.random.default_rng(rng_key).permutation(len(kept))][skip:]
         # each batch's rows sorted (a batch is a set, and in-order gathers run about twice as fast); for one rank
         # of several, only the rows that it takes
-        order = rank_rows(order, offset, self.cfg.batch_rows, self.cfg.rank, self.cfg.world_size)
+        parts = rank_parts(order, offset, self.cfg.batch_rows, self.cfg.rank, self.cfg.world_size)
         return _Block(
             units=[None] * len(masks),
             slots=slots,
             first_tokens=chunks * self.cache.chunk_tokens,
             offsets=np.cumsum([0] + [len(m) for m in masks[:-1]]).astype(np.int64),
-            order=order,
+            order=np.concatenate(parts) if parts else order[:0],
+            pieces=np.cumsum([0] + [len(p) for p in parts]),
         )
 
-    def _read_block(self, pool: ThreadPoolExecutor, units: np.ndarray, plan: _Block) -> Future:
+    def _read_block(self, pool: ThreadPoolExecutor, units: np.ndarray, plan: _Block) -> list[Future]:
         """Read, in the background, the units that the plan's rows touch (a unit without one is never read), and
-        gather the rows in the order they are handed out, off the thread that hands out batches."""
+        gather the rows of each batch in the order they are handed out, batches side by side, off the thread that
+        hands them out. Every gather is queued after the reads it waits for, so none can hold up a read."""
         needed = np.unique(plan.unit_of(plan.order))
         reads = {int(i): pool.submit(self._read_unit, units[i]) for i in needed}
 
-        def assemble() -> _Rows:
+        # one buffer for the block, filled batch by batch side by side (its pages are only mapped as they are
+        # written): measured faster than a buffer per batch, whose allocations and releases contend
+        x = self._buffers.take(len(plan.order))
+
+        def gather(bounds: np.ndarray) -> list[_Rows]:
             block = plan._replace(units=[reads[i].result() if i in reads else None for i in range(len(units))])
-            if not len(block.order):
-                x = np.empty((0, self.cache.d_model), dtype=STORAGE_DTYPES[self.cache.meta.storage_dtype])
-                return _Rows(x, np.empty(0, np.int64), np.empty(0, np.int64))
-            return _Rows(*block.gather(block.order))
+            return [_Rows(*block.gather(block.order[a:b], x[a:b])) for a, b in itertools.pairwise(bounds)]
 
-        return pool.submit(assemble)
+        n_pieces = len(plan.pieces) - 1
+        step = -(-n_pieces // GATHER_TASKS) if n_pieces else 1
+        return [pool.submit(gather, plan.pieces[i : i + step + 1]) for i in range(0, n_pieces, step)]
 
-    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int, origin: int) -> Iterator[_Rows]:
-        """The blocks of `epoch` from row offset `start` on (earlier blocks are not read; a partly used block
-        comes with its first rows dropped from `order`). Batches start at global row `origin`."""
+    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int, origin: int) -> Iterator[list[Future]]:
+        """The blocks of `epoch` from row offset `start` on, each as its batches' rows to come (earlier blocks are
+        not read; a partly used block comes with its first rows dropped from `order`). Batches start at global
+        row `origin`."""
         blocks, starts = self._epoch_blocks(epoch)
 
-        def submit(i: int) -> Future:
+        def submit(i: int) -> list[Future]:
             skip = max(0, start - starts[i])
             offset = epoch * self.rows_per_epoch + starts[i] + skip - origin
             plan = self._plan_block(blocks[i], [self.cfg.seed, epoch, i], skip, offset)
@@ -248,13 +302,16 @@ class RowLoader:
             nxt = i + 1 + self.cfg.prefetch_blocks
             if nxt < len(blocks):
                 pending.append(submit(nxt))
-            yield pending.pop(0).result()
+            yield pending.pop(0)
 
     def _rows(self, pool: ThreadPoolExecutor, start: int) -> Iterator[_Rows]:
-        """The endless row stream from global row `start` on; epoch e holds rows [e * R, (e + 1) * R)."""
+        """The endless stream of gathered batch parts from global row `start` on; epoch e holds rows
+        [e * R, (e + 1) * R)."""
         epoch, offset = divmod(start, self.rows_per_epoch)
         while True:
-            yield from self._epoch_rows(pool, epoch, offset, start)
+            for tasks in self._epoch_rows(pool, epoch, offset, start):
+                for task in tasks:
+                    yield from task.result()
             epoch, offset = epoch + 1, 0
 
     def batches(self, start: int = 0) -> Iterator[tuple[Batch, int]]:
@@ -265,25 +322,18 @@ class RowLoader:
         """
         n, position = self.cfg.rows_per_rank, start
         with ThreadPoolExecutor(self.cfg.read_threads + 1) as pool:
-            pending: deque[_Rows] = deque()
-            head = held = 0  # rows of pending[0] already handed out; rows held in total
-            for block in self._rows(pool, start):
-                pending.append(block)
-                held += len(block.x)
-                while held - head >= n:
-                    parts, need = [], n
-                    while need:  # a batch is a slice of a gathered block, or of two at a block's end
-                        front = pending[0]
-                        take = min(need, len(front.x) - head)
-                        if take:
-                            parts.append(tuple(a[head : head + take] for a in front))
-                        head, need = head + take, need - take
-                        if head == len(front.x):
-                            pending.popleft()
-                            held, head = held - len(front.x), 0
-                    position += self.cfg.batch_rows
-                    arrays = parts[0] if len(parts) == 1 else [np.concatenate(p) for p in zip(*parts, strict=True)]
-                    yield self._to_batch(*arrays), position
+            parts: list[_Rows] = []
+            held = 0
+            for rows in self._rows(pool, start):
+                parts.append(rows)
+                held += len(rows.x)
+                if held < n:
+                    continue
+                assert held == n, "a gathered part crosses a batch boundary"
+                position += self.cfg.batch_rows
+                arrays = parts[0] if len(parts) == 1 else [np.concatenate(p) for p in zip(*parts, strict=True)]
+                parts, held = [], 0
+                yield self._to_batch(*arrays), position
 
     def _to_batch(self, x: np.ndarray, layer: np.ndarray, token: np.ndarray) -> Batch:
         xt = stored_to_torch(x, self.cache.meta.storage_dtype)

@@ -7,11 +7,12 @@ from itertools import islice
 
 import numpy as np
 import pytest
+import torch
 
 from mlsae_cache.errors import InputError
 from mlsae_cache.importer import ImportConfig, import_array
 from mlsae_cache.store import Cache
-from mlsae_train.loader import LoaderConfig, RowLoader
+from mlsae_train.loader import LoaderConfig, RowLoader, _Buffers
 
 N_TOKENS, N_LAYERS, D = 1000, 4, 8
 
@@ -170,3 +171,29 @@ def test_a_batch_not_divisible_by_the_ranks_is_refused(batch_rows: int, world_si
     with pytest.raises(InputError) as info:
         LoaderConfig(batch_rows=batch_rows, world_size=world_size)
     assert fix in str(info.value)
+
+
+def test_a_block_buffer_is_reused_only_once_nothing_refers_to_it() -> None:
+    """Batches are views of reused block buffers: a buffer comes back only when no view of it is left."""
+    buffers = _Buffers(rows=10, d_model=3, dtype=np.dtype(np.float16), keep=3)
+    first = buffers.take(10)
+    view = first[2:5]  # a batch handed out, still held
+    second = buffers.take(8)
+    assert not np.shares_memory(first, second)
+    del first
+    assert not np.shares_memory(buffers.take(10), view)
+    del view, second
+    again = buffers.take(7)
+    assert again.shape == (7, 3) and len(buffers._pool) == 3
+    assert any(np.shares_memory(again, buf) for buf in buffers._pool)
+
+
+def test_held_batches_stay_intact_while_the_loader_runs_on(id_cache: Cache) -> None:
+    """Batches kept by the consumer are never written over by later blocks (tiny blocks: buffers turn over fast)."""
+    stream = RowLoader(id_cache, (0, 1, 2, 3), LoaderConfig(batch_rows=40, block_units=2, seed=5)).batches()
+    held = [next(stream)[0] for _ in range(6)]
+    copies = [b.x.clone() for b in held]
+    for _ in range(150):  # about 30 blocks, each batch dropped at once
+        next(stream)
+    for batch, copy in zip(held, copies, strict=True):
+        assert torch.equal(batch.x, copy)
