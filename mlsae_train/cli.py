@@ -39,6 +39,13 @@ def main() -> None:
     type=click.Choice(["none", "bf16"]),
     help="bf16 for the encoder matmul.",
 )
+@click.option(
+    "--decoder-kernel",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "triton", "eager"]),
+    help="Sparse decoder: auto is Triton on CUDA when installed, eager otherwise.",
+)
 @click.option("--checkpoint-every-rows", default=1_000_000, show_default=True, type=int)
 @click.option("--log-every-steps", default=10, show_default=True, type=int)
 @click.option("--block-units", default=32, show_default=True, type=int, help="Stored chunks shuffled together.")

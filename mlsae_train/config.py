@@ -7,13 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from mlsae_cache.errors import InputError
+from mlsae_train.kernels import DECODER_KERNELS, DecoderKernel
 
 AUTOCAST = ("none", "bf16")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `mlsae-train fit` takes. Hyperparameter defaults are the paper's (METHOD.md section 4)."""
+    """Everything `mlsae-train fit` takes. Hyperparameter defaults are the paper's (METHOD.md section 4).
+
+    `decoder_kernel` (kernels.py) chooses how the sparse decoder is computed, not what: like `device` it is left
+    out of `hyperparameters`, so cfg.json does not record it and a run may resume with another one.
+    """
 
     cache: Path
     out: Path
@@ -30,6 +35,7 @@ class TrainConfig:
     dead_after_rows: int = 10_000_000
     k_aux: int = 256
     autocast: str = "none"
+    decoder_kernel: DecoderKernel = "auto"
     checkpoint_every_rows: int = 1_000_000
     log_every_steps: int = 10
     block_units: int = 32
@@ -57,11 +63,13 @@ class TrainConfig:
             raise InputError(f"--k-aux must be at least 0, got {self.k_aux}")
         if self.autocast not in AUTOCAST:
             raise InputError(f"--autocast {self.autocast!r} is not one of {', '.join(AUTOCAST)}")
+        if self.decoder_kernel not in DECODER_KERNELS:
+            raise InputError(f"--decoder-kernel {self.decoder_kernel!r} is not one of {', '.join(DECODER_KERNELS)}")
 
     def hyperparameters(self) -> dict[str, Any]:
-        """What determines the trained weights (paths, device and logging excluded): saved and compared on resume."""
+        """What determines the trained weights (not paths, device, decoder kernel, logging); compared on resume."""
         d = asdict(self)
-        for name in ("cache", "out", "device", "resume", "checkpoint_every_rows", "log_every_steps"):
+        for name in ("cache", "out", "device", "decoder_kernel", "resume", "checkpoint_every_rows", "log_every_steps"):
             d.pop(name)
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d

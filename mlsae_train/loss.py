@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mlsae_cache.errors import InputError, StoreError
+from mlsae_train.kernels import DecoderKernel
 from mlsae_train.sae import sparse_decode
 
 AUXK_COEF = 1.0 / 32.0
@@ -113,6 +114,7 @@ def auxk_loss(
     W_dec: Tensor,
     k_aux: int = AUXK_K,
     all_reduce: AllReduce | None = None,
+    decoder_kernel: DecoderKernel = "auto",
 ) -> Tensor:
     """AuxK loss (Gao et al. 2024; METHOD.md section 4): dead latents regress the residual.
 
@@ -127,7 +129,7 @@ def auxk_loss(
         return residual.new_zeros(())
     e = residual.detach()
     acts, indices = auxk_select(pre_acts, dead_mask, k_aux)
-    e_hat = sparse_decode(acts, indices, W_dec)
+    e_hat = sparse_decode(acts, indices, W_dec, decoder_kernel)
     if all_reduce is None:
         den = (e - e.mean(0)).pow(2).sum()
     else:

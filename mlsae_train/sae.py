@@ -16,7 +16,8 @@ gradient is a sparse [n, B] CSR matrix times the [B, d] input (~10 ms against ~1
 gradient of b_dec through the encoder is -(colsum G) W_enc, one [n] x [n, d] product, so b_dec need not be
 detached from the encoder input. The decoder's backward is likewise a CSR product plus a sampled
 dense-dense product (`_SparseDecode`): as fast as `F.embedding_bag`'s backward at k = 32 and ~15-20%
-faster at AuxK's k_aux = 256.
+faster at AuxK's k_aux = 256. On CUDA with triton installed, `sparse_decode` runs the same function as Triton
+kernels instead (kernels.py; tested against this one in Triton's interpreter, its CUDA speed not yet measured).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlsae_cache.errors import InputError
+from mlsae_train.kernels import DecoderKernel, TritonSparseDecode, resolve_decoder_kernel
 
 STD_EPS = 1e-5
 """Added to sigma before dividing (METHOD.md section 3, step 1)."""
@@ -176,9 +178,17 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, None, grad_weight
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j values[:, j] W_dec[indices[:, j]]: values [B, m], indices [B, m] -> [B, d]; no bias added."""
-    return _SparseDecode.apply(values.to(W_dec.dtype), indices, W_dec)
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, kernel: DecoderKernel = "auto") -> Tensor:
+    """sum_j values[:, j] W_dec[indices[:, j]]: values [B, m], indices [B, m] -> [B, d]; no bias added.
+
+    `kernel` picks the implementation (kernels.resolve_decoder_kernel): `auto` runs the Triton kernels
+    (kernels.py) on a CUDA device when triton is installed and `_SparseDecode` otherwise; `triton` insists
+    (InputError where it cannot run); `eager` is always `_SparseDecode`.
+    """
+    values = values.to(W_dec.dtype)
+    if resolve_decoder_kernel(kernel, W_dec.device) == "triton":
+        return TritonSparseDecode.apply(values, indices, W_dec)
+    return _SparseDecode.apply(values, indices, W_dec)
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -251,6 +261,8 @@ class TopKSAE(nn.Module):
     drawn from `generator` only (a fresh default-seeded one when None; the global RNG is never used);
     W_dec = encoder.weight rows scaled to unit norm; b_enc = 0; b_dec = 0 (see `init_b_dec_`).
     `autocast_dtype` (e.g. torch.bfloat16) runs the encoder matmul, and top-k, in that dtype.
+    `decoder_kernel` picks the sparse decoder of `decode` (see `sparse_decode`), resolved at each call from the
+    device the parameters are on, so the module can be built on the CPU and moved.
     """
 
     def __init__(
@@ -258,10 +270,12 @@ class TopKSAE(nn.Module):
         cfg: SaeConfig,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
+        decoder_kernel: DecoderKernel = "auto",
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.autocast_dtype = autocast_dtype
+        self.decoder_kernel: DecoderKernel = decoder_kernel
         d, n = cfg.d_model, cfg.n_latents
         # skip_init builds the Linear without touching the global RNG; it is filled below.
         self.encoder = nn.utils.skip_init(nn.Linear, d, n)
@@ -307,7 +321,7 @@ class TopKSAE(nn.Module):
 
         Shapes: values [B, k] float, indices [B, k] int64 -> [B, d] (standardised space).
         """
-        return sparse_decode(values, indices, self.W_dec) + self.b_dec
+        return sparse_decode(values, indices, self.W_dec, self.decoder_kernel) + self.b_dec
 
     def forward(self, x: Tensor) -> ForwardOutput:
         """Standardise, encode, decode, de-standardise (METHOD.md section 3). x [B, d] raw rows.

@@ -29,6 +29,7 @@ from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import save_sae
 from mlsae_train.config import TrainConfig
 from mlsae_train.distributed import ONE_PROCESS, World, process_group
+from mlsae_train.kernels import resolve_decoder_kernel
 from mlsae_train.loader import Batch, LoaderConfig, RowLoader
 from mlsae_train.loss import DeadLatentTracker, active_mask, auxk_loss, fvu_per_layer, l0, total_loss
 from mlsae_train.sae import SaeConfig, TopKSAE
@@ -142,13 +143,14 @@ def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str
     nothing and waits for no other rank, so bad input fails alike on every rank before any collective."""
     cache, layers = open_cache(cfg)
     device = world.device(cfg.device)
+    resolve_decoder_kernel(cfg.decoder_kernel, device)  # InputError for `triton` where it cannot run
     sae_cfg = SaeConfig(cache.d_model, cfg.expansion_factor * cache.d_model, cfg.k, cfg.standardize)
     loader_cfg = LoaderConfig(cfg.batch_rows, cfg.block_units, cfg.seed, rank=world.rank, world_size=world.world_size)
     loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
     record = run_record(cfg, cache, layers, sae_cfg)
     state = check_out(cfg, record)
     autocast = torch.bfloat16 if cfg.autocast == "bf16" else None
-    sae = TopKSAE(sae_cfg, torch.Generator().manual_seed(cfg.seed), autocast_dtype=autocast).to(device)
+    sae = TopKSAE(sae_cfg, torch.Generator().manual_seed(cfg.seed), autocast, cfg.decoder_kernel).to(device)
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     tracker = DeadLatentTracker(sae_cfg.n_latents, device)
     run = Run(cfg, cache, layers, sae, optimizer, tracker, loader, world)
@@ -214,7 +216,15 @@ def step_loss(
     l_fvu = per_layer[~per_layer.isnan()].mean()
     # AuxK: dead latents regress the residual, in the same standardised space (METHOD.md section 4).
     l_aux = (
-        auxk_loss(out.x_std - out.x_hat_std, out.pre_acts, dead, sae.W_dec, k_aux, all_reduce=world.all_reduce)
+        auxk_loss(
+            out.x_std - out.x_hat_std,
+            out.pre_acts,
+            dead,
+            sae.W_dec,
+            k_aux,
+            all_reduce=world.all_reduce,
+            decoder_kernel=sae.decoder_kernel,
+        )
         if k_aux
         else l_fvu.new_zeros(())
     )
