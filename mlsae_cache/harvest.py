@@ -11,12 +11,14 @@ import hashlib
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +30,8 @@ from mlsae_cache.lock import StoreLock
 from mlsae_cache.models import LoadedModel, ModelInfo, base_model, find_blocks, load_model
 from mlsae_cache.shards import finish, missing_shards, read_plan
 from mlsae_cache.store import (
+    STORAGE_DTYPES,
+    TOKEN_ARRAYS,
     CacheMeta,
     CacheWriter,
     Rows,
@@ -131,32 +135,110 @@ def to_storage(acts: torch.Tensor, storage_dtype: str) -> np.ndarray:
     return acts.numpy()
 
 
+class _Launched(NamedTuple):
+    """A batch whose forward pass has been launched: its windows, and its activations and peaks on the host,
+    complete once `copied` (None: already complete) has happened."""
+
+    windows: np.ndarray
+    first_window: int
+    acts: torch.Tensor
+    peaks: torch.Tensor
+    copied: torch.cuda.Event | None
+
+
 class RowMaker:
-    """Turns one batch of windows into stored rows: forward with hooks, range check, token coordinates."""
+    """Turns one batch of windows into stored rows: forward with hooks, range check, token coordinates.
+
+    `launch` starts a batch and `collect` finishes it; `in_flight` batches may be launched before the oldest is
+    collected. On the CPU that is one: the forward pass runs in `launch`. On CUDA it is two: `launch` queues the
+    forward pass, then, on a second stream, the device-to-host copy of its activations into pinned host memory;
+    `collect` waits for that copy. So batch i + 1 computes on the GPU while batch i is copied off it and its rows
+    are assembled and written by the CPU. Two device buffers and two pinned host buffers are used in turn.
+    """
 
     def __init__(self, loaded: LoadedModel, meta: CacheMeta) -> None:
         self.meta = meta
         model = loaded.model
-        self.capture = ResidCapture(
-            base_model(model), find_blocks(model), meta.layers, STORAGE_TORCH[meta.storage_dtype]
-        )
         self.device = next(model.parameters()).device
+        self.in_flight = 2 if self.device.type == "cuda" else 1
+        self.capture = ResidCapture(
+            base_model(model), find_blocks(model), meta.layers, STORAGE_TORCH[meta.storage_dtype], self.in_flight
+        )
         self.special = np.asarray(sorted(set(loaded.tokenizer.all_special_ids)), dtype=np.int64)
+        self._host: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._launches = 0
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def __call__(self, windows: np.ndarray, first_window: int) -> Rows:
-        n_windows, ctx = windows.shape
+    def launch(self, windows: np.ndarray, first_window: int) -> _Launched:
         acts, peaks = self.capture(torch.from_numpy(windows).to(self.device), self.meta.d_model)
-        check_range(peaks, self.meta.storage_dtype, self.meta.layers)
-        token_ids = windows.reshape(-1)
+        if self._stream is None:
+            return _Launched(windows, first_window, acts, peaks, None)
+        slot = self._launches % self.in_flight
+        self._launches += 1
+        if len(self._host) <= slot:
+            self._host.append((torch.empty(0), torch.empty(0)))
+        host_acts, host_peaks = self._host[slot]
+        if host_acts.shape != acts.shape:
+            host_acts = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=True)
+            host_peaks = torch.empty(peaks.shape, dtype=peaks.dtype, pin_memory=True)
+            self._host[slot] = (host_acts, host_peaks)
+        copied = torch.cuda.Event()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            acts.record_stream(self._stream)  # freed (on a shape change) only once the copy is done
+            peaks.record_stream(self._stream)
+            host_acts.copy_(acts, non_blocking=True)
+            host_peaks.copy_(peaks, non_blocking=True)
+            copied.record()
+        return _Launched(windows, first_window, host_acts, host_peaks, copied)
+
+    def collect(self, launched: _Launched) -> Rows:
+        """The stored rows of a launched batch: views, valid until `in_flight` more batches are launched."""
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        check_range(launched.peaks, self.meta.storage_dtype, self.meta.layers)
+        n_windows, ctx = launched.windows.shape
+        token_ids = launched.windows.reshape(-1)
         position = np.tile(np.arange(ctx, dtype=np.int32), n_windows)
         trainable = ~np.isin(token_ids, self.special) & (position != 0)
+        first = launched.first_window
         return Rows(
-            activations=to_storage(acts, self.meta.storage_dtype),
+            activations=to_storage(launched.acts, self.meta.storage_dtype),
             token_ids=token_ids.astype(np.int32),
-            sequence=np.repeat(np.arange(first_window, first_window + n_windows, dtype=np.int64), ctx),
+            sequence=np.repeat(np.arange(first, first + n_windows, dtype=np.int64), ctx),
             position=position,
             trainable=trainable,
         )
+
+    def __call__(self, windows: np.ndarray, first_window: int) -> Rows:
+        return self.collect(self.launch(windows, first_window))
+
+
+class _ChunkBuffer:
+    """One token chunk's rows, filled in place by copies of successive batches' rows (reused chunk after chunk)."""
+
+    def __init__(self, meta: CacheMeta) -> None:
+        dtype = STORAGE_DTYPES[meta.storage_dtype]
+        self.activations = np.empty((meta.n_layers, meta.chunk_tokens, meta.d_model), dtype=dtype)
+        self.tokens = {name: np.empty(meta.chunk_tokens, dtype=dt) for name, dt in TOKEN_ARRAYS.items()}
+        self.n = 0
+
+    def add(self, rows: Rows) -> int:
+        """Copy in as many of `rows` as there is room for; how many."""
+        k = min(len(rows), self.activations.shape[1] - self.n)
+        self.activations[:, self.n : self.n + k] = rows.activations[:, :k]
+        for name, values in self.tokens.items():
+            values[self.n : self.n + k] = getattr(rows, name)[:k]
+        self.n += k
+        return k
+
+    @property
+    def full(self) -> bool:
+        return self.n == self.activations.shape[1]
+
+    def rows(self) -> Rows:
+        """The rows held (views)."""
+        return Rows(activations=self.activations[:, : self.n], **{k: v[: self.n] for k, v in self.tokens.items()})
 
 
 def write_rows(
@@ -170,15 +252,20 @@ def write_rows(
     """Compute rows [start, stop) (stop None: to the end of the text) and hand them to `commit_chunk` one token
     chunk at a time; `start` is a chunk boundary. True when the text ran out before `stop`.
 
-    Commits run in order on one background thread, overlapping the next forward pass; at most one waits,
-    which bounds memory, and an error in a commit surfaces at the next one.
+    Batches are launched up to `make_rows.in_flight` ahead of the one being collected (on CUDA, the next forward
+    pass runs while a batch is copied off the GPU and assembled). Commits run in order on one background thread,
+    overlapping the next forward pass; at most one waits,
+    which bounds memory, and an error in a commit surfaces at the next one. Each batch's rows are copied into
+    one of two chunk buffers used in turn: a buffer is filled again only after the commit that read it (the one
+    before the last) has finished, and no memory is freshly allocated per chunk (which, mapped page by page,
+    cost as much as the copies it saves: measured 0.3 s per 4,096 SmolLM2 tokens for a concatenation).
     """
     meta = make_rows.meta
     per_batch = meta.batch_size * meta.context_length
     target = math.inf if stop is None else stop
     first_batch = start // per_batch
-    chunk_start, pending, n_pending = start, [], 0
-    exhausted = True
+    chunk_start, exhausted = start, True
+    buffers = [_ChunkBuffer(meta), _ChunkBuffer(meta)]
     with ThreadPoolExecutor(max_workers=1) as committer:
         commit: Future | None = None
 
@@ -187,6 +274,21 @@ def write_rows(
                 commit.result()
             return committer.submit(commit_chunk, at, rows)
 
+        def assemble(pos: int, launched: _Launched) -> None:
+            nonlocal commit, chunk_start
+            rows = make_rows.collect(launched)  # views, valid until more batches are launched: copied below
+            rows = rows.slice(max(0, start - pos), int(min(len(rows), target - pos)))
+            done = 0
+            while done < len(rows):
+                done += buffers[0].add(rows.slice(done, len(rows)))
+                if buffers[0].full:
+                    commit = submit(chunk_start, buffers[0].rows())
+                    chunk_start += meta.chunk_tokens
+                    buffers.reverse()  # the other one's commit finished before the one just submitted started
+                    buffers[0].n = 0
+            progress(len(rows))
+
+        launched: deque[tuple[int, _Launched]] = deque()
         for i, windows in enumerate(batches):
             pos = i * per_batch
             if i < first_batch:
@@ -194,18 +296,13 @@ def write_rows(
             if pos >= target:
                 exhausted = False
                 break
-            rows = make_rows(windows, i * meta.batch_size)
-            rows = rows.slice(max(0, start - pos), int(min(len(rows), target - pos)))
-            pending.append(rows)
-            n_pending += len(rows)
-            while n_pending >= meta.chunk_tokens:
-                block = Rows.concat(pending)
-                commit = submit(chunk_start, block.slice(0, meta.chunk_tokens))
-                chunk_start += meta.chunk_tokens
-                pending, n_pending = [block.slice(meta.chunk_tokens, len(block))], len(block) - meta.chunk_tokens
-            progress(len(rows))
-        if n_pending:
-            commit = submit(chunk_start, Rows.concat(pending))
+            launched.append((pos, make_rows.launch(windows, i * meta.batch_size)))
+            while len(launched) >= make_rows.in_flight:
+                assemble(*launched.popleft())
+        while launched:
+            assemble(*launched.popleft())
+        if buffers[0].n:
+            commit = submit(chunk_start, buffers[0].rows())
         if commit is not None:
             commit.result()
     return exhausted

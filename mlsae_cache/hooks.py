@@ -30,14 +30,25 @@ class ResidCapture:
     and each layer's largest |value| before the cast (to refuse values the storage dtype cannot hold).
 
     Each hook copies its block's output straight into one preallocated buffer, casting on the way, so no
-    float32 stack of all layers is ever built.
+    float32 stack of all layers is ever built. Calls take `n_buffers` buffers in turn, each reused by a later
+    call of the same shape (fresh memory is mapped page by page as it is first written, which cost harvest ~0.1 s
+    per batch of 2,048 SmolLM2 tokens): what a call returns stays valid for the next n_buffers - 1 calls.
     """
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, layers: Sequence[int], out_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        layers: Sequence[int],
+        out_dtype: torch.dtype,
+        n_buffers: int = 1,
+    ) -> None:
         self.model = model
         self.blocks = blocks
         self.layers = list(layers)
         self.out_dtype = out_dtype
+        self._buffers = [torch.empty(0) for _ in range(n_buffers)]
+        self._calls = 0
         self._buffer = torch.empty(0)
         self._peaks = torch.empty(0)
 
@@ -54,8 +65,12 @@ class ResidCapture:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n_rows = input_ids.numel()
-        self._buffer = torch.empty(len(self.layers), n_rows, d_model, dtype=self.out_dtype, device=input_ids.device)
+        shape = (len(self.layers), input_ids.numel(), d_model)
+        slot = self._calls % len(self._buffers)
+        self._calls += 1
+        if self._buffers[slot].shape != shape or self._buffers[slot].device != input_ids.device:
+            self._buffers[slot] = torch.empty(shape, dtype=self.out_dtype, device=input_ids.device)
+        self._buffer = self._buffers[slot]
         self._peaks = torch.full((len(self.layers),), float("nan"), device=input_ids.device)
         last = max(self.layers)
         handles = [

@@ -297,24 +297,30 @@ def stored_to_torch(stored: np.ndarray, storage_dtype: str) -> Any:
     return tensor.view(torch.bfloat16) if storage_dtype == "bfloat16" else tensor
 
 
+PARTIAL_ROWS = 128
+"""Rows widened to float64 at a time by `chunk_partials` (a block that stays in the CPU's cache)."""
+
+
 def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Float64 sums over trainable rows: sum x [n_layers, d_model], sum ||x||^2 [n_layers], count.
 
-    Layer by layer, so no float64 copy of the whole chunk is made. Excluded rows are zeroed rather than
-    selected out (a boolean gather costs more than everything else here: measured 0.24 s per 4,096 SmolLM2
-    tokens, against about 0.13 s for the widening and both sums). numpy widens float16 with SIMD (several times
-    torch's conversion) and sums single-threaded, so the bits do not depend on the machine's thread count
-    (shards and resumed runs write the same partials).
+    Layer by layer and PARTIAL_ROWS rows at a time, widened into one small float64 buffer, so no float64 copy of
+    a layer is made (measured: 0.10 s per 4,096 SmolLM2 tokens against 0.18 s for whole layers). Excluded rows
+    are zeroed rather than selected out (a boolean gather costs more than everything else here). numpy widens
+    with SIMD and sums single-threaded, so the bits do not depend on the machine's thread count (shards and
+    resumed runs write the same partials).
     """
     excluded = ~rows.trainable
-    n_layers, _, d_model = rows.activations.shape
+    n_layers, n, d_model = rows.activations.shape
     sums, sq = np.zeros((n_layers, d_model)), np.zeros(n_layers)
+    buf = np.empty((min(n, PARTIAL_ROWS), d_model))
     for i in range(n_layers):
-        x = rows.activations[i]
-        x = to_float32(x, storage_dtype).astype(np.float64) if storage_dtype == "bfloat16" else x.astype(np.float64)
-        x[excluded] = 0.0
-        sums[i] = x.sum(axis=0)
-        sq[i] = np.einsum("nd,nd->", x, x)
+        for a in range(0, n, PARTIAL_ROWS):
+            x, stored = buf[: min(PARTIAL_ROWS, n - a)], rows.activations[i, a : a + PARTIAL_ROWS]
+            np.copyto(x, to_float32(stored, storage_dtype) if storage_dtype == "bfloat16" else stored)
+            x[excluded[a : a + PARTIAL_ROWS]] = 0.0
+            sums[i] += x.sum(axis=0)
+            sq[i] += np.einsum("nd,nd->", x, x)
     return sums, sq, int(rows.trainable.sum())
 
 

@@ -51,13 +51,20 @@ def test_raw_chunk_writes_equal_zarr_writes(tmp_path: Path, monkeypatch: pytest.
     np.testing.assert_array_equal(Cache(tmp_path / "fast").activations(0, 168), want)
 
 
-def test_partials_equal_a_float64_reference() -> None:
-    r = rows(64, 3, 24, "float16", 7)
+@pytest.mark.parametrize("n", [64, store.PARTIAL_ROWS * 2 + 44])
+def test_partials_equal_a_float64_reference(n: int) -> None:
+    """Sums over several blocks of PARTIAL_ROWS rows too."""
+    r = rows(n, 3, 24, "float16", 7)
     sums, sq, count = store.chunk_partials(r, "float16")
     x = r.activations.astype(np.float64)[:, r.trainable]
     np.testing.assert_array_equal(sums, x.sum(axis=1))  # float16 sums are exact in float64, in any order
     np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
     assert count == r.trainable.sum()
+    b = rows(n, 3, 24, "bfloat16", 7)
+    sums, sq, _ = store.chunk_partials(b, "bfloat16")
+    x = store.to_float32(b.activations, "bfloat16").astype(np.float64)[:, b.trainable]
+    np.testing.assert_allclose(sums, x.sum(axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
 
 
 def test_verify_accepts_chunks_of_zeros(tmp_path: Path) -> None:
