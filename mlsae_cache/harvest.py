@@ -28,6 +28,7 @@ from mlsae_cache.errors import InputError, MlsaeError, RuntimeFailure, StoreErro
 from mlsae_cache.hooks import ResidCapture
 from mlsae_cache.lock import StoreLock
 from mlsae_cache.models import LoadedModel, ModelInfo, base_model, find_blocks, load_model
+from mlsae_cache.rawchunks import aligned_empty
 from mlsae_cache.shards import finish, missing_shards, read_plan
 from mlsae_cache.store import (
     STORAGE_DTYPES,
@@ -219,7 +220,7 @@ class _ChunkBuffer:
 
     def __init__(self, meta: CacheMeta) -> None:
         dtype = STORAGE_DTYPES[meta.storage_dtype]
-        self.activations = np.empty((meta.n_layers, meta.chunk_tokens, meta.d_model), dtype=dtype)
+        self.activations = aligned_empty((meta.n_layers, meta.chunk_tokens, meta.d_model), dtype)
         self.tokens = {name: np.empty(meta.chunk_tokens, dtype=dt) for name, dt in TOKEN_ARRAYS.items()}
         self.n = 0
 

@@ -10,6 +10,8 @@ commit thread check chunks beside other Python work (google-crc32c holds the GIL
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import sys
@@ -45,10 +47,56 @@ def write_raw_chunks(arr: zarr.Array, chunk: int, layer_major: np.ndarray) -> bo
         assert path is not None
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-        with open(partial, "wb") as f:
-            f.write(data)
-            f.write(checksum)
+        if not _write_direct(partial, data, checksum):
+            with open(partial, "wb") as f:
+                f.write(data)
+                f.write(checksum)
         os.replace(partial, path)
+    return True
+
+
+DIRECT_ALIGN = 4096
+"""Address and size alignment that O_DIRECT writes need (a multiple of any disk's logical block size)."""
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialised array whose data starts on a DIRECT_ALIGN boundary (so its slabs can be written with
+    O_DIRECT, see `_write_direct`)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + DIRECT_ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % DIRECT_ALIGN
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+
+
+def _write_direct(path: Path, data: np.ndarray, checksum: bytes) -> bool:
+    """Write `data` then `checksum` to the new file `path` with the data bypassing the page cache (O_DIRECT), where
+    the platform, the file system and the data's alignment allow it; False, having written nothing, elsewhere.
+
+    Why: a buffered write copies every byte into page-cache pages that the kernel must first find, map and
+    account; on this project's 2-core VM that copy ran at 0.3-0.5 GB/s and took as much CPU as the rest of a
+    harvest commit, CPU the forward pass needs, where the disk takes the O_DIRECT write at 1.9 GB/s with no CPU
+    to speak of. The pages are then not cached: a reader soon after reads them from the disk.
+    """
+    if not hasattr(os, "O_DIRECT") or data.ctypes.data % DIRECT_ALIGN or data.nbytes % DIRECT_ALIGN:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    except OSError:  # a file system without O_DIRECT (tmpfs, some network ones)
+        return False
+    try:
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:])
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)  # the 4 bytes, buffered
+        os.write(fd, checksum)
+    except OSError as e:
+        os.close(fd)
+        os.unlink(path)
+        if e.errno == errno.EINVAL:  # alignment the device wants beyond DIRECT_ALIGN: write it buffered
+            return False
+        raise
+    os.close(fd)
     return True
 
 

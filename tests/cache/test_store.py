@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+import mlsae_cache.rawchunks as rawchunks
 import mlsae_cache.store as store
 from mlsae_cache.errors import CorruptError
 from mlsae_cache.store import Cache, CacheMeta, CacheWriter, Rows, create_store, verify
@@ -49,6 +52,43 @@ def test_raw_chunk_writes_equal_zarr_writes(tmp_path: Path, monkeypatch: pytest.
         [store.to_float32(rows(n, 3, 24, dtype, i).token_major(), dtype) for i, n in enumerate((64, 64, 40))]
     )
     np.testing.assert_array_equal(Cache(tmp_path / "fast").activations(0, 168), want)
+
+
+def test_direct_chunk_writes_equal_zarr_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aligned slabs of a whole number of 4 KiB blocks (64 tokens x 32 float16) take the O_DIRECT path where the
+    file system has it, and give the bytes zarr writes; elsewhere the buffered path does."""
+    meta = CacheMeta(
+        d_model=32, layers=(0, 1), model={}, dataset={}, context_length=8, storage_dtype="float16", fingerprint="f",
+        chunk_tokens=64,
+    )  # fmt: skip
+    direct = []
+    write_direct = rawchunks._write_direct
+
+    def spy(path: Path, data: np.ndarray, checksum: bytes) -> bool:
+        direct.append(write_direct(path, data, checksum))
+        return direct[-1]
+
+    monkeypatch.setattr(rawchunks, "_write_direct", spy)
+    for name, raw in (("fast", True), ("zarr", False)):
+        create_store(tmp_path / name, meta)
+        writer = CacheWriter(tmp_path / name)
+        for i in range(2):
+            r = rows(64, 2, 32, "float16", i)
+            aligned = rawchunks.aligned_empty(r.activations.shape, np.float16)
+            aligned[:] = r.activations
+            if not raw:
+                monkeypatch.setattr(store, "write_raw_chunks", lambda arr, chunk, layer_major: False)
+            writer.write_chunk(64 * i, replace(r, activations=aligned))
+    assert len(direct) == 4 and len(set(direct)) == 1  # every chunk file alike
+    probe = tmp_path / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        supported = True
+    except OSError:
+        supported = False
+    assert direct[0] == supported
+    assert_same_store(tmp_path / "fast", tmp_path / "zarr")
+    assert verify(tmp_path / "fast") > 0
 
 
 @pytest.mark.parametrize("n", [64, store.PARTIAL_ROWS * 2 + 44])
