@@ -91,10 +91,11 @@ reproduce: $(STAMP)
 # dependencies (never touching torch), only here.
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps eai-sparsify==1.3.3 einops natsort simple-parsing docstring-parser schedulefree
-	$(PY) benchmarks/harvest.py
+	$(PY) benchmarks/harvest.py --tokens 65536
 	$(PY) benchmarks/harvest_shards.py
 	$(PY) benchmarks/train.py $(if $(wildcard $(DEMO)/cache/zarr.json),--cache $(DEMO)/cache)
 	$(PY) benchmarks/train_ddp.py
+	$(PY) benchmarks/decoder.py
 	$(PY) benchmarks/analyze.py
 
 clean:
