@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from mlsae_train.kernels import TritonSparseDecode, triton_available
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_step import time_interleaved  # noqa: E402
+
 from mlsae_train.sae import _SparseDecode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,23 +62,6 @@ def make_step(
         decode.apply(values, indices, weight).backward(grad)
 
     return step
-
-
-def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each step, timed one call of each per round (synchronising on CUDA)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
