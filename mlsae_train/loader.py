@@ -272,8 +272,8 @@ class RowLoader:
         needed = np.unique(plan.unit_of(plan.order))
         reads = {int(i): pool.submit(self._read_unit, units[i]) for i in needed}
 
-        # one buffer for the block, filled batch by batch side by side (its pages are only mapped as they are
-        # written): measured faster than a buffer per batch, whose allocations and releases contend
+        # one reused buffer for the whole block (_Buffers), filled by GATHER_TASKS tasks side by side: measured
+        # faster than a fresh buffer per batch, whose allocations and releases contend
         x = self._buffers.take(len(plan.order))
 
         def gather(bounds: np.ndarray) -> list[_Rows]:
