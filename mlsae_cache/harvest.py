@@ -211,9 +211,6 @@ class RowMaker:
             trainable=trainable,
         )
 
-    def __call__(self, windows: np.ndarray, first_window: int) -> Rows:
-        return self.collect(self.launch(windows, first_window))
-
 
 class _ChunkBuffer:
     """One token chunk's rows, filled in place by copies of successive batches' rows (reused chunk after chunk)."""

@@ -114,7 +114,7 @@ class _Buffers:
                 if refs == self._free_refs and len(buf) >= n:
                     return buf[:n]
             buf = np.empty((max(n, self.rows), self.d_model), self.dtype)
-            self._pool = [*self._pool[1 - self.keep :], buf] if self.keep > 1 else [buf]
+            self._pool = [*self._pool, buf][-self.keep :]
             return buf[:n]
 
 
