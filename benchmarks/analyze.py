@@ -107,14 +107,14 @@ def _reference_update(probs: np.ndarray, layers: np.ndarray) -> list[float]:
 
 def child(store: str, method: str, scheduler: str) -> None:
     """Run one measurement and print it as one JSON line (the only printing is in this script)."""
-    from mlsae_analyze.variance import compute_variance
+    from mlsae_analyze.variance import VarianceParams, compute_variance
 
     ds = xr.open_zarr(store, consolidated=False)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if method == "sparse":
-        _, summary = compute_variance(ds, N_LATENTS, scheduler=scheduler)
-        reference = {key: summary["reference"][key] for key in REFERENCE_KEYS}
+        summary = compute_variance(ds, VarianceParams(N_LATENTS), scheduler=scheduler).summary
+        reference = {key: summary.reference[key] for key in REFERENCE_KEYS}
     else:
         reference = dense_reference(ds)
     seconds = time.perf_counter() - start

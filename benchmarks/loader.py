@@ -101,8 +101,8 @@ def compare_with_memmap(
 
 def shuffle_quality(cache: Cache, batches: list, batch_rows: int) -> dict[str, float]:
     """Distinct windows and layers per batch, measured and expected under i.i.d. rows (balls in bins)."""
-    seq = cache.token_array("sequence")
-    n_windows, n_layers = len(np.unique(seq[cache.token_array("trainable")])), len(cache.layers)
+    seq = cache.tokens().sequence
+    n_windows, n_layers = len(np.unique(seq[cache.trainable()])), len(cache.layers)
 
     def expect(bins: int) -> float:
         return bins * (1 - (1 - 1 / bins) ** batch_rows)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mlsae_cache.clikit import handle_errors, mlsae_group, progress_bar
+from mlsae_cache.core.cli import handle_errors, mlsae_group, progress_bar
 
 SCHEDULER_HELP = "threads, processes, sync, or a dask.distributed address tcp://host:port."
 
@@ -26,33 +25,16 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace latents of another SAE or cache.")
 @click.pass_context
 @handle_errors
-def encode(ctx: click.Context, sae: Path, cache: Path, out: Path, device: str, overwrite: bool) -> None:
+def encode(ctx: click.Context, **options: Any) -> None:
     """Store the top-k latents of every (token, layer) row of CACHE under SAE in OUT (resumable)."""
     from mlsae_analyze.encode import EncodeConfig
     from mlsae_analyze.encode import encode as run_encode
     from mlsae_cache.store import read_meta
 
-    total = read_meta(cache).n_tokens
-    with progress_bar(total, "tok", ctx.obj["quiet"], "encode") as advance:
-        result = run_encode(EncodeConfig(sae, cache, out, device, overwrite), progress=advance)
+    cfg = EncodeConfig(**options)
+    with progress_bar(read_meta(cfg.cache).n_tokens, "tok", ctx.obj["quiet"], "encode") as advance:
+        result = run_encode(cfg, progress=advance)
     click.echo(result.message)
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    keys = (
-        "var_total",
-        "var_within_latent",
-        "var_within_token",
-        "rel_var_latent",
-        "rel_var_token",
-        "mean_layer_std",
-        "frac_multi_layer",
-        "n_rows",
-    )
-    lines = [f"{k:<18} {summary[k]:.6g}" for k in keys]
-    ref = summary["reference"]
-    lines.append("reference mode:   " + ", ".join(f"{k} {ref[k]:.4g}" for k in ("rel_var_f", "rel_var_t")))
-    return "\n".join(lines)
 
 
 @main.command()
@@ -62,33 +44,15 @@ def format_summary(summary: dict[str, Any]) -> str:
 @click.option("--include-untrainable", is_flag=True, help="Keep special tokens and position 0.")
 @click.option("--scheduler", default="threads", show_default=True, help=SCHEDULER_HELP)
 @handle_errors
-def variance(latents: Path, out: Path, min_count: int, include_untrainable: bool, scheduler: str) -> None:
+def variance(**options: Any) -> None:
     """Distributions of latents over layers and the variance decompositions, in OUT/variance.zarr and
     OUT/summary.json."""
-    from mlsae_analyze.latents import open_latents
-    from mlsae_analyze.outputs import output_dir
-    from mlsae_analyze.variance import compute_variance
+    from mlsae_analyze.variance import VarianceConfig, format_summary, run_variance
 
-    ds, meta = open_latents(latents)
-    result, summary = compute_variance(
-        ds, meta.n_latents, min_count=min_count, include_untrainable=include_untrainable, scheduler=scheduler
-    )
-    summary = {
-        **summary,
-        "latents": str(latents),
-        "n_latents": meta.n_latents,
-        "k": meta.k,
-        "layers": list(meta.layers),
-        "sae_fingerprint": meta.sae_fingerprint,
-        "cache_fingerprint": meta.cache_fingerprint,
-        "min_count": min_count,
-        "include_untrainable": include_untrainable,
-    }
-    with output_dir(out, "variance") as tmp:
-        result.to_zarr(tmp / "variance.zarr", mode="w", consolidated=False)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    click.echo(format_summary(summary))
-    click.echo(f"wrote {out}/variance.zarr and {out}/summary.json")
+    cfg = VarianceConfig(**options)
+    result = run_variance(cfg)
+    click.echo(format_summary(result.summary))
+    click.echo(f"wrote {cfg.out}/variance.zarr and {cfg.out}/summary.json")
 
 
 @main.command()
@@ -96,74 +60,56 @@ def variance(latents: Path, out: Path, min_count: int, include_untrainable: bool
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--scheduler", default="threads", show_default=True, help=SCHEDULER_HELP)
 @handle_errors
-def cosine(cache: Path, out: Path, scheduler: str) -> None:
+def cosine(**options: Any) -> None:
     """Adjacent-layer cosine similarity of the mean-centred residual stream of CACHE, in OUT/cosine.json."""
-    from mlsae_analyze.cosine import adjacent_cosine
-    from mlsae_analyze.outputs import output_dir
-    from mlsae_cache.store import Cache
+    from mlsae_analyze.cosine import CosineConfig, run_cosine
 
-    result = {**adjacent_cosine(Cache(cache), scheduler), "cache": str(cache)}
-    with output_dir(out, "cosine") as tmp:
-        (tmp / "cosine.json").write_text(json.dumps(result, indent=2) + "\n")
-    for (a, b), value in zip(result["layer_pairs"], result["cosine"], strict=True):
+    cfg = CosineConfig(**options)
+    result = run_cosine(cfg)
+    for (a, b), value in zip(result.layer_pairs, result.cosine, strict=True):
         click.echo(f"layers {a:>3} -> {b:<3} cosine {value:.4f}")
-    click.echo(f"wrote {out}/cosine.json")
+    click.echo(f"wrote {cfg.out}/cosine.json")
 
 
 TITLE_HELP = "Title of the figures (default: the model and the SAE's size)."
 
 
 @main.command()
-@click.argument("variance_dir", metavar="VARIANCE", type=click.Path(path_type=Path))
+@click.argument("variance", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--cosine", "cosine_dir", type=click.Path(path_type=Path), help="A `cosine` OUT: also draw its plot.")
+@click.option("--cosine", type=click.Path(path_type=Path), help="A `cosine` OUT: also draw its plot.")
+@click.option("--compare", type=click.Path(path_type=Path), help="A `mlsae-train compare` OUT: also draw its figure.")
 @click.option("--title", default=None, help=TITLE_HELP)
 @handle_errors
-def heatmap(variance_dir: Path, out: Path, cosine_dir: Path | None, title: str | None) -> None:
+def heatmap(**options: Any) -> None:
     """Figures of a `variance` OUT: OUT/layer_heatmap.png (paper Figure 1) and OUT/layer_histograms.png, plus
-    OUT/cosine.png with --cosine."""
-    from mlsae_analyze.outputs import output_dir
-    from mlsae_analyze.report import read_cosine, read_variance, variance_figures
+    OUT/cosine.png with --cosine and OUT/compare.png with --compare."""
+    from mlsae_analyze.report import HeatmapConfig, run_heatmap
 
-    variance_out = read_variance(variance_dir)
-    cosine_out = read_cosine(cosine_dir) if cosine_dir else None
-    with output_dir(out, "heatmap") as tmp:
-        names = [path.name for path in variance_figures(variance_out, tmp, title, cosine_out).values()]
-    click.echo(f"wrote {', '.join(f'{out}/{name}' for name in names)}")
+    paths = run_heatmap(HeatmapConfig(**options))
+    click.echo(f"wrote {', '.join(map(str, paths))}")
 
 
 @main.command("prompt-heatmap")
 @click.argument("sae", type=click.Path(path_type=Path))
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--text", required=True, help="The prompt (position 0 is skipped, as in the cache).")
+@click.option("--text", required=True, help="The prompt (untrainable tokens are skipped, as in the cache).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--model", default=None, help="Run this model instead of the cache's (needed for an imported cache).")
 @click.option("--title", default=None, help="Figure title (default: the model and the start of the prompt).")
 @handle_errors
-def prompt_heatmap(
-    sae: Path, cache: Path, out: Path, text: str, device: str, model: str | None, title: str | None
-) -> None:
+def prompt_heatmap(**options: Any) -> None:
     """Where the latents of one prompt fire over layers (activations summed over its tokens), in
     OUT/prompt_heatmap.png and OUT/prompt.json."""
-    from mlsae_analyze import plots
-    from mlsae_analyze.outputs import output_dir
-    from mlsae_analyze.prompt import PromptConfig, prompt_layers, prompt_title
-    from mlsae_cache.clikit import silence_library_progress
+    from mlsae_analyze.prompt import PromptConfig, run_prompt_heatmap
+    from mlsae_cache.core.cli import silence_library_progress
 
     silence_library_progress()
-    result = prompt_layers(PromptConfig(sae, cache, text, device, model))
-    with output_dir(out, "prompt-heatmap") as tmp:
-        plots.layer_heatmap(
-            result.probs,
-            result.layer_mean,
-            result.layers,
-            tmp / "prompt_heatmap.png",
-            title or prompt_title(result, text),
-        )
-        (tmp / "prompt.json").write_text(json.dumps({"text": text, **result.to_dict()}, indent=2) + "\n")
+    cfg = PromptConfig(**options)
+    result = run_prompt_heatmap(cfg)
     click.echo(f"{len(result.latents)} latents active over {len(result.tokens)} tokens")
-    click.echo(f"wrote {out}/prompt_heatmap.png and {out}/prompt.json")
+    click.echo(f"wrote {cfg.out}/prompt_heatmap.png and {cfg.out}/prompt.json")
 
 
 @main.command()
@@ -176,73 +122,45 @@ def prompt_heatmap(
 @click.option("--include-untrainable", is_flag=True, help="Keep special tokens and position 0.")
 @click.pass_context
 @handle_errors
-def examples(
-    ctx: click.Context,
-    latents: Path,
-    out: Path,
-    top: int | None,
-    latent_ids: str | None,
-    per_layer: int,
-    context: int,
-    include_untrainable: bool,
-) -> None:
+def examples(ctx: click.Context, top: int | None, latent_ids: str | None, **options: Any) -> None:
     """Max-activating examples of each selected latent at each layer, in OUT/examples.md, OUT/examples.tsv
     and OUT/examples.html."""
-    from mlsae_analyze.examples import ExamplesConfig, find_examples, parse_latent_ids, write_examples
-    from mlsae_analyze.latents import open_latents
-    from mlsae_analyze.outputs import output_dir
-    from mlsae_cache.clikit import silence_library_progress
-    from mlsae_cache.errors import InputError
+    from mlsae_analyze.examples import ExamplesConfig, parse_latent_ids, run_examples
+    from mlsae_analyze.latents import read_latents_meta
+    from mlsae_cache.core.cli import silence_library_progress
+    from mlsae_cache.core.errors import InputError
 
     silence_library_progress()
     if top is not None and latent_ids is not None:
         raise InputError("give --top or --latents, not both")
     ids = parse_latent_ids(latent_ids) if latent_ids is not None else None
-    cfg = ExamplesConfig(ids, 10 if top is None else top, per_layer, context, include_untrainable)
-    ds, meta = open_latents(latents)
-    with progress_bar(2 * meta.n_tokens, "tok", ctx.obj["quiet"], "examples") as advance:
-        found = find_examples(ds, meta, cfg, progress=advance)
-    with output_dir(out, "examples") as tmp:
-        files, note = write_examples(found, meta, cfg, tmp)
-    if note:
-        click.echo(note, err=True)
-    click.echo(f"{len(found)} latents, {sum(len(s.examples) for s in found)} examples")
-    click.echo(f"wrote {', '.join(f'{out}/{path.name}' for path in files)}")
+    cfg = ExamplesConfig(top=10 if top is None else top, latent_ids=ids, **options)
+    total = 2 * read_latents_meta(cfg.latents).n_tokens
+    with progress_bar(total, "tok", ctx.obj["quiet"], "examples") as advance:
+        result = run_examples(cfg, progress=advance)
+    if result.note:
+        click.echo(result.note, err=True)
+    click.echo(f"{len(result.summaries)} latents, {sum(len(s.examples) for s in result.summaries)} examples")
+    click.echo(f"wrote {', '.join(map(str, result.files))}")
 
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--variance", "variance_dir", required=True, type=click.Path(path_type=Path), help="A `variance` OUT.")
-@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="A JSON of `mlsae-train eval --out`.")
-@click.option("--cosine", "cosine_dir", type=click.Path(path_type=Path), help="A `cosine` OUT.")
-@click.option(
-    "--figures", "figure_dirs", multiple=True, type=click.Path(path_type=Path), help="A directory of PNGs (repeatable)."
-)
-@click.option("--examples", "examples_dir", type=click.Path(path_type=Path), help="An `examples` OUT.")
+@click.option("--variance", required=True, type=click.Path(path_type=Path), help="A `variance` OUT.")
+@click.option("--eval", "eval", type=click.Path(path_type=Path), help="A JSON of `mlsae-train eval --out`.")
+@click.option("--cosine", type=click.Path(path_type=Path), help="A `cosine` OUT.")
+@click.option("--figures", multiple=True, type=click.Path(path_type=Path), help="A directory of PNGs (repeatable).")
+@click.option("--examples", type=click.Path(path_type=Path), help="An `examples` OUT.")
 @click.option("--title", default=None, help=TITLE_HELP)
 @click.option(
     "--compare",
-    "compare_dir",
     type=click.Path(path_type=Path),
     help="A `mlsae-train compare` OUT: add the Findings section (the paper's claims vs this run).",
 )
 @handle_errors
-def report(
-    out: Path,
-    variance_dir: Path,
-    eval_file: Path | None,
-    cosine_dir: Path | None,
-    figure_dirs: tuple[Path, ...],
-    examples_dir: Path | None,
-    title: str | None,
-    compare_dir: Path | None,
-) -> None:
+def report(**options: Any) -> None:
     """One self-contained page, OUT/report.md, with the numbers and figures of the given analysis outputs; with
     --compare, a Findings section sets them beside the paper's claims."""
-    from mlsae_analyze.outputs import output_dir
-    from mlsae_analyze.report import ReportConfig, write_report
+    from mlsae_analyze.report import ReportConfig, run_report
 
-    cfg = ReportConfig(variance_dir, eval_file, cosine_dir, figure_dirs, examples_dir, title, compare_dir)
-    with output_dir(out, "report") as tmp:
-        write_report(cfg, tmp)
-    click.echo(f"wrote {out}/report.md")
+    click.echo(f"wrote {run_report(ReportConfig(**options))}")

@@ -6,13 +6,17 @@ per-layer mean; l runs over adjacent *stored* layers. One dask task per token ch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
-from mlsae_cache.errors import InputError
+from mlsae_analyze.outputs import output_dir
+from mlsae_analyze.results import COSINE_JSON, CosineResult
+from mlsae_cache.core.errors import InputError
 from mlsae_cache.store import Cache
 
 
@@ -31,7 +35,7 @@ def build_cosine_graph(cache: Cache) -> tuple[Any, Any]:
     if len(cache.layers) < 2:
         raise InputError(f"cache {cache.path} stores one layer; adjacent-layer cosines need at least two")
     x = cache.dask_activations().rechunk({0: cache.chunk_tokens, 1: -1, 2: -1})
-    keep = da.from_array(cache.token_array("trainable"), chunks=(cache.chunk_tokens,))
+    keep = da.from_array(cache.trainable(), chunks=(cache.chunk_tokens,))
     if not bool(keep.any().compute()):
         raise InputError(f"cache {cache.path} has no trainable token")
     sums = da.map_blocks(
@@ -46,7 +50,8 @@ def build_cosine_graph(cache: Cache) -> tuple[Any, Any]:
     return sums.sum(axis=0), keep.sum()
 
 
-def adjacent_cosine(cache: Cache, scheduler: str | None = None) -> dict[str, Any]:
+def adjacent_cosine(cache: Cache, scheduler: str | None = None) -> CosineResult:
+    """The adjacent-layer cosines of `cache` (see the module docstring); `scheduler` as for `variance`."""
     sums, count = build_cosine_graph(cache)
     if scheduler is not None and "://" in scheduler:
         from distributed import Client
@@ -56,8 +61,26 @@ def adjacent_cosine(cache: Cache, scheduler: str | None = None) -> dict[str, Any
     else:
         sums, count = dask.compute(sums, count, scheduler=scheduler)
     layers = list(cache.layers)
-    return {
-        "layer_pairs": [[a, b] for a, b in zip(layers[:-1], layers[1:], strict=True)],
-        "cosine": (np.asarray(sums) / int(count)).tolist(),
-        "n_tokens": int(count),
-    }
+    return CosineResult(
+        layer_pairs=[[a, b] for a, b in zip(layers[:-1], layers[1:], strict=True)],
+        cosine=(np.asarray(sums) / int(count)).tolist(),
+        n_tokens=int(count),
+        cache=str(cache.path),
+    )
+
+
+@dataclass(frozen=True)
+class CosineConfig:
+    """Everything `mlsae-analyze cosine` takes; CLI options map one-to-one onto these fields."""
+
+    cache: Path
+    out: Path
+    scheduler: str = "threads"
+
+
+def run_cosine(cfg: CosineConfig) -> CosineResult:
+    """Compute the cosines of cfg.cache and write OUT/cosine.json."""
+    result = adjacent_cosine(Cache(cfg.cache), cfg.scheduler)
+    with output_dir(cfg.out, "cosine") as tmp:
+        result.write(tmp / COSINE_JSON)
+    return result

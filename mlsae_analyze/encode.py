@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlsae_analyze.latents import LatentsMeta, LatentsWriter, create_latents, read_latents_meta
-from mlsae_cache.errors import MlsaeError, StoreError
-from mlsae_cache.lock import StoreLock
-from mlsae_cache.models import resolve_device
-from mlsae_cache.store import TOKEN_ARRAYS, Cache, clear_store, discard_store, holds_nothing
+from mlsae_analyze.latents import LatentChunk, LatentsMeta, LatentsWriter, create_latents, read_latents_meta
+from mlsae_cache.core.devices import resolve_device
+from mlsae_cache.core.errors import StoreError
+from mlsae_cache.core.zarrstore import StoreTransaction, holds_nothing
+from mlsae_cache.store import Cache, open_cache
 from mlsae_train.checkpoint import WEIGHTS_NAME, load_sae
 from mlsae_train.evaluate import check_compatible
 from mlsae_train.sae import TopKSAE
@@ -51,21 +51,17 @@ def encode_rows(sae: TopKSAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return enc.indices.to(torch.int32).cpu().numpy(), enc.values.float().cpu().numpy()
 
 
-def encode_chunk(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], start: int) -> dict[str, np.ndarray]:
-    """Latents of token chunk [start, start + chunk_tokens) at every layer, plus its token arrays."""
+def encode_chunk(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], start: int) -> LatentChunk:
+    """Latents of token chunk [start, start + chunk_tokens) at every layer, with its token arrays."""
     stop = min(start + cache.chunk_tokens, cache.n_tokens)
-    parts = [encode_rows(sae, cache.activations(start, stop, cache.layers.index(layer))) for layer in layers]
-    arrays = {"indices": np.stack([p[0] for p in parts], axis=1), "values": np.stack([p[1] for p in parts], axis=1)}
-    for name in TOKEN_ARRAYS:
-        arrays[name] = cache.token_array(name, start, stop)
-    return arrays
+    parts = [encode_rows(sae, cache.activations(start, stop, cache.layer_index(layer))) for layer in layers]
+    indices, values = np.stack([p[0] for p in parts], axis=1), np.stack([p[1] for p in parts], axis=1)
+    return LatentChunk(start, indices, values, cache.tokens(start, stop))
 
 
 def _plan(cfg: EncodeConfig) -> tuple[TopKSAE, Cache, LatentsMeta]:
     sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device))
-    cache = Cache(cfg.cache)
-    if not cache.meta.complete:
-        raise StoreError(f"cache {cfg.cache} is incomplete; finish the harvest first")
+    cache = open_cache(cfg.cache)
     layers = tuple(sae_cfg.get("layers") or cache.layers)
     check_compatible(sae, cache, layers)
     meta = LatentsMeta(
@@ -107,23 +103,15 @@ def encode(cfg: EncodeConfig, progress: Callable[[int], None] = lambda n: None) 
     old = _existing(out, meta, cfg.overwrite)
     if old is not None and old.complete:
         return EncodeResult(old, True, f"{out} is already complete ({old.n_tokens} tokens); nothing to do")
-    out_existed = out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with StoreLock(out):
+    with StoreTransaction(out) as tx:
         if old is None:
-            clear_store(out)
-            create_latents(out, meta)
+            tx.create(lambda path: create_latents(path, meta))
         writer = LatentsWriter(out)
         start = (writer.meta.n_tokens // meta.chunk_tokens) * meta.chunk_tokens
         progress(start)
-        try:
-            for a in range(start, cache.n_tokens, meta.chunk_tokens):
-                writer.write_chunk(a, encode_chunk(sae, cache, meta.layers, a))
-                progress(min(meta.chunk_tokens, cache.n_tokens - a))
-        except MlsaeError:
-            if old is None:
-                discard_store(out, keep_dir=out_existed)
-            raise
+        for a in range(start, cache.n_tokens, meta.chunk_tokens):
+            writer.commit(a, encode_chunk(sae, cache, meta.layers, a))
+            progress(min(meta.chunk_tokens, cache.n_tokens - a))
         writer.set_meta(complete=True)
     return EncodeResult(
         writer.meta, False, f"wrote {out}: {cache.n_tokens} tokens x {len(meta.layers)} layers x k={meta.k}"

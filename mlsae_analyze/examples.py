@@ -18,14 +18,15 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from mlsae_analyze.latents import LatentsMeta
-from mlsae_cache.errors import InputError, MlsaeError, StoreError
-from mlsae_cache.models import load_cache_model
-from mlsae_cache.store import Cache
+from mlsae_analyze.latents import Latents, LatentsMeta
+from mlsae_analyze.layers import block_mean, layer_distribution, layer_totals
+from mlsae_analyze.outputs import output_dir
+from mlsae_cache.core.errors import InputError, MlsaeError, StoreError
+from mlsae_cache.models import load_cache_tokenizer
+from mlsae_cache.store import TokenRows, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,16 @@ EMPTY_TOKEN = -1
 
 @dataclass(frozen=True)
 class ExamplesConfig:
-    """Which latents (`latents` ids, else the `top` with most activation mass), how many examples per
-    (latent, layer), how many context tokens either side."""
+    """Everything `mlsae-analyze examples` takes; CLI options map one-to-one onto these fields.
 
-    latents: tuple[int, ...] | None = None
+    Which latents: `latent_ids`, else the `top` with most activation mass; `per_layer` examples per
+    (latent, layer), `context` tokens either side.
+    """
+
+    latents: Path
+    out: Path
     top: int = 10
+    latent_ids: tuple[int, ...] | None = None
     per_layer: int = 5
     context: int = 4
     include_untrainable: bool = False
@@ -49,7 +55,7 @@ class ExamplesConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 flag = "--" + name.replace("_", "-")
                 raise InputError(f"{flag} must be an integer >= {low}, got {value!r}")
-        if self.latents is not None and not self.latents:
+        if self.latent_ids is not None and not self.latent_ids:
             raise InputError("--latents is empty (give latent ids like 3,17)")
 
 
@@ -86,8 +92,7 @@ class LatentSummary:
     @property
     def mean_layer(self) -> float:
         """E[L|j] in layer positions (NaN if the latent never fires)."""
-        mass = self.mass
-        return float(np.arange(len(self.totals)) @ self.totals / mass) if mass > 0 else float("nan")
+        return float(layer_distribution(self.totals[:, None]).mean[0])
 
 
 class TopN:
@@ -136,31 +141,23 @@ def _check_chunk(indices: np.ndarray, values: np.ndarray, n_latents: int) -> Non
 
 
 def _chunks(
-    ds: Any, meta: LatentsMeta, include_untrainable: bool, progress: Progress
+    latents: Latents, include_untrainable: bool, progress: Progress
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(first row, indices [C, L, k], values [C, L, k] float64) per token chunk; dropped rows get value 0 and
     inactive slots index 0."""
-    for start in range(0, meta.n_tokens, meta.chunk_tokens):
-        rows = slice(start, start + meta.chunk_tokens)
-        indices = np.asarray(ds["indices"][rows].values)
-        values = np.asarray(ds["values"][rows].values, dtype=np.float64)
-        _check_chunk(indices, values, meta.n_latents)
+    for chunk in latents.chunks(progress):
+        values = chunk.values.astype(np.float64)
+        _check_chunk(chunk.indices, values, latents.n_latents)
         if not include_untrainable:
-            values = values * np.asarray(ds["trainable"][rows].values)[:, None, None]
-        yield start, np.where(values > 0, indices, 0), values
-        progress(len(values))
+            values = values * chunk.tokens.trainable[:, None, None]
+        yield chunk.start, np.where(values > 0, chunk.indices, 0), values
 
 
-def latent_totals(
-    ds: Any, meta: LatentsMeta, include_untrainable: bool = False, progress: Progress = _no_progress
-) -> np.ndarray:
+def latent_totals(latents: Latents, include_untrainable: bool = False, progress: Progress = _no_progress) -> np.ndarray:
     """Pass 1: totals[l, j] = sum_t a[l, t, j] over kept rows, shape [L, n_latents] float64."""
-    totals = np.zeros((len(meta.layers), meta.n_latents))
-    for _, indices, values in _chunks(ds, meta, include_untrainable, progress):
-        for layer in range(indices.shape[1]):
-            totals[layer] += np.bincount(
-                indices[:, layer].ravel(), weights=values[:, layer].ravel(), minlength=meta.n_latents
-            )
+    totals = np.zeros((len(latents.layers), latents.n_latents))
+    for _, indices, values in _chunks(latents, include_untrainable, progress):
+        totals += layer_totals(indices, values, latents.n_latents)[0]
     return totals
 
 
@@ -178,25 +175,25 @@ def parse_latent_ids(text: str) -> tuple[int, ...]:
 def select_latents(totals: np.ndarray, cfg: ExamplesConfig) -> np.ndarray:
     """The latent ids to show: cfg.latents as given, else the cfg.top with most mass (active ones only)."""
     n_latents = totals.shape[1]
-    if cfg.latents is not None:
-        bad = [j for j in cfg.latents if not 0 <= j < n_latents]
+    if cfg.latent_ids is not None:
+        bad = [j for j in cfg.latent_ids if not 0 <= j < n_latents]
         if bad:
             raise InputError(f"--latents {bad} out of range: this SAE has latents 0..{n_latents - 1}")
-        return np.asarray(cfg.latents, dtype=np.int64)
+        return np.asarray(cfg.latent_ids, dtype=np.int64)
     mass = totals.sum(axis=0)
     order = np.argsort(-mass, kind="stable")[: cfg.top]
     return order[mass[order] > 0]
 
 
 def top_activations(
-    ds: Any, meta: LatentsMeta, selected: np.ndarray, cfg: ExamplesConfig, progress: Progress = _no_progress
+    latents: Latents, selected: np.ndarray, cfg: ExamplesConfig, progress: Progress = _no_progress
 ) -> TopN:
     """Pass 2: the top cfg.per_layer rows of each (layer, selected latent); slot i is latent selected[i]."""
-    slot_of = np.full(meta.n_latents, -1, dtype=np.int64)
+    slot_of = np.full(latents.n_latents, -1, dtype=np.int64)
     slot_of[selected] = np.arange(len(selected))
-    top = TopN(len(meta.layers), len(selected), cfg.per_layer)
-    k = meta.k
-    for start, indices, values in _chunks(ds, meta, cfg.include_untrainable, progress):
+    top = TopN(len(latents.layers), len(selected), cfg.per_layer)
+    k = latents.meta.k
+    for start, indices, values in _chunks(latents, cfg.include_untrainable, progress):
         row = start + np.repeat(np.arange(indices.shape[0]), k)
         for layer in range(indices.shape[1]):
             slot, value = slot_of[indices[:, layer].ravel()], values[:, layer].ravel()
@@ -212,9 +209,9 @@ def _context(row: int, sequence: np.ndarray, token_ids: np.ndarray, width: int) 
     return tuple(int(t) for t in token_ids[same]), int(row - same[0])
 
 
-def _latent_examples(top: TopN, slot: int, latent: int, ds: Any, width: int) -> list[Example]:
+def _latent_examples(top: TopN, slot: int, latent: int, tokens: TokenRows, width: int) -> list[Example]:
     """The filled top-n entries of one tracked latent at every layer, as Examples with their contexts."""
-    sequence, token_ids, position = (ds[name].values for name in ("sequence", "token_ids", "position"))
+    sequence, token_ids, position = tokens.sequence, tokens.token_ids, tokens.position
     examples = []
     for layer in range(top.tokens.shape[0]):
         rows, values = top.tokens[layer, slot], top.values[layer, slot]
@@ -238,19 +235,19 @@ def _latent_examples(top: TopN, slot: int, latent: int, ds: Any, width: int) -> 
 
 
 def find_examples(
-    ds: Any, meta: LatentsMeta, cfg: ExamplesConfig, progress: Progress = _no_progress
+    latents: Latents, cfg: ExamplesConfig, progress: Progress = _no_progress
 ) -> tuple[LatentSummary, ...]:
     """The selected latents with their top examples per layer (definitions: module docstring).
 
-    ds: the latents Dataset of `open_latents` (its token arrays are read whole: a few bytes per token).
-    `progress` is called with the tokens of each chunk read, twice over the store (2 * n_tokens in all).
+    The token arrays are read whole (a few bytes per token). `progress` is called with the tokens of each chunk
+    read, twice over the store (2 * n_tokens in all).
     """
-    totals = latent_totals(ds, meta, cfg.include_untrainable, progress)
+    totals = latent_totals(latents, cfg.include_untrainable, progress)
     selected = select_latents(totals, cfg)
-    top = top_activations(ds, meta, selected, cfg, progress)
-    ds = ds[["sequence", "token_ids", "position"]].load()
+    top = top_activations(latents, selected, cfg, progress)
+    tokens = latents.tokens()
     return tuple(
-        LatentSummary(int(j), totals[:, j].copy(), tuple(_latent_examples(top, slot, int(j), ds, cfg.context)))
+        LatentSummary(int(j), totals[:, j].copy(), tuple(_latent_examples(top, slot, int(j), tokens, cfg.context)))
         for slot, j in enumerate(selected)
     )
 
@@ -262,8 +259,7 @@ def load_decoder(meta: LatentsMeta) -> tuple[Decoder, str | None]:
     """Decode token ids with the tokenizer of the model of the store's cache; if that cannot be loaded, show
     ids like `[123]` and return a note saying why."""
     try:
-        cache = Cache(meta.cache_path)
-        tokenizer = load_cache_model(cache.meta.model, device="cpu").tokenizer
+        tokenizer = load_cache_tokenizer(read_meta(meta.cache_path).model)
     except (MlsaeError, OSError) as e:
         log.warning("showing token ids: %s", e)
         note = f"Token ids are shown instead of text: the tokenizer of the cache's model could not be loaded ({e})."
@@ -315,7 +311,7 @@ def _heading(summary: LatentSummary, layers: tuple[int, ...]) -> str:
     if summary.mass <= 0:
         return f"Latent {summary.latent}: never active"
     at = layer_runs([layers[i] for i in np.flatnonzero(summary.totals > 0)])
-    mean = float(np.interp(summary.mean_layer, np.arange(len(layers)), layers))
+    mean = block_mean(summary.mean_layer, layers)
     mass = f"{summary.mass:,.0f}" if summary.mass >= 100 else f"{summary.mass:.3g}"
     return f"Latent {summary.latent}: activation mass {mass}, mean layer {mean:.2f}, active at layers {at}"
 
@@ -417,3 +413,21 @@ def write_examples(
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
     return [out / name for name in files], note
+
+
+@dataclass(frozen=True)
+class ExamplesResult:
+    """The latents shown with their examples, the files written, and why token ids stand in for text (if so)."""
+
+    summaries: tuple[LatentSummary, ...]
+    files: tuple[Path, ...]
+    note: str | None
+
+
+def run_examples(cfg: ExamplesConfig, progress: Progress = _no_progress) -> ExamplesResult:
+    """Find the examples of the latents store cfg.latents and write OUT/examples.{md,tsv,html}."""
+    latents = Latents(cfg.latents)
+    found = find_examples(latents, cfg, progress)
+    with output_dir(cfg.out, "examples") as tmp:
+        files, note = write_examples(found, latents.meta, cfg, tmp)
+    return ExamplesResult(found, tuple(Path(cfg.out) / f.name for f in files), note)

@@ -18,8 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from mlsae_analyze.comparison import NOTE, markdown_table
 from mlsae_analyze.examples import layer_runs
-from mlsae_train.compare import CompareResult, table_rows
+from mlsae_analyze.results import CosineResult, VarianceSummary
+from mlsae_train.results import CompareResult
 
 SPREAD_RATIO_MAX = 0.1
 """A within-token / aggregated spread ratio below this (at least 10x less spread within a token) agrees with the
@@ -79,16 +81,16 @@ def spread_finding(ratio: Any, key: str, mode: str) -> Finding:
     return Finding(name, f"{ours} {claim} {rule}", value < SPREAD_RATIO_MAX)
 
 
-def multi_layer_finding(summary: dict[str, Any]) -> Finding:
+def multi_layer_finding(summary: VarianceSummary) -> Finding:
     """The share of latents that fire at more than one layer (`frac_multi_layer`, with the summary's min_count)."""
     name = "Latents active at more than one layer"
     claim = "The paper: aggregated over tokens, latents are active at many layers."
     rule = f"Rule: agrees if more than {MULTI_LAYER_MIN:.0%} of the latents that fire are."
-    share = _number(summary.get("frac_multi_layer"))
+    share = _number(summary.frac_multi_layer)
     if share is None:
-        return Finding(name, f"`frac_multi_layer` is missing from the variance summary. {claim} {rule}", None)
-    min_count = summary.get("min_count", 1)
-    std = _number(summary.get("mean_layer_std"))
+        return Finding(name, f"`frac_multi_layer` is not a number in the variance summary. {claim} {rule}", None)
+    min_count = summary.min_count
+    std = _number(summary.mean_layer_std)
     ours = (
         f"{share:.1%} of the latents that fire are active at more than one layer (a layer counts from "
         f"{min_count} row(s); `variance --min-count` raises it)"
@@ -97,7 +99,7 @@ def multi_layer_finding(summary: dict[str, Any]) -> Finding:
     return Finding(name, f"{ours} {claim} {rule}", share > MULTI_LAYER_MIN)
 
 
-def cosine_finding(cosine: dict[str, Any] | None, summary: dict[str, Any]) -> Finding:
+def cosine_finding(cosine: CosineResult | None, summary: VarianceSummary) -> Finding:
     """Adjacent-layer cosine, checked for the link the paper draws between it and multi-layer latents."""
     name = "Adjacent-layer cosine similarity"
     claim = (
@@ -108,13 +110,13 @@ def cosine_finding(cosine: dict[str, Any] | None, summary: dict[str, Any]) -> Fi
         f"Rule: agrees if the mean cosine is >= {COSINE_SIMILAR} and more than {MULTI_LAYER_MIN:.0%} of latents "
         f"are multi-layer, or the cosine is below {COSINE_SIMILAR} and at most {MULTI_LAYER_MIN:.0%} are."
     )
-    values = [_number(v) for v in (cosine or {}).get("cosine", [])]
-    share = _number(summary.get("frac_multi_layer"))
-    if not values or None in values or share is None:
+    values = [_number(v) for v in cosine.cosine] if cosine is not None else []
+    share = _number(summary.frac_multi_layer)
+    if cosine is None or not values or None in values or share is None:
         return Finding(name, f"Not measured here (give `--cosine`). {claim} {rule}", None)
     mean = sum(values) / len(values)
     low = min(range(len(values)), key=values.__getitem__)
-    a, b = cosine["layer_pairs"][low]
+    a, b = cosine.layer_pairs[low]
     ours = (
         f"The mean over {len(values)} adjacent pairs is {mean:.4g} (lowest {values[low]:.4g}, layers {a} → {b}), "
         f"with {share:.1%} of latents multi-layer."
@@ -150,11 +152,11 @@ def reconstruction_finding(result: CompareResult, metric: str, label: str) -> Fi
     return Finding(name, f"{ours} {claim} {rule}", worse > WORSE_SHARE * n)
 
 
-def findings(summary: dict[str, Any], cosine: dict[str, Any] | None, result: CompareResult) -> list[Finding]:
+def findings(summary: VarianceSummary, cosine: CosineResult | None, result: CompareResult) -> list[Finding]:
     """Every check, in the order of the paper's findings, then reconstruction."""
-    reference = summary.get("reference") or {}
+    reference = summary.reference or {}
     return [
-        spread_finding(summary.get("rel_var_token"), "rel_var_token", "activation-weighted, pooled"),
+        spread_finding(summary.rel_var_token, "rel_var_token", "activation-weighted, pooled"),
         spread_finding(reference.get("rel_var_t"), "rel_var_t", "reference mode, per window"),
         multi_layer_finding(summary),
         cosine_finding(cosine, summary),
@@ -163,15 +165,8 @@ def findings(summary: dict[str, Any], cosine: dict[str, Any] | None, result: Com
     ]
 
 
-def comparison_table(result: CompareResult) -> list[str]:
-    """The per-layer MLSAE vs single-layer table of `compare`, as Markdown lines."""
-    header, cells = table_rows(result)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in cells]
-
-
 def findings_section(
-    summary: dict[str, Any], cosine: dict[str, Any] | None, result: CompareResult, figure: str
+    summary: VarianceSummary, cosine: CosineResult | None, result: CompareResult, figure: str
 ) -> list[str]:
     """The Findings section: one verdict per finding, then the comparison table and its figure."""
     checks = findings(summary, cosine, result)
@@ -196,10 +191,9 @@ def findings_section(
         "",
         f"![MLSAE vs single-layer SAEs]({figure})",
         "",
-        *comparison_table(result),
+        *markdown_table(result),
         "",
-        "dCE and KL are per token in nats (spliced minus clean; KL(p_clean || p_spliced)); the MLSAE's dead "
-        "fraction is over all its layers, a single-layer SAE's over its own layer."
+        NOTE
         + (
             f" Clean CE {result.clean_ce:.4f} nats/token over {result.n_windows} windows."
             if result.clean_ce is not None

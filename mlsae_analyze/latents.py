@@ -1,40 +1,52 @@
-"""The latents store, format `mlsae-latents` version 1 (SPEC section 7): the only module that knows its names.
+"""The latents store, format `mlsae-latents` version 1: the only module that knows its array names.
 
     indices   (token, layer, k)  int32    top-k latent ids of each (token, layer) row
     values    (token, layer, k)  float32  their post-ReLU activations (0 = inactive slot)
-    token_ids, sequence, position, trainable (token,), layer (layer,)  copied from the cache
+    token_ids, sequence, position, trainable (token,), layer (layer,)  copied from the cache (store.TokenRows)
 
 Chunks hold `chunk_tokens` tokens with all layers and all k slots (one chunk per token chunk of the cache), with
-zstd and a crc32c checksum. Rows are committed as in the cache: data first, then `n_tokens` in the root attribute.
+zstd and a crc32c checksum. Rows are committed as in the cache (core.zarrstore.ChunkCommitter): data first, then
+`n_tokens` in the root attribute.
+
+Readers use `Latents` (typed: `chunks`, `tokens`, `arrays`, `to_xarray`) or, for an xarray Dataset of the same
+variables from anywhere else, `latent_arrays`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
 
-from mlsae_cache.errors import StoreError
-from mlsae_cache.store import (
+from mlsae_cache.core.errors import StoreError
+from mlsae_cache.core.records import check_format
+from mlsae_cache.core.zarrstore import (
     ATTR,
-    TOKEN_ARRAYS,
-    check_format,
+    ChunkCommitter,
     create_array,
     read_root_attribute,
-    remove_partials,
+    set_root_attribute,
+    verify_group,
     writable,
     write_rows_at,
 )
+from mlsae_cache.store import TOKEN_DTYPES, TokenRows
 
 FORMAT = "mlsae-latents"
 VERSION = 1
+KIND = "latents store"
+_INDICES, _VALUES, _LAYER = "indices", "values", "layer"
+_SLOT_DIMS = ("token", "layer", "k")
 
 
 @dataclass(frozen=True)
 class LatentsMeta:
+    """The root attribute `mlsae` of a latents store; `n_tokens` rows are committed."""
+
     n_latents: int
     k: int
     layers: tuple[int, ...]
@@ -56,59 +68,154 @@ class LatentsMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path | str) -> LatentsMeta:
-        check_format(data, FORMAT, VERSION, path, "latents store", "re-run `mlsae-analyze encode`")
+        check_format(data, FORMAT, VERSION, path, KIND, "re-run `mlsae-analyze encode`")
         kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        kwargs["layers"] = tuple(kwargs["layers"])
-        return cls(**kwargs)
+        try:
+            kwargs["layers"] = tuple(kwargs["layers"])
+            return cls(**kwargs)
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{path}: the latents store's metadata is damaged ({e}); re-run `encode`") from e
 
 
 def read_latents_meta(path: Path | str) -> LatentsMeta:
-    attr = read_root_attribute(path, "latents store", "give the OUT of `mlsae-analyze encode`")
+    attr = read_root_attribute(path, KIND, "give the OUT of `mlsae-analyze encode`")
     return LatentsMeta.from_dict(attr, path)
 
 
 def create_latents(path: Path, meta: LatentsMeta) -> None:
     """An empty latents store; the root attribute is written with the group (a cut creation has 0 rows)."""
     group = zarr.create_group(str(path), zarr_format=3, attributes={ATTR: meta.to_dict()})
-    n_layers, ct = len(meta.layers), meta.chunk_tokens
-    dims = ("token", "layer", "k")
-    create_array(group, "indices", (0, n_layers, meta.k), (ct, n_layers, meta.k), np.int32, dims, compress=True)
-    create_array(group, "values", (0, n_layers, meta.k), (ct, n_layers, meta.k), np.float32, dims, compress=True)
-    for name, dtype in TOKEN_ARRAYS.items():
+    n_layers, ct, k = len(meta.layers), meta.chunk_tokens, meta.k
+    create_array(group, _INDICES, (0, n_layers, k), (ct, n_layers, k), np.int32, _SLOT_DIMS, compress=True)
+    create_array(group, _VALUES, (0, n_layers, k), (ct, n_layers, k), np.float32, _SLOT_DIMS, compress=True)
+    for name, dtype in TOKEN_DTYPES.items():
         create_array(group, name, (0,), (ct,), dtype, ("token",), compress=True)
-    create_array(group, "layer", (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
-    writable(group["layer"])[:] = np.asarray(meta.layers, dtype=np.int32)
+    layer = create_array(group, _LAYER, (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
+    writable(layer)[:] = np.asarray(meta.layers, dtype=np.int32)
 
 
-class LatentsWriter:
-    """Commits token chunks of latents in order; the caller holds the store lock."""
+class LatentChunk(NamedTuple):
+    """Consecutive rows of a latents store from token `start`: indices [C, L, k] int32, values [C, L, k]
+    float32 (post-ReLU, 0 = inactive slot), and the token arrays."""
+
+    start: int
+    indices: np.ndarray
+    values: np.ndarray
+    tokens: TokenRows
+
+
+class LatentsWriter(ChunkCommitter[LatentChunk]):
+    """Commits token chunks of latents in order; the caller holds the store lock (core.zarrstore.StoreTransaction)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.meta = read_latents_meta(path)
-        remove_partials(self.path)
         self.group = zarr.open_group(str(path), mode="r+", zarr_format=3)
 
-    def write_chunk(self, start: int, arrays: dict[str, np.ndarray]) -> None:
-        """Rows [start, start + n) of indices, values and the token arrays, then the commit."""
+    def _write_data(self, start: int, rows: LatentChunk) -> None:
         assert start % self.meta.chunk_tokens == 0 and start <= self.meta.n_tokens
-        write_rows_at(self.group, start, arrays)
-        self.set_meta(n_tokens=max(self.meta.n_tokens, start + len(arrays["indices"])))
+        write_rows_at(self.group, start, {_INDICES: rows.indices, _VALUES: rows.values, **rows.tokens._asdict()})
+
+    def _record(self, start: int, rows: LatentChunk, derived: None) -> None:
+        self.set_meta(n_tokens=max(self.meta.n_tokens, start + len(rows.indices)))
 
     def set_meta(self, **changes: Any) -> None:
         self.meta = replace(self.meta, **changes)
-        self.group.attrs[ATTR] = self.meta.to_dict()
+        set_root_attribute(self.group, self.meta.to_dict())
 
 
-def open_latents(path: Path | str, require_complete: bool = True) -> tuple[Any, LatentsMeta]:
-    """The committed rows as a lazy xarray Dataset (dask-backed, chunked as stored), and the metadata."""
-    import xarray as xr
+class LatentArrays(NamedTuple):
+    """The arrays the layer analyses read, dask-backed or in memory: indices, values [token, layer, k];
+    trainable, sequence [token]; the block index of each layer."""
 
-    meta = read_latents_meta(path)
-    if require_complete and not meta.complete:
-        raise StoreError(
-            f"latents store {path} is incomplete ({meta.n_tokens} of {meta.total_tokens} tokens); "
-            "finish it by re-running the same `mlsae-analyze encode` command"
+    indices: Any
+    values: Any
+    trainable: Any
+    sequence: Any
+    layers: tuple[int, ...]
+
+
+class Latents:
+    """Read access to a latents store; everything outside this module reads latents through it."""
+
+    def __init__(self, path: Path | str, require_complete: bool = True) -> None:
+        self.path = Path(path)
+        self.meta = read_latents_meta(self.path)
+        if require_complete and not self.meta.complete:
+            raise StoreError(
+                f"latents store {path} is incomplete ({self.meta.n_tokens} of {self.meta.total_tokens} tokens); "
+                "finish it by re-running the same `mlsae-analyze encode` command"
+            )
+        self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.meta.n_tokens
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.meta.layers
+
+    @property
+    def n_latents(self) -> int:
+        return self.meta.n_latents
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.meta.chunk_tokens
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> TokenRows:
+        """The token arrays of committed rows [start, stop) (default: all)."""
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        return TokenRows(*(self._group[name][start:stop] for name in TOKEN_DTYPES))
+
+    def chunk(self, start: int, stop: int | None = None) -> LatentChunk:
+        """Committed rows [start, stop) (default: one chunk's worth)."""
+        stop = min(self.n_tokens, start + self.chunk_tokens if stop is None else stop)
+        return LatentChunk(
+            start, self._group[_INDICES][start:stop], self._group[_VALUES][start:stop], self.tokens(start, stop)
         )
-    ds = xr.open_zarr(str(path), consolidated=False).isel(token=slice(0, meta.n_tokens))
-    return ds, meta
+
+    def chunks(self, progress: Callable[[int], None] = lambda n: None) -> Iterator[LatentChunk]:
+        """Every committed row, one stored chunk at a time; `progress` gets the tokens of each."""
+        for start in range(0, self.n_tokens, self.chunk_tokens):
+            chunk = self.chunk(start)
+            yield chunk
+            progress(len(chunk.indices))
+
+    def arrays(self) -> LatentArrays:
+        """The committed rows as dask arrays, one block per stored chunk."""
+        import dask.array as da
+
+        def read(name: str) -> Any:
+            return da.from_zarr(str(self.path), component=name)[: self.n_tokens]
+
+        return LatentArrays(read(_INDICES), read(_VALUES), read("trainable"), read("sequence"), self.layers)
+
+    def to_xarray(self) -> Any:
+        """The committed rows as a lazy xarray Dataset (dims token, layer, k)."""
+        import xarray as xr
+
+        return xr.open_zarr(str(self.path), consolidated=False).isel(token=slice(0, self.n_tokens))
+
+    def verify(self) -> int:
+        """Checksum every committed chunk; CorruptError naming the first bad one. Returns the chunks checked."""
+        return verify_group(self.path, self.n_tokens, self.chunk_tokens)
+
+
+def latent_arrays(data: Latents | LatentArrays | Any) -> LatentArrays:
+    """The arrays of a latents store, of `LatentArrays` as given, or of an xarray Dataset holding the variables
+    of the format (any origin, any chunking); StoreError naming what such a Dataset lacks."""
+    if isinstance(data, LatentArrays):
+        return data
+    if isinstance(data, Latents):
+        return data.arrays()
+    expected = {_INDICES: _SLOT_DIMS, _VALUES: _SLOT_DIMS, "trainable": ("token",), "sequence": ("token",)}
+    for name, dims in expected.items():
+        if name not in data.variables:
+            raise StoreError(f"latents Dataset has no variable {name!r} (pass a store written by encode)")
+        if data[name].dims != dims:
+            raise StoreError(f"latents variable {name!r} has dims {data[name].dims}, expected {dims}")
+    layers = data.indexes[_LAYER].values if _LAYER in data.indexes else np.arange(data.sizes["layer"])
+    arrays = (data[name].data for name in expected)
+    return LatentArrays(*arrays, tuple(int(b) for b in layers))

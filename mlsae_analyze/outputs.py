@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlsae_cache.errors import StoreError
+from mlsae_cache.core.errors import StoreError
 
 MARKER = ".mlsae-output"
 

@@ -19,7 +19,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 
 CMAP = "viridis"
 DPI = 150

@@ -16,15 +16,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from mlsae_analyze import plots
 from mlsae_analyze.encode import encode_rows
-from mlsae_cache.errors import InputError
+from mlsae_analyze.layers import layer_distribution, layer_totals
+from mlsae_analyze.outputs import output_dir
+from mlsae_cache.core.devices import resolve_device
+from mlsae_cache.core.errors import InputError
+from mlsae_cache.core.records import Record
 from mlsae_cache.hooks import ResidCapture
-from mlsae_cache.models import LoadedModel, base_model, find_blocks, load_cache_model, resolve_device
+from mlsae_cache.models import LoadedModel, base_model, find_blocks, load_cache_model
 from mlsae_cache.store import Cache, CacheMeta
 from mlsae_cache.text import token_stream
 from mlsae_train.checkpoint import load_sae
@@ -41,9 +46,11 @@ class PromptConfig:
 
     sae: Path
     cache: Path
+    out: Path
     text: str
     device: str = "auto"
     model: str | None = None
+    title: str | None = None
 
     def __post_init__(self) -> None:
         if not self.text.strip():
@@ -66,30 +73,47 @@ class PromptLayers:
     tokens: tuple[str, ...]
     model: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "layers": list(self.layers),
-            "tokens": list(self.tokens),
-            "latents": self.latents.tolist(),
-            "layer_mean": self.layer_mean.tolist(),
-            "probs": self.probs.tolist(),
-        }
+    def record(self, text: str) -> PromptResult:
+        return PromptResult(
+            text=text,
+            model=self.model,
+            layers=list(self.layers),
+            tokens=list(self.tokens),
+            latents=self.latents.tolist(),
+            layer_mean=self.layer_mean.tolist(),
+            probs=self.probs.tolist(),
+        )
+
+
+@dataclass(frozen=True)
+class PromptResult(Record):
+    """prompt.json of `prompt-heatmap`: the prompt, its kept tokens, and P_j(l) [L][m] of its active latents."""
+
+    FORMAT: ClassVar[str] = "mlsae-prompt"
+    VERSION: ClassVar[int] = 1
+    KIND: ClassVar[str] = "prompt result"
+    REMAKE: ClassVar[str] = "give the OUT of `mlsae-analyze prompt-heatmap`"
+
+    text: str
+    model: str
+    layers: list[int]
+    tokens: list[str]
+    latents: list[int]
+    layer_mean: list[float]
+    probs: list[list[float]]
 
 
 def prompt_tokens(text: str, tokenizer: Any, meta: CacheMeta) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [T] of `text` as the harvest makes them, and which are kept [T] (the trainable policy)."""
+    """Token ids [T] of `text` as the harvest makes them, and which are kept [T] (the cache's trainable policy)."""
     ids = next(iter(token_stream([text], tokenizer)))
     if len(ids) > meta.context_length:
         raise InputError(
             f"the text is {len(ids)} tokens long, more than the cache's context length {meta.context_length} "
             "(shorten it: activations beyond the harvested context are not what the SAE was trained on)"
         )
-    keep = np.arange(len(ids)) != 0
-    if meta.trainable_policy.get("exclude_special_tokens", True):
-        keep &= ~np.isin(ids, sorted(set(tokenizer.all_special_ids)))
+    keep = meta.policy.mask(ids, np.arange(len(ids)), tokenizer.all_special_ids)
     if not keep.any():
-        raise InputError(f"the text {text!r} leaves no token once position 0 and special tokens are skipped")
+        raise InputError(f"the text {text!r} leaves no token once the untrainable ones are skipped")
     return ids, keep
 
 
@@ -107,22 +131,11 @@ def _capture(loaded: LoadedModel, layers: tuple[int, ...], ids: np.ndarray, d_mo
     return acts.transpose(0, 1).cpu().numpy()
 
 
-def layer_totals(sae: TopKSAE, acts: np.ndarray) -> np.ndarray:
+def prompt_totals(sae: TopKSAE, acts: np.ndarray) -> np.ndarray:
     """totals[l, j] = sum_t a[l, t, j] for rows acts [T, L, d_model]: shape [L, n_latents] float64."""
-    totals = np.zeros((acts.shape[1], sae.cfg.n_latents))
-    for layer in range(acts.shape[1]):
-        indices, values = encode_rows(sae, np.ascontiguousarray(acts[:, layer]))
-        totals[layer] = np.bincount(indices.ravel(), weights=values.ravel(), minlength=sae.cfg.n_latents)
-    return totals
-
-
-def distribution(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(active latent ids [m], P_j(l) [L, m], E[L|j] [m]) from totals [L, n]."""
-    per_latent = totals.sum(axis=0)
-    active = np.flatnonzero(per_latent > 0)
-    probs = totals[:, active] / per_latent[active]
-    layer_mean = np.arange(totals.shape[0], dtype=np.float64) @ probs
-    return active, probs, layer_mean
+    parts = [encode_rows(sae, np.ascontiguousarray(acts[:, layer])) for layer in range(acts.shape[1])]
+    indices, values = np.stack([p[0] for p in parts], axis=1), np.stack([p[1] for p in parts], axis=1)
+    return layer_totals(indices, values, sae.cfg.n_latents)[0]
 
 
 def prompt_layers(cfg: PromptConfig) -> PromptLayers:
@@ -135,13 +148,14 @@ def prompt_layers(cfg: PromptConfig) -> PromptLayers:
     ids, keep = prompt_tokens(cfg.text, loaded.tokenizer, cache.meta)
     acts = _capture(loaded, layers, ids, sae.cfg.d_model)[keep]
     log.info("prompt: %d tokens, %d kept", len(ids), len(acts))
-    totals = layer_totals(sae, acts)
-    latents, probs, layer_mean = distribution(totals)
+    totals = prompt_totals(sae, acts)
+    latents = np.flatnonzero(totals.sum(0) > 0)
+    dist = layer_distribution(totals[:, latents])
     return PromptLayers(
         latents=latents,
         totals=totals[:, latents],
-        probs=probs,
-        layer_mean=layer_mean,
+        probs=dist.probs,
+        layer_mean=dist.mean,
         layers=layers,
         tokens=tuple(loaded.tokenizer.decode([int(i)]) for i in ids[keep]),
         model=Path(loaded.info.name).name,
@@ -153,3 +167,16 @@ def prompt_title(result: PromptLayers, text: str, max_chars: int = 70) -> str:
     excerpt = " ".join(text.split())
     excerpt = excerpt if len(excerpt) <= max_chars else excerpt[: max_chars - 1] + "…"
     return f"{result.model} MLSAE on one prompt ({len(result.tokens)} tokens, position 0 skipped)\n“{excerpt}”"
+
+
+PROMPT_PNG, PROMPT_JSON = "prompt_heatmap.png", "prompt.json"
+
+
+def run_prompt_heatmap(cfg: PromptConfig) -> PromptLayers:
+    """Where the latents of one prompt fire over layers: OUT/prompt_heatmap.png and OUT/prompt.json."""
+    result = prompt_layers(cfg)
+    with output_dir(cfg.out, "prompt-heatmap") as tmp:
+        title = cfg.title or prompt_title(result, cfg.text)
+        plots.layer_heatmap(result.probs, result.layer_mean, result.layers, tmp / PROMPT_PNG, title)
+        result.record(cfg.text).write(tmp / PROMPT_JSON)
+    return result

@@ -9,7 +9,6 @@ moved or shared whole; `write_report` checks that every link resolves.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -17,15 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mlsae_analyze import plots
+from mlsae_analyze.comparison import comparison_figure
 from mlsae_analyze.examples import layer_runs
 from mlsae_analyze.findings import findings_section
 from mlsae_analyze.latents import read_latents_meta
-from mlsae_cache.errors import InputError, MlsaeError, NotFoundError, RuntimeFailure, StoreError
+from mlsae_analyze.outputs import output_dir
+from mlsae_analyze.results import COSINE_JSON, CosineResult, VarianceOutput, VarianceSummary
+from mlsae_cache.core.errors import InputError, MlsaeError, NotFoundError, RuntimeFailure
 from mlsae_cache.store import read_meta
-from mlsae_train.compare import CompareResult, comparison_figure
+from mlsae_train.results import COMPARE_JSON, CompareResult, EvalResult
 
 SUMMARY_MEANINGS = {
     "var_total": "Var(L): variance of the layer over all activation mass (triples (layer, token, latent) "
@@ -50,91 +50,12 @@ REFERENCE_MEANINGS = {
     "rel_var_t": "exp_var_tf / exp_var_f: set beside rel_var_token (about 0.01 in the paper).",
     "n_windows": "Context windows averaged over.",
 }
-EVAL_COLUMNS = ("layer", "fvu", "mse", "l0", "n_rows")
-FIGURE_NAMES = {"heatmap": "layer_heatmap.png", "histograms": "layer_histograms.png", "cosine": "cosine.png"}
-
-
-@dataclass(frozen=True)
-class VarianceOutput:
-    """What `variance` wrote: probs [L, n]; layer_mean, layer_std [n]; the L block indices; summary.json."""
-
-    path: Path
-    probs: np.ndarray
-    layer_mean: np.ndarray
-    layer_std: np.ndarray
-    layers: tuple[int, ...]
-    summary: dict[str, Any]
-
-
-def read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
-    """A JSON object from `path`; NotFoundError / StoreError naming `what` and how to get it otherwise."""
-    if not path.is_file():
-        raise NotFoundError(f"{what} {path} does not exist ({hint})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise StoreError(f"{what} {path} is not valid JSON: {e} ({hint})") from e
-    if not isinstance(data, dict):
-        raise StoreError(f"{what} {path} holds a {type(data).__name__}, not an object ({hint})")
-    return data
-
-
-def read_variance(path: Path) -> VarianceOutput:
-    """Read a `variance` OUT directory (variance.zarr and summary.json)."""
-    import xarray as xr
-
-    hint = f"give the OUT of `mlsae-analyze variance LATENTS {path}`"
-    if not path.is_dir():
-        raise NotFoundError(f"variance output {path} does not exist or is not a directory ({hint})")
-    summary = read_json(path / "summary.json", "variance summary", hint)
-    try:
-        ds = xr.open_zarr(str(path / "variance.zarr"), consolidated=False)
-        names = ("probs", "layer_mean", "layer_std")
-        arrays = [np.asarray(ds[name].values, dtype=np.float64) for name in names]
-        layers = tuple(int(b) for b in ds["layer"].values)
-    except (OSError, KeyError, ValueError) as e:
-        raise StoreError(f"{path}/variance.zarr is missing or incomplete ({e}; {hint})") from e
-    return VarianceOutput(path, *arrays, layers, summary)
-
-
-def read_cosine(path: Path) -> dict[str, Any]:
-    """The cosine.json of a `cosine` OUT directory, checked for one value per layer pair."""
-    data = read_json(path / "cosine.json", "cosine output", f"give the OUT of `mlsae-analyze cosine CACHE {path}`")
-    pairs, values = data.get("layer_pairs"), data.get("cosine")
-    if not isinstance(pairs, list) or not isinstance(values, list) or len(pairs) != len(values) or not values:
-        raise StoreError(f"{path}/cosine.json lacks matching `layer_pairs` and `cosine` lists (re-run `cosine`)")
-    return data
-
-
-def read_eval(path: Path) -> dict[str, Any]:
-    """An eval JSON written by `mlsae-train eval --out`, checked for per-layer lists."""
-    data = read_json(path, "eval file", "write one with `mlsae-train eval SAE CACHE --out FILE`")
-    if not isinstance(data.get("layer"), list) or not isinstance(data.get("fvu"), list):
-        raise StoreError(
-            f"eval file {path} has no per-layer `layer` and `fvu` lists (give a `mlsae-train eval` output)"
-        )
-    return data
-
-
-def _compare_row_ok(row: Any) -> bool:
-    """A compare.json row: {"layer": int, "mlsae": {"fvu": number, ...}, "single": {...} | null}."""
-    if not isinstance(row, dict) or isinstance(row.get("layer"), bool) or not isinstance(row.get("layer"), int):
-        return False
-    sides = [row.get("mlsae")] + ([row["single"]] if row.get("single") is not None else [])
-    return all(isinstance(side, dict) and isinstance(side.get("fvu"), int | float) for side in sides)
-
-
-def read_compare(path: Path) -> CompareResult:
-    """The compare.json of a `mlsae-train compare` OUT directory, checked for one well-formed row per layer."""
-    hint = f"give the OUT of `mlsae-train compare MLSAE {path} --cache CACHE --single L=DIR ...`"
-    if not path.is_dir():
-        raise NotFoundError(f"compare output {path} does not exist or is not a directory ({hint})")
-    data = read_json(path / "compare.json", "compare output", hint)
-    rows = data.get("rows")
-    if not isinstance(rows, list) or not rows or not all(_compare_row_ok(row) for row in rows):
-        raise StoreError(f"{path}/compare.json lacks per-layer `rows` with `mlsae` and `single` metrics ({hint})")
-    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
-    return CompareResult(rows, data.get("clean_ce"), data.get("n_windows"), sources)
+FIGURE_NAMES = {
+    "heatmap": "layer_heatmap.png",
+    "histograms": "layer_histograms.png",
+    "cosine": "cosine.png",
+    "compare": "compare.png",
+}
 
 
 def model_name(cache_path: str | Path) -> str:
@@ -146,42 +67,52 @@ def model_name(cache_path: str | Path) -> str:
     return Path(name).name if "/" in name else name
 
 
-def source_title(summary: dict[str, Any]) -> str:
+def source_title(summary: VarianceSummary) -> str:
     """'<model> MLSAE (n latents, k=k)' from a variance summary; the model is looked up via the latents store."""
     try:
-        model = model_name(read_latents_meta(summary["latents"]).cache_path)
-    except (MlsaeError, OSError, KeyError, TypeError):
+        model = model_name(read_latents_meta(str(summary.latents)).cache_path)
+    except (MlsaeError, OSError, TypeError):
         model = "unknown model"
-    return f"{model} MLSAE ({_number(summary.get('n_latents', '?'))} latents, k={summary.get('k', '?')})"
+    return f"{model} MLSAE ({_number(summary.n_latents or '?')} latents, k={summary.k or '?'})"
 
 
 def variance_figures(
-    variance: VarianceOutput, out: Path, title: str | None = None, cosine: dict[str, Any] | None = None
+    variance: VarianceOutput,
+    out: Path,
+    title: str | None = None,
+    cosine: CosineResult | None = None,
+    compare: CompareResult | None = None,
 ) -> dict[str, Path]:
-    """Draw the aggregate heatmap, the histograms and (given cosine.json data) the cosine plot into `out`.
+    """Draw the aggregate heatmap, the histograms and (given their results) the cosine plot and the comparison
+    figure into `out`.
 
     `title` (default: the model and SAE) starts every figure's title; the cosine plot, which does not
     depend on the SAE, defaults to the name of its cache's model instead.
     """
     sae_title = title or source_title(variance.summary)
     v = variance
-    heatmap = out / FIGURE_NAMES["heatmap"]
-    histograms = out / FIGURE_NAMES["histograms"]
     paths = {
         "heatmap": plots.layer_heatmap(
-            v.probs, v.layer_mean, v.layers, heatmap, f"{sae_title}: where each latent fires"
+            v.probs, v.layer_mean, v.layers, out / FIGURE_NAMES["heatmap"], f"{sae_title}: where each latent fires"
         ),
         "histograms": plots.layer_histograms(
-            v.layer_mean, v.layer_std, v.layers, histograms, f"{sae_title}: mean and spread over layers"
+            v.layer_mean,
+            v.layer_std,
+            v.layers,
+            out / FIGURE_NAMES["histograms"],
+            f"{sae_title}: mean and spread over layers",
         ),
     }
     if cosine is not None:
-        model = title or model_name(cosine.get("cache", ""))
-        tokens = _number(cosine.get("n_tokens", "?"))
-        what = f"adjacent-layer cosine similarity of the mean-centred residual stream\n({tokens} tokens)"
-        paths["cosine"] = plots.cosine_plot(
-            cosine["layer_pairs"], cosine["cosine"], out / FIGURE_NAMES["cosine"], f"{model}: {what}"
+        model = title or model_name(cosine.cache or "")
+        what = (
+            f"adjacent-layer cosine similarity of the mean-centred residual stream\n({_number(cosine.n_tokens)} tokens)"
         )
+        paths["cosine"] = plots.cosine_plot(
+            cosine.layer_pairs, cosine.cosine, out / FIGURE_NAMES["cosine"], f"{model}: {what}"
+        )
+    if compare is not None:
+        paths["compare"] = plots.save_png(comparison_figure(compare), out / FIGURE_NAMES["compare"])
     return paths
 
 
@@ -196,11 +127,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def summary_section(summary: dict[str, Any]) -> list[str]:
+def summary_section(summary: VarianceSummary) -> list[str]:
     """Both modes of summary.json as tables, each number with what it means."""
     lines = ["## Variance decomposition over layers", "", "| quantity | value | meaning |", "|---|---:|---|"]
-    lines += [f"| `{k}` | {_number(summary.get(k, 'n/a'))} | {_cell(m)} |" for k, m in SUMMARY_MEANINGS.items()]
-    rel = summary.get("rel_var_token")
+    lines += [f"| `{k}` | {_number(getattr(summary, k))} | {_cell(m)} |" for k, m in SUMMARY_MEANINGS.items()]
+    rel = summary.rel_var_token
     if isinstance(rel, int | float) and 0 < rel < math.inf:
         ratio = f"{1 / rel:.3g} times less than across tokens: {math.log10(1 / rel):.2f} orders of magnitude"
         lines += [
@@ -208,7 +139,7 @@ def summary_section(summary: dict[str, Any]) -> list[str]:
             f"Here `rel_var_token` = {rel:.4g}: within one token a latent spreads over layers {ratio} "
             "(about two in the paper).",
         ]
-    ref = summary.get("reference", {})
+    ref = summary.reference
     lines += [
         "",
         "### Reference mode",
@@ -224,34 +155,38 @@ def summary_section(summary: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def eval_section(data: dict[str, Any]) -> list[str]:
-    """The per-layer eval table, then its scalar numbers."""
-    n = len(data["layer"])
-    columns = [c for c in EVAL_COLUMNS if c in data] + [
-        k for k, v in data.items() if k not in EVAL_COLUMNS and isinstance(v, list) and len(v) == n
-    ]
+def eval_section(result: EvalResult) -> list[str]:
+    """The per-layer eval table, then its overall numbers."""
+    columns = {"layer": result.layer, "fvu": result.fvu, "mse": result.mse, "l0": result.l0, "n_rows": result.n_rows}
+    if result.spliced:
+        columns |= {"delta_ce": result.delta_ce, "kl": result.kl}
     lines = ["## Reconstruction per layer (eval)", "", "| " + " | ".join(columns) + " |"]
     lines.append("|" + "---:|" * len(columns))
-    for i in range(n):
-        lines.append("| " + " | ".join(_number(data[c][i]) if i < len(data[c]) else "" for c in columns) + " |")
-    scalars = [f"`{k}` {_number(v)}" for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    return lines + (["", "Overall: " + ", ".join(scalars) + "."] if scalars else []) + [""]
+    for i in range(len(result.layer)):
+        lines.append("| " + " | ".join(_number(values[i]) for values in columns.values()) + " |")
+    scalars = {"dead_fraction": result.dead_fraction, "fvu_mean": result.fvu_mean}
+    if result.spliced:
+        scalars |= {"clean_ce": result.clean_ce, "delta_ce_mean": result.delta_ce_mean, "kl_mean": result.kl_mean}
+    overall = ", ".join(f"`{k}` {_number(v)}" for k, v in scalars.items())
+    return lines + ["", f"Overall: {overall}.", ""]
 
 
-def cosine_section(data: dict[str, Any], figure: str) -> list[str]:
+def cosine_section(result: CosineResult, figure: str) -> list[str]:
     lines = ["## Adjacent-layer cosine similarity", "", f"![adjacent-layer cosine similarity]({figure})", ""]
-    n_tokens = _number(data.get("n_tokens", "?"))
+    n_tokens = _number(result.n_tokens)
     lines += [f"Mean over {n_tokens} tokens of `cos(x_l - m_l, x_l+1 - m_l+1)`, m_l the mean of layer l.", ""]
     lines += ["| layers | cosine |", "|---|---:|"]
-    lines += [f"| {a} → {b} | {v:.4f} |" for (a, b), v in zip(data["layer_pairs"], data["cosine"], strict=True)]
+    lines += [f"| {a} → {b} | {v:.4f} |" for (a, b), v in zip(result.layer_pairs, result.cosine, strict=True)]
     return lines + [""]
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """What goes into the report: a variance OUT, and optionally an eval JSON, a cosine OUT, directories of
-    PNGs to include, an examples OUT, a title (default: the model and SAE) and a compare OUT (Findings)."""
+    """Everything `mlsae-analyze report` takes (CLI options map one-to-one onto these fields): the report
+    directory, a variance OUT, and optionally an eval JSON, a cosine OUT, directories of PNGs to include, an
+    examples OUT, a title (default: the model and SAE) and a compare OUT (Findings)."""
 
+    out: Path
     variance: Path
     eval: Path | None = None
     cosine: Path | None = None
@@ -315,12 +250,13 @@ def check_links(report: Path) -> None:
 def title_section(variance: VarianceOutput, title: str) -> list[str]:
     """Title and where the numbers come from."""
     s = variance.summary
+    rows = "all rows" if s.include_untrainable else "trainable rows only"
     return [
         f"# {title}: analysis over layers",
         "",
-        f"Latents `{s.get('latents', '?')}`: {_number(s.get('n_latents', '?'))} latents, k={s.get('k', '?')}, "
-        f"layers {layer_runs(list(s.get('layers', variance.layers)))}; {_number(s.get('n_rows', '?'))} rows; "
-        f"{'all rows' if s.get('include_untrainable') else 'trainable rows only'}, min_count {s.get('min_count', 1)}.",
+        f"Latents `{s.latents or '?'}`: {_number(s.n_latents or '?')} latents, k={s.k or '?'}, "
+        f"layers {layer_runs(list(s.layers or variance.layers))}; {_number(s.n_rows)} rows; "
+        f"{rows}, min_count {s.min_count}.",
         "",
     ]
 
@@ -345,16 +281,14 @@ def write_report(cfg: ReportConfig, out: Path) -> Path:
 
     Every input is read before anything is drawn, so a bad one fails fast.
     """
-    variance = read_variance(cfg.variance)
-    cosine = read_cosine(cfg.cosine) if cfg.cosine else None
-    evaluation = read_eval(cfg.eval) if cfg.eval else None
-    comparison = read_compare(cfg.compare) if cfg.compare else None
+    variance = VarianceOutput.read(cfg.variance)
+    cosine = CosineResult.read(cfg.cosine / COSINE_JSON) if cfg.cosine else None
+    evaluation = EvalResult.read(cfg.eval) if cfg.eval else None
+    comparison = CompareResult.read(cfg.compare / COMPARE_JSON) if cfg.compare else None
     check_extras(cfg)
     title = cfg.title or source_title(variance.summary)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    figures = variance_figures(variance, out / "figures", title, cosine)
-    if comparison is not None:
-        figures["compare"] = plots.save_png(comparison_figure(comparison), out / "figures" / "compare.png")
+    figures = variance_figures(variance, out / "figures", title, cosine, comparison)
     link = {key: path.relative_to(out).as_posix() for key, path in figures.items()}
     lines = title_section(variance, title)
     lines += findings_section(variance.summary, cosine, comparison, link["compare"]) if comparison else []
@@ -364,7 +298,38 @@ def write_report(cfg: ReportConfig, out: Path) -> Path:
     lines += cosine_section(cosine, link["cosine"]) if cosine else []
     lines += copy_figures(cfg.figures, out)
     lines += copy_examples(cfg.examples, out) if cfg.examples else []
-    report = out / "report.md"
+    report = out / REPORT_MD
     report.write_text("\n".join(lines), encoding="utf-8")
     check_links(report)
     return report
+
+
+REPORT_MD = "report.md"
+
+
+def run_report(cfg: ReportConfig) -> Path:
+    """Write the report directory cfg.out (report.md, figures/, examples/); returns the path of report.md."""
+    with output_dir(cfg.out, "report") as tmp:
+        write_report(cfg, tmp)
+    return Path(cfg.out) / REPORT_MD
+
+
+@dataclass(frozen=True)
+class HeatmapConfig:
+    """Everything `mlsae-analyze heatmap` takes; CLI options map one-to-one onto these fields."""
+
+    variance: Path
+    out: Path
+    cosine: Path | None = None
+    compare: Path | None = None
+    title: str | None = None
+
+
+def run_heatmap(cfg: HeatmapConfig) -> list[Path]:
+    """The figures of a `variance` OUT (and of a cosine and a compare OUT) into cfg.out; returns their paths."""
+    variance = VarianceOutput.read(cfg.variance)
+    cosine = CosineResult.read(cfg.cosine / COSINE_JSON) if cfg.cosine else None
+    comparison = CompareResult.read(cfg.compare / COMPARE_JSON) if cfg.compare else None
+    with output_dir(cfg.out, "heatmap") as tmp:
+        names = [path.name for path in variance_figures(variance, tmp, cfg.title, cosine, comparison).values()]
+    return [Path(cfg.out) / name for name in names]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from mlsae_cache.clikit import handle_errors, mlsae_group, progress_bar, silence_library_progress
 from mlsae_cache.config import HarvestConfig, parse_layers
-from mlsae_cache.store import Cache, verify
+from mlsae_cache.core.cli import handle_errors, mlsae_group, progress_bar, silence_library_progress
+from mlsae_cache.info import cache_info
+from mlsae_cache.store import verify
 
 
 @mlsae_group
@@ -41,6 +42,12 @@ def main() -> None:
 @click.option("--model-cache", default=None, type=click.Path(path_type=Path), help="Where embedded models convert to.")
 @click.option("--num-shards", default=1, show_default=True, type=int, help="Split the tokens between N workers.")
 @click.option("--shard-index", default=0, show_default=True, type=int, help="Which shard this worker writes (0..N-1).")
+@click.option(
+    "--direct-io/--no-direct-io",
+    default=True,
+    show_default=True,
+    help="Write full activation chunks with O_DIRECT where the file system allows (the same bytes either way).",
+)
 @click.pass_context
 @handle_errors
 def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) -> None:
@@ -76,47 +83,13 @@ def import_(ctx: click.Context, out: Path, **options: object) -> None:
     click.echo(f"wrote {out}: {meta.n_tokens} tokens x {meta.n_layers} layers x {meta.d_model}")
 
 
-def describe(cache: Cache) -> dict[str, object]:
-    m = cache.meta
-    return {
-        "path": str(cache.path),
-        "model": m.model.get("name"),
-        "architecture": m.model.get("architecture"),
-        "compute_dtype": m.model.get("compute_dtype"),
-        "dataset": m.dataset.get("dataset"),
-        "tokens": m.n_tokens,
-        "complete": m.complete,
-        "text_exhausted": m.exhausted,
-        "layers": list(m.layers),
-        "d_model": m.d_model,
-        "context_length": m.context_length,
-        "storage_dtype": m.storage_dtype,
-        "chunk_tokens": m.chunk_tokens,
-        "trainable_tokens": int(cache.token_array("trainable").sum()),
-        "bytes_on_disk": cache.nbytes_stored(),
-        "fingerprint": m.fingerprint,
-        **shard_facts(cache.path),
-    }
-
-
-def shard_facts(path: Path) -> dict[str, object]:
-    """How far a sharded harvest under way has got (nothing for other caches)."""
-    from mlsae_cache.shards import missing_shards, read_plan
-
-    plan = read_plan(path)
-    if plan is None:
-        return {}
-    missing = missing_shards(path, plan)
-    return {"shards_done": f"{plan.num_shards - len(missing)} of {plan.num_shards} (waiting for {missing})"}
-
-
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handle_errors
 def info(path: Path, as_json: bool) -> None:
     """Show what the cache at PATH holds: model, dataset, tokens, layers, size, completeness."""
-    facts = describe(Cache(path))
+    facts = cache_info(path)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return

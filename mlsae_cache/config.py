@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlsae_cache.errors import InputError
-from mlsae_cache.store import STORAGE_DTYPES
+from mlsae_cache.core.errors import InputError
+from mlsae_cache.storage import STORAGE_DTYPES
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -60,6 +60,7 @@ class HarvestConfig:
     model_cache: Path | None = None
     num_shards: int = 1
     shard_index: int = 0
+    direct_io: bool = True
 
     def __post_init__(self) -> None:
         if self.context_length < 1:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlsae_cache.errors import InputError, MlsaeError, NotFoundError
-from mlsae_cache.harvest import check_range, library_versions, to_storage
-from mlsae_cache.lock import StoreLock
-from mlsae_cache.store import CacheMeta, CacheWriter, Rows, clear_store, create_store, discard_store, existing_cache
-
-IMPORT_POLICY = {"exclude_special_tokens": False, "exclude_position_0": False}
+from mlsae_cache.core.errors import InputError, NotFoundError
+from mlsae_cache.core.zarrstore import StoreTransaction
+from mlsae_cache.harvest import library_versions
+from mlsae_cache.policy import IMPORT_POLICY
+from mlsae_cache.storage import check_range, to_storage
+from mlsae_cache.store import CacheMeta, CacheWriter, Rows, TokenRows, create_store, existing_cache
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,13 @@ def _meta(cfg: ImportConfig, acts: np.ndarray, ctx: int, dtype: str) -> CacheMet
         d_model=d_model,
         layers=tuple(range(n_layers)),
         model={"name": "imported", "source": str(cfg.activations)},
-        dataset={"dataset": "imported", "token_ids": str(cfg.token_ids) if cfg.token_ids else None},
+        dataset={"dataset": "imported", "token_ids_file": str(cfg.token_ids) if cfg.token_ids else None},
         context_length=ctx,
         storage_dtype=dtype,
         fingerprint=_digest(acts, cfg.chunk_tokens),
         chunk_tokens=cfg.chunk_tokens,
         max_tokens=n_tokens,
-        trainable_policy=dict(IMPORT_POLICY),
+        trainable_policy=IMPORT_POLICY.to_dict(),
         versions=library_versions(),
     )
 
@@ -67,13 +67,13 @@ def _rows(acts: np.ndarray, ids: np.ndarray | None, start: int, stop: int, ctx: 
     check_range(x.abs().amax(dim=(1, 2)), dtype, tuple(range(acts.shape[1])))
     index = np.arange(start, stop)
     token_ids = np.zeros(stop - start, np.int32) if ids is None else np.asarray(ids[start:stop], np.int32)
-    return Rows(
-        activations=to_storage(x, dtype),
+    tokens = TokenRows(
         token_ids=token_ids,
         sequence=(index // ctx).astype(np.int64),
         position=(index % ctx).astype(np.int32),
         trainable=np.ones(stop - start, bool),
     )
+    return Rows(to_storage(x, dtype), tokens)
 
 
 def import_array(cfg: ImportConfig, progress: Callable[[int], None] = lambda n: None) -> CacheMeta:
@@ -92,19 +92,12 @@ def import_array(cfg: ImportConfig, progress: Callable[[int], None] = lambda n: 
     if existing_cache(out) is not None and not cfg.overwrite:
         raise InputError(f"{out} already holds a cache (use --overwrite to replace it)")
     meta = _meta(cfg, acts, ctx, dtype)
-    out_existed = out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with StoreLock(out):
-        clear_store(out)
-        try:
-            create_store(out, meta)
-            writer = CacheWriter(out)
-            for start in range(0, acts.shape[0], cfg.chunk_tokens):
-                stop = min(start + cfg.chunk_tokens, acts.shape[0])
-                writer.write_chunk(start, _rows(acts, ids, start, stop, ctx, dtype))
-                progress(stop - start)
-        except MlsaeError:
-            discard_store(out, keep_dir=out_existed)
-            raise
+    with StoreTransaction(out) as tx:
+        tx.create(lambda path: create_store(path, meta))
+        writer = CacheWriter(out)
+        for start in range(0, acts.shape[0], cfg.chunk_tokens):
+            stop = min(start + cfg.chunk_tokens, acts.shape[0])
+            writer.commit(start, _rows(acts, ids, start, stop, ctx, dtype))
+            progress(stop - start)
         writer.set_meta(complete=True, exhausted=True)
     return writer.meta

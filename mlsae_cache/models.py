@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlsae_cache.errors import InputError, NotFoundError
+from mlsae_cache.core.devices import resolve_device
+from mlsae_cache.core.errors import InputError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,6 @@ def default_model_cache() -> Path:
     """Where embedded models are converted to: $MLSAE_HOME/models, else ~/.cache/mlsae/models."""
     home = os.environ.get("MLSAE_HOME")
     return Path(home) / "models" if home else Path.home() / ".cache" / "mlsae" / "models"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} was asked for but CUDA is not available (use --device cpu)")
-    return torch.device(device)
 
 
 def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> str:
@@ -124,6 +117,25 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or Path(spec).expanduser().exists()
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _source(spec: str, meta: dict[str, Any], model_cache: Path | None) -> tuple[str, dict[str, Any]]:
+    """Where to load `spec` from (a converted embedded model, a resolved local directory, or a hub id) and the
+    `from_pretrained` keywords of `meta` (gguf_file, revision)."""
+    source = spec
+    if spec in EMBEDDED:
+        source = str(convert_embedded(spec, model_cache or default_model_cache()))
+    elif _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise NotFoundError(f"model directory {spec} does not exist (give a directory written by save_pretrained)")
+        source = str(path.resolve())
+    kwargs = {k: meta.get(k) for k in ("revision", "gguf_file")}
+    return source, {k: v for k, v in kwargs.items() if v is not None}
+
+
 def load_model(
     spec: str,
     *,
@@ -138,23 +150,14 @@ def load_model(
 
     dev = resolve_device(device)
     dtype_name = resolve_compute_dtype(compute_dtype, dev)
-    name, source = spec, spec
-    if spec in EMBEDDED:
-        source = str(convert_embedded(spec, model_cache or default_model_cache()))
-    elif _looks_like_path(spec):
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise NotFoundError(f"model directory {spec} does not exist (give a directory written by save_pretrained)")
-        source = name = str(path.resolve())
-    kwargs: dict[str, Any] = {"revision": revision, "gguf_file": gguf_file}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    source, kwargs = _source(spec, {"gguf_file": gguf_file, "revision": revision}, model_cache)
+    name = source if spec not in EMBEDDED and _looks_like_path(spec) else spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=COMPUTE_DTYPES[dtype_name], **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NotFoundError(
-            f"could not load model {spec!r}: {first} (give smollm2-135m, a local directory, or a hub id "
+            f"could not load model {spec!r}: {_first_line(e)} (give smollm2-135m, a local directory, or a hub id "
             "reachable from this machine)"
         ) from e
     model.to(dev).eval()
@@ -221,3 +224,20 @@ def load_cache_model(
         compute_dtype=model_meta.get("compute_dtype", "auto") if not override else "auto",
         model_cache=model_cache,
     )
+
+
+def load_cache_tokenizer(
+    model_meta: dict[str, Any], override: str | None = None, model_cache: Path | None = None
+) -> Any:
+    """The tokenizer of the model a cache was harvested from (its `model` attribute), or of `override`, without
+    loading the model's weights (the embedded model is converted once if it has not been)."""
+    from transformers import AutoTokenizer
+
+    spec = override or model_meta.get("name")
+    if spec in (None, "imported"):
+        raise InputError("this cache was imported from an array and names no model (pass --model)")
+    source, kwargs = _source(spec, model_meta if override is None else {}, model_cache)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise NotFoundError(f"could not load the tokenizer of {spec!r}: {_first_line(e)} (pass --model)") from e

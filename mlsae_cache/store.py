@@ -1,4 +1,4 @@
-"""The cache store, format version 1 (SPEC section 5): the only module that knows array names and chunking.
+"""The cache store, format `mlsae-cache` version 1: the only module that knows its array names and chunking.
 
 Layout (a Zarr v3 group, every array with `dimension_names`):
 
@@ -13,46 +13,84 @@ Layout (a Zarr v3 group, every array with `dimension_names`):
     chunk_sum, chunk_sq_norm_sum, chunk_count  (token_chunk, ...)  float64 / int64
                   per token-chunk partial sums behind the two statistics
 
-Chunks are `chunk_tokens` rows by one layer by the whole `d_model` (4096 x 1 x 576 for SmolLM2 is 4.7 MB in
-float16): the shuffled trainer reads whole chunks in random order (FACTS.md), and one commit writes one row of
-chunks for every array. Every chunk carries a crc32c checksum so `verify` finds a corrupted byte. Float
-activations are stored uncompressed (real activations compress by 0-8%); bfloat16 bit patterns and the token
-arrays go through zstd.
+Chunks are `chunk_tokens` rows by one layer by the whole `d_model`: the shuffled trainer reads whole chunks in
+random order, and one commit writes one row of chunks for every array (docs/FORMAT.md gives the measurements
+behind the choice). Every chunk carries a crc32c checksum so `verify` finds a corrupted byte. Float activations
+are stored uncompressed (real activations barely compress); bfloat16 bit patterns and the token arrays go
+through zstd.
 
-Commit protocol, which makes a kill at any moment harmless: data of token chunk c is written first, then its
-partial statistics, then the two statistics arrays, and only then the root attribute `n_tokens` moves. Partial
-statistics per chunk (rather than one running sum) make a re-written chunk idempotent and let shards merge
-exactly, in a fixed order.
+Commit protocol (core.zarrstore.ChunkCommitter), which makes a kill at any moment harmless: the data of token
+chunk c is written first, then its partial statistics; then the two statistics arrays and the root attribute's
+`n_tokens` (a single writer), or the shard's progress (a worker of a parallel harvest). Partial statistics per
+chunk (rather than one running sum) make a re-written chunk idempotent and let shards merge exactly, in a fixed
+order.
+
+Readers outside this module use `Cache` (typed accessors: `tokens`, `trainable`, `activations`, `stored_chunk`,
+`to_xarray`, ...) and the write-side records `Rows` and `TokenRows`; no other module spells an array name.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import math
-import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
-from mlsae_cache.errors import CorruptError, NotFoundError, StoreError
+from mlsae_cache.core.errors import InputError, StoreError
+from mlsae_cache.core.records import check_format
+from mlsae_cache.core.zarrstore import (
+    ATTR,
+    ChunkCommitter,
+    create_array,
+    holds_nothing,
+    read_root_attribute,
+    set_root_attribute,
+    verify_group,
+    writable,
+    write_rows_at,
+)
+from mlsae_cache.policy import TrainablePolicy
 from mlsae_cache.rawchunks import read_raw_chunk, write_raw_chunks
+from mlsae_cache.storage import STORAGE_DTYPES, to_float32
 
 FORMAT = "mlsae-cache"
 VERSION = 1
-ATTR = "mlsae"
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
-TOKEN_ARRAYS = {"token_ids": np.int32, "sequence": np.int64, "position": np.int32, "trainable": np.bool_}
+KIND = "cache"
+
+_ACTIVATIONS = "activations"
+_LAYER = "layer"
+_LAYER_MEAN = "layer_mean"
+_LAYER_SQ_NORM = "layer_sq_norm"
+_CHUNK_SUM, _CHUNK_SQ, _CHUNK_COUNT = "chunk_sum", "chunk_sq_norm_sum", "chunk_count"
+
+
+class TokenRows(NamedTuple):
+    """The per-token arrays of consecutive rows, each [n]; the same four arrays, under these names, are copied
+    into every latents store."""
+
+    token_ids: np.ndarray
+    sequence: np.ndarray
+    position: np.ndarray
+    trainable: np.ndarray
+
+
+TOKEN_DTYPES: dict[str, type[np.generic]] = {
+    "token_ids": np.int32,
+    "sequence": np.int64,
+    "position": np.int32,
+    "trainable": np.bool_,
+}
+"""Array name -> dtype of each TokenRows field, in field order."""
+
+assert tuple(TOKEN_DTYPES) == TokenRows._fields
 
 
 @dataclass(frozen=True)
 class CacheMeta:
-    """The root attribute `mlsae` (SPEC section 5). `n_tokens` rows are committed; readers use only those."""
+    """The root attribute `mlsae`. `n_tokens` rows are committed; readers use only those."""
 
     d_model: int
     layers: tuple[int, ...]
@@ -86,60 +124,33 @@ class CacheMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], path: Path | str = "") -> CacheMeta:
-        check_format(data, FORMAT, VERSION, path, "cache", "re-harvest the cache")
-        known = {f for f in cls.__dataclass_fields__}
+        check_format(data, FORMAT, VERSION, path, KIND, "re-harvest the cache")
+        known = set(cls.__dataclass_fields__)
         kwargs = {k: v for k, v in data.items() if k in known}
-        kwargs["layers"] = tuple(kwargs["layers"])
-        return cls(**kwargs)
+        try:
+            kwargs["layers"] = tuple(kwargs["layers"])
+            return cls(**kwargs)
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{path}: the cache's metadata is damaged ({e}); re-harvest the cache") from e
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def policy(self) -> TrainablePolicy:
+        """The trainable-token policy the rows were marked with."""
+        return TrainablePolicy.from_dict(self.trainable_policy)
 
     def covers(self, max_tokens: int | None) -> bool:
         """Complete with `max_tokens` rows (None: all the text), or with all the text there was."""
         return self.complete and (self.exhausted or (max_tokens is not None and self.n_tokens >= max_tokens))
 
 
-def check_format(data: dict[str, Any], fmt: str, version: int, path: Path | str, kind: str, remake: str) -> None:
-    """Refuse a root attribute of another format, or of a version this mlsae does not read."""
-    if data.get("format") != fmt:
-        raise StoreError(f"{path} is not an mlsae {kind} (format {data.get('format')!r}; expected {fmt!r})")
-    if data.get("version") != version:
-        raise StoreError(
-            f"{path} is an mlsae {kind} of format version {data.get('version')!r}, but this mlsae reads "
-            f"version {version} (upgrade mlsae, or {remake})"
-        )
-
-
-def read_root_attribute(path: Path | str, kind: str, hint: str) -> dict[str, Any]:
-    """The `mlsae` root attribute of the store at `path`; NotFoundError / StoreError naming `kind` otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise NotFoundError(f"{kind} {path} does not exist ({hint})")
-    meta_file = path / "zarr.json"
-    if not path.is_dir() or not meta_file.is_file():
-        raise StoreError(f"{path} is not an mlsae {kind} (no zarr.json; {hint})")
-    try:
-        attrs = json.loads(meta_file.read_text()).get("attributes", {})
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{path}/zarr.json is unreadable ({e}); the store is damaged") from e
-    if ATTR not in attrs:
-        raise StoreError(f"{path} is a Zarr group but not an mlsae {kind} (no '{ATTR}' attribute; {hint})")
-    return attrs[ATTR]
-
-
 def read_meta(path: Path | str) -> CacheMeta:
     """The metadata of the cache at `path`; NotFoundError / StoreError for anything that is not one."""
-    attr = read_root_attribute(path, "cache", f"harvest one with `mlsae-cache harvest {path}`")
+    attr = read_root_attribute(path, KIND, f"harvest one with `mlsae-cache harvest {path}`")
     return CacheMeta.from_dict(attr, path)
-
-
-def holds_nothing(path: Path) -> bool:
-    """True when `path` is absent, or a directory holding nothing but the `.partial` files of writes that a kill
-    cut short (a store whose creation was killed while writing its first file): a writer may start afresh."""
-    path = Path(path)
-    return not path.is_dir() or all(child.name.endswith(".partial") for child in path.iterdir())
 
 
 def existing_cache(out: Path) -> CacheMeta | None:
@@ -159,64 +170,6 @@ def existing_cache(out: Path) -> CacheMeta | None:
         ) from e
 
 
-def clear_store(path: Path) -> None:
-    """Remove everything inside the directory `path`, keeping the directory (whose lock the caller holds)."""
-    for child in Path(path).iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def remove_partials(path: Path) -> None:
-    """Delete the `*.partial` files of writes that a kill cut short (zarr and rawchunks.py write each file beside
-    its name and rename it into place). Only a writer holding the store lock exclusively may call this: a running
-    writer's files look the same."""
-    for partial in Path(path).rglob("*.partial"):
-        partial.unlink(missing_ok=True)
-
-
-def discard_store(path: Path, keep_dir: bool) -> None:
-    """Remove a store this run created and could not fill, so nothing half-written is left behind."""
-    clear_store(path)
-    if not keep_dir:
-        Path(path).rmdir()
-
-
-def _compressors(dtype: np.dtype, compress: bool) -> list[Any]:
-    codecs: list[Any] = []
-    if compress:
-        codecs.append(BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize))
-    codecs.append(Crc32cCodec())
-    return codecs
-
-
-def writable(arr: zarr.Array) -> zarr.Array:
-    """`arr` set to store every chunk it is given. By default zarr skips (and deletes) a chunk equal to the fill
-    value, 0 here: a chunk of zeros, such as `sequence` of a first window longer than a chunk, `chunk_count` of
-    a chunk with no trainable token, or `layer` of a cache of block 0 alone, would then look missing to
-    `verify`."""
-    return arr.with_config({"write_empty_chunks": True})
-
-
-def create_array(
-    group: zarr.Group,
-    name: str,
-    shape: tuple[int, ...],
-    chunks: tuple[int, ...],
-    dtype: Any,
-    dims: tuple[str, ...],
-    compress: bool,
-) -> None:
-    """An array of the store conventions: fill 0, named dims, crc32c on every chunk (zstd first if `compress`)."""
-    group.create_array(
-        name,
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
-        fill_value=0,
-        dimension_names=dims,
-        compressors=_compressors(np.dtype(dtype), compress),
-    )
-
-
 def create_store(path: Path, meta: CacheMeta) -> None:
     """Create an empty cache (no rows) at `path` with every array of the format.
 
@@ -226,26 +179,19 @@ def create_store(path: Path, meta: CacheMeta) -> None:
     group = zarr.create_group(str(path), zarr_format=3, attributes={ATTR: meta.to_dict()})
     n_layers, d, ct = meta.n_layers, meta.d_model, meta.chunk_tokens
     act_dtype = STORAGE_DTYPES[meta.storage_dtype]
-    create_array(
-        group,
-        "activations",
-        (0, n_layers, d),
-        (ct, 1, d),
-        act_dtype,
-        ("token", "layer", "d_model"),
-        compress=meta.storage_dtype == "bfloat16",
-    )
-    for name, dtype in TOKEN_ARRAYS.items():
+    dims = ("token", "layer", "d_model")
+    bf16 = meta.storage_dtype == "bfloat16"
+    create_array(group, _ACTIVATIONS, (0, n_layers, d), (ct, 1, d), act_dtype, dims, compress=bf16)
+    for name, dtype in TOKEN_DTYPES.items():
         create_array(group, name, (0,), (ct,), dtype, ("token",), compress=True)
-    create_array(group, "layer", (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
-    writable(group["layer"])[:] = np.asarray(meta.layers, dtype=np.int32)
-    create_array(group, "layer_mean", (n_layers, d), (n_layers, d), np.float64, ("layer", "d_model"), False)
-    create_array(group, "layer_sq_norm", (n_layers,), (n_layers,), np.float64, ("layer",), False)
-    create_array(
-        group, "chunk_sum", (0, n_layers, d), (1, n_layers, d), np.float64, ("token_chunk", "layer", "d_model"), False
-    )
-    create_array(group, "chunk_sq_norm_sum", (0, n_layers), (1, n_layers), np.float64, ("token_chunk", "layer"), False)
-    create_array(group, "chunk_count", (0,), (1,), np.int64, ("token_chunk",), False)
+    layer = create_array(group, _LAYER, (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
+    writable(layer)[:] = np.asarray(meta.layers, dtype=np.int32)
+    create_array(group, _LAYER_MEAN, (n_layers, d), (n_layers, d), np.float64, ("layer", "d_model"), False)
+    create_array(group, _LAYER_SQ_NORM, (n_layers,), (n_layers,), np.float64, ("layer",), False)
+    per_chunk = ("token_chunk", "layer", "d_model")
+    create_array(group, _CHUNK_SUM, (0, n_layers, d), (1, n_layers, d), np.float64, per_chunk, False)
+    create_array(group, _CHUNK_SQ, (0, n_layers), (1, n_layers), np.float64, ("token_chunk", "layer"), False)
+    create_array(group, _CHUNK_COUNT, (0,), (1,), np.int64, ("token_chunk",), False)
 
 
 @dataclass(frozen=True)
@@ -253,48 +199,22 @@ class Rows:
     """A block of consecutive token rows in the storage dtype.
 
     activations is layer-major, [n_layers, n, d_model]: every stored chunk (a token chunk at one layer) is then
-    one contiguous slab, which halves the cost of writing it (measured: 0.18 vs 0.41 s per 4,096 SmolLM2
-    tokens), and the hooks fill it layer by layer. The token arrays are [n].
+    one contiguous slab, which halves the cost of writing it, and the hooks fill it layer by layer. `tokens`
+    holds the per-token arrays, each [n].
     """
 
     activations: np.ndarray
-    token_ids: np.ndarray
-    sequence: np.ndarray
-    position: np.ndarray
-    trainable: np.ndarray
+    tokens: TokenRows
 
     def __len__(self) -> int:
-        return int(self.token_ids.shape[0])
+        return int(self.tokens.token_ids.shape[0])
 
     def slice(self, start: int, stop: int) -> Rows:
-        tokens = {f: getattr(self, f)[start:stop] for f in TOKEN_ARRAYS}
-        return Rows(activations=self.activations[:, start:stop], **tokens)
-
-    @staticmethod
-    def concat(parts: list[Rows]) -> Rows:
-        if len(parts) == 1:
-            return parts[0]
-        tokens = {f: np.concatenate([getattr(p, f) for p in parts]) for f in TOKEN_ARRAYS}
-        return Rows(activations=np.concatenate([p.activations for p in parts], axis=1), **tokens)
+        return Rows(self.activations[:, start:stop], TokenRows(*(a[start:stop] for a in self.tokens)))
 
     def token_major(self) -> np.ndarray:
         """activations as [n, n_layers, d_model] (a view), the layout of the stored array."""
         return self.activations.transpose(1, 0, 2)
-
-
-def to_float32(stored: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """Stored activations as float32 (bfloat16 bit patterns are widened exactly)."""
-    if storage_dtype == "bfloat16":
-        return (stored.astype(np.uint32) << 16).view(np.float32)
-    return stored.astype(np.float32, copy=False)
-
-
-def stored_to_torch(stored: np.ndarray, storage_dtype: str) -> Any:
-    """Stored activations as a torch tensor of their real dtype (bfloat16 bit patterns are viewed, not copied)."""
-    import torch
-
-    tensor = torch.from_numpy(stored)
-    return tensor.view(torch.bfloat16) if storage_dtype == "bfloat16" else tensor
 
 
 PARTIAL_ROWS = 128
@@ -305,12 +225,12 @@ def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarr
     """Float64 sums over trainable rows: sum x [n_layers, d_model], sum ||x||^2 [n_layers], count.
 
     Layer by layer and PARTIAL_ROWS rows at a time, widened into one small float64 buffer, so no float64 copy of
-    a layer is made (measured: 0.10 s per 4,096 SmolLM2 tokens against 0.18 s for whole layers). Excluded rows
-    are zeroed rather than selected out (a boolean gather costs more than everything else here). numpy widens
-    with SIMD and sums single-threaded, so the bits do not depend on the machine's thread count (shards and
-    resumed runs write the same partials).
+    a layer is made. Excluded rows are zeroed rather than selected out (a boolean gather costs more than
+    everything else here). numpy widens with SIMD and sums single-threaded, so the bits do not depend on the
+    machine's thread count (shards and resumed runs write the same partials).
     """
-    excluded = ~rows.trainable
+    trainable = rows.tokens.trainable
+    excluded = ~trainable
     n_layers, n, d_model = rows.activations.shape
     sums, sq = np.zeros((n_layers, d_model)), np.zeros(n_layers)
     buf = np.empty((min(n, PARTIAL_ROWS), d_model))
@@ -321,41 +241,49 @@ def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarr
             x[excluded[a : a + PARTIAL_ROWS]] = 0.0
             sums[i] += x.sum(axis=0)
             sq[i] += np.einsum("nd,nd->", x, x)
-    return sums, sq, int(rows.trainable.sum())
+    return sums, sq, int(trainable.sum())
 
 
-def write_rows_at(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write each array's rows at [start, start + n) along its first axis, growing the array first if needed."""
-    for name, values in arrays.items():
-        arr = writable(group[name])
-        stop = start + values.shape[0]
-        if arr.shape[0] < stop:
-            arr.resize((stop, *arr.shape[1:]))
-        arr[start:stop] = values
+Partials = tuple[np.ndarray, np.ndarray, int]
 
 
-def write_chunk_data(group: zarr.Group, meta: CacheMeta, start: int, rows: Rows) -> tuple[np.ndarray, np.ndarray, int]:
-    """Write rows [start, start + len(rows)) filling token chunk start // chunk_tokens from its start, then
-    that chunk's partial sums, which it returns: the part of a commit that touches only this chunk's keys
-    (shards run it side by side on disjoint chunks)."""
-    ct = meta.chunk_tokens
-    assert start % ct == 0 and 0 < len(rows) <= ct
-    activations = writable(group["activations"])
-    if activations.shape[0] < start + len(rows):
-        activations.resize((start + len(rows), *activations.shape[1:]))
-    if not write_raw_chunks(activations, start // ct, rows.activations):
-        activations[start : start + len(rows)] = rows.token_major()
-    write_rows_at(group, start, {name: getattr(rows, name) for name in TOKEN_ARRAYS})
-    s, q, c = chunk_partials(rows, meta.storage_dtype)
-    write_rows_at(
-        group, start // ct, {"chunk_sum": s[None], "chunk_sq_norm_sum": q[None], "chunk_count": np.asarray([c])}
-    )
-    return s, q, c
+def _open(path: Path, mode: str) -> zarr.Group:
+    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+
+
+class CacheChunkWriter(ChunkCommitter[Rows]):
+    """The data half of a cache commit: rows of one token chunk, then that chunk's partial sums. Subclasses make
+    the chunk visible (`_record`). The caller holds the store lock (exclusive, or shared for shards)."""
+
+    def __init__(self, path: Path | str, direct_io: bool = True) -> None:
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.group = _open(self.path, "r+")
+        self.direct_io = direct_io
+
+    def _write_data(self, start: int, rows: Rows) -> Partials:
+        """Write rows [start, start + len(rows)) filling token chunk start // chunk_tokens from its start, then
+        that chunk's partial sums, which it returns (shards run this side by side on disjoint chunks)."""
+        ct = self.meta.chunk_tokens
+        assert start % ct == 0 and 0 < len(rows) <= ct
+        activations = writable(self.group[_ACTIVATIONS])
+        if activations.shape[0] < start + len(rows):
+            activations.resize((start + len(rows), *activations.shape[1:]))
+        if not write_raw_chunks(activations, start // ct, rows.activations, direct=self.direct_io):
+            activations[start : start + len(rows)] = rows.token_major()
+        write_rows_at(self.group, start, rows.tokens._asdict())
+        s, q, c = chunk_partials(rows, self.meta.storage_dtype)
+        write_rows_at(self.group, start // ct, {_CHUNK_SUM: s[None], _CHUNK_SQ: q[None], _CHUNK_COUNT: np.asarray([c])})
+        return s, q, c
+
+    def set_meta(self, **changes: Any) -> None:
+        """Replace fields of the root attribute (one atomic write of the group's zarr.json)."""
+        self.meta = set_meta(self.group, self.meta, **changes)
 
 
 def read_partials(group: zarr.Group, n_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stored partial sums of the first `n_chunks` token chunks."""
-    return group["chunk_sum"][:n_chunks], group["chunk_sq_norm_sum"][:n_chunks], group["chunk_count"][:n_chunks]
+    return group[_CHUNK_SUM][:n_chunks], group[_CHUNK_SQ][:n_chunks], group[_CHUNK_COUNT][:n_chunks]
 
 
 def write_statistics(group: zarr.Group, sums: np.ndarray, sq: np.ndarray, counts: np.ndarray) -> None:
@@ -365,35 +293,38 @@ def write_statistics(group: zarr.Group, sums: np.ndarray, sq: np.ndarray, counts
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums.sum(axis=0) / count if count else np.full(sums.shape[1:], np.nan)
         sq_norm = sq.sum(axis=0) / count if count else np.full(sq.shape[1:], np.nan)
-    writable(group["layer_mean"])[:] = mean
-    writable(group["layer_sq_norm"])[:] = sq_norm
+    writable(group[_LAYER_MEAN])[:] = mean
+    writable(group[_LAYER_SQ_NORM])[:] = sq_norm
+
+
+def finish_statistics(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:
+    """Statistics from the stored partial sums of the chunks holding the first `n_tokens` rows."""
+    write_statistics(group, *read_partials(group, math.ceil(n_tokens / chunk_tokens)))
 
 
 def resize_store(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:
-    """Set the token extent of every token and token-chunk array (a sharded harvest sizes them up front, so its
+    """Set the token extent of every token and token-chunk array (a parallel harvest sizes them up front, so its
     workers never rewrite array metadata, and trims them to what was written at the end)."""
     n_chunks = math.ceil(n_tokens / chunk_tokens)
-    for name in ("activations", *TOKEN_ARRAYS):
+    for name in (_ACTIVATIONS, *TOKEN_DTYPES):
         group[name].resize((n_tokens, *group[name].shape[1:]))
-    for name in ("chunk_sum", "chunk_sq_norm_sum", "chunk_count"):
+    for name in (_CHUNK_SUM, _CHUNK_SQ, _CHUNK_COUNT):
         group[name].resize((n_chunks, *group[name].shape[1:]))
 
 
 def set_meta(group: zarr.Group, meta: CacheMeta, **changes: Any) -> CacheMeta:
     """Replace fields of the root attribute (one atomic write of the group's zarr.json); the new metadata."""
     meta = replace(meta, **changes)
-    group.attrs[ATTR] = meta.to_dict()
+    set_root_attribute(group, meta.to_dict())
     return meta
 
 
-class CacheWriter:
-    """Appends rows to a cache, one token chunk per commit. The caller holds the store lock."""
+class CacheWriter(CacheChunkWriter):
+    """Appends rows to a cache, one token chunk per commit (a single writer: the caller holds the lock
+    exclusively). A commit ends with the statistics and then `n_tokens`."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.meta = read_meta(self.path)
-        remove_partials(self.path)
-        self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+    def __init__(self, path: Path | str, direct_io: bool = True) -> None:
+        super().__init__(path, direct_io)
         # the committed chunks' partial sums, kept in memory so each commit reads none of them back
         self._sums, self._sq, self._counts = read_partials(
             self.group, math.ceil(self.meta.n_tokens / self.meta.chunk_tokens)
@@ -404,20 +335,15 @@ class CacheWriter:
         """First row to (re)write: the start of the first chunk that is not full."""
         return (self.meta.n_tokens // self.meta.chunk_tokens) * self.meta.chunk_tokens
 
-    def write_chunk(self, start: int, rows: Rows) -> None:
-        """Commit rows [start, start + len(rows)) that fill token chunk start // chunk_tokens from its start."""
+    def _record(self, start: int, rows: Rows, derived: Partials) -> None:
         assert start <= self.meta.n_tokens
-        s, q, c = write_chunk_data(self.group, self.meta, start, rows)
+        s, q, c = derived
         chunk = start // self.meta.chunk_tokens
         self._sums = np.concatenate([self._sums[:chunk], s[None]])
         self._sq = np.concatenate([self._sq[:chunk], q[None]])
         self._counts = np.concatenate([self._counts[:chunk], [c]])
         write_statistics(self.group, self._sums, self._sq, self._counts)
         self.set_meta(n_tokens=max(start + len(rows), self.meta.n_tokens))
-
-    def set_meta(self, **changes: Any) -> None:
-        """Replace fields of the root attribute (one atomic write of the group's zarr.json)."""
-        self.meta = set_meta(self.group, self.meta, **changes)
 
 
 class Cache:
@@ -426,7 +352,7 @@ class Cache:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.meta = read_meta(self.path)
-        self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        self._group = _open(self.path, "r")
         self._activations: zarr.Array | None = None
 
     @property
@@ -449,18 +375,35 @@ class Cache:
     def n_chunks(self) -> int:
         return math.ceil(self.n_tokens / self.chunk_tokens)
 
-    def token_array(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """One of token_ids, sequence, position, trainable over committed rows [start, stop) (default: all);
-        only the chunks holding that range are read."""
-        if name not in TOKEN_ARRAYS:
-            raise KeyError(name)
-        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
-        return self._group[name][start:stop]
+    def layer_index(self, layer: int) -> int:
+        """The position of block `layer` among the stored layers; InputError when it is not stored."""
+        if layer not in self.layers:
+            raise InputError(f"block {layer} is not in cache {self.path} (it holds blocks {list(self.layers)})")
+        return self.layers.index(layer)
+
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
+        return start, self.n_tokens if stop is None else min(stop, self.n_tokens)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> TokenRows:
+        """The per-token arrays of committed rows [start, stop) (default: all); only the chunks holding that
+        range are read."""
+        a, b = self._range(start, stop)
+        return TokenRows(*(self._group[name][a:b] for name in TOKEN_DTYPES))
+
+    def trainable(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Which committed rows [start, stop) are trainable: [n] bool."""
+        a, b = self._range(start, stop)
+        return self._group["trainable"][a:b]
+
+    def token_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The input token of committed rows [start, stop): [n] int32."""
+        a, b = self._range(start, stop)
+        return self._group["token_ids"][a:b]
 
     def activations(self, start: int, stop: int, layer_index: int | slice = slice(None)) -> np.ndarray:
         """float32 activations of rows [start, stop) at layer position(s) `layer_index`."""
-        stop = min(stop, self.n_tokens)
-        raw = self._group["activations"][start:stop, layer_index]
+        a, b = self._range(start, stop)
+        raw = self._group[_ACTIVATIONS][a:b, layer_index]
         return to_float32(raw, self.meta.storage_dtype)
 
     def chunk(self, chunk_index: int, layer_index: int) -> np.ndarray:
@@ -468,22 +411,24 @@ class Cache:
         return to_float32(self.stored_chunk(chunk_index, layer_index), self.meta.storage_dtype)
 
     def stored_chunk(self, chunk_index: int, layer_index: int) -> np.ndarray:
-        """One stored chunk's committed rows as stored (bfloat16 as uint16 bit patterns; see stored_to_torch),
+        """One stored chunk's committed rows as stored (bfloat16 as uint16 bit patterns; see storage.py),
         read-only (a mapping of the chunk's file, where rawchunks.py applies)."""
         start = chunk_index * self.chunk_tokens
         stop = min(start + self.chunk_tokens, self.n_tokens)
         if self._activations is None:
-            self._activations = self._group["activations"]
+            self._activations = self._group[_ACTIVATIONS]
         raw = read_raw_chunk(self._activations, (chunk_index, layer_index, 0))
         if raw is not None:
             return raw.reshape(self.chunk_tokens, self.d_model)[: stop - start]
         return self._activations[start:stop, layer_index]
 
     def layer_mean(self) -> np.ndarray:
-        return self._group["layer_mean"][:]
+        """Mean over trainable tokens, per stored layer: [n_layers, d_model] float64."""
+        return self._group[_LAYER_MEAN][:]
 
     def layer_sq_norm(self) -> np.ndarray:
-        return self._group["layer_sq_norm"][:]
+        """Mean squared L2 norm over trainable tokens, per stored layer: [n_layers] float64."""
+        return self._group[_LAYER_SQ_NORM][:]
 
     def to_xarray(self) -> Any:
         """The committed rows as a lazy xarray Dataset (bfloat16 bit patterns are left as stored)."""
@@ -496,46 +441,25 @@ class Cache:
         """The committed activations as a dask array [token, layer, d_model] in float32, one block per chunk."""
         import dask.array as da
 
-        arr = da.from_zarr(str(self.path), component="activations")[: self.n_tokens]
+        arr = da.from_zarr(str(self.path), component=_ACTIVATIONS)[: self.n_tokens]
         return arr.map_blocks(to_float32, self.meta.storage_dtype, dtype=np.float32)
 
     def nbytes_stored(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
-def _chunk_keys(arr: zarr.Array, n_rows: int) -> Iterator[tuple[str, tuple[slice, ...]]]:
-    """(store key, selection) of every chunk holding the first `n_rows` rows of `arr`."""
-    extent = (n_rows, *arr.shape[1:])
-    for coords in np.ndindex(*(math.ceil(s / c) for s, c in zip(extent, arr.chunks, strict=False))):
-        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, arr.chunks, strict=False))
-        yield f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}", sel
-
-
-def verify_group(path: Path | str, n_tokens: int, chunk_tokens: int) -> int:
-    """Read and checksum every chunk holding committed data of the store at `path`: arrays along `token` up to
-    n_tokens rows, along `token_chunk` up to the chunks those rows fill, others whole.
-
-    CorruptError names the first missing or corrupted chunk; returns the number of chunks checked.
-    """
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    checked = 0
-    for _, arr in sorted(group.arrays()):
-        dims = arr.metadata.dimension_names or ()
-        n_rows = {"token": n_tokens, "token_chunk": math.ceil(n_tokens / chunk_tokens)}.get(
-            (dims or ("",))[0], arr.shape[0]
+def open_cache(path: Path | str, require_complete: bool = True) -> Cache:
+    """The cache at `path` for reading; refuses one whose harvest has not finished (unless asked)."""
+    cache = Cache(path)
+    if require_complete and not cache.meta.complete:
+        raise StoreError(
+            f"cache {path} is incomplete ({cache.n_tokens} tokens committed); finish it first by re-running "
+            "the same `mlsae-cache harvest` command"
         )
-        for key, sel in _chunk_keys(arr, n_rows):
-            if not asyncio.run(group.store.exists(key)):
-                raise CorruptError(f"chunk {key} of {path} is missing (re-create the store, or resume its writer)")
-            try:
-                arr[sel]
-            except Exception as e:  # zarr raises ValueError for a checksum mismatch, others for bad bytes
-                raise CorruptError(f"chunk {key} of {path} is corrupted ({e}); re-create it") from e
-            checked += 1
-    return checked
+    return cache
 
 
 def verify(path: Path | str) -> int:
-    """Checksum every committed chunk of the cache at `path` (see verify_group)."""
+    """Checksum every committed chunk of the cache at `path` (see core.zarrstore.verify_group)."""
     meta = read_meta(path)
     return verify_group(path, meta.n_tokens, meta.chunk_tokens)

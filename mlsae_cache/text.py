@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mlsae_cache.errors import InputError, NotFoundError
+from mlsae_cache.core.errors import InputError, NotFoundError
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_BATCH = 64

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mlsae_cache.clikit import handle_errors, mlsae_group, progress_bar, silence_library_progress
 from mlsae_cache.config import parse_layers
+from mlsae_cache.core.cli import handle_errors, mlsae_group, progress_bar, silence_library_progress
+from mlsae_train.results import CompareResult, EvalResult
 
 
 @mlsae_group
@@ -50,6 +50,12 @@ def main() -> None:
 @click.option("--log-every-steps", default=10, show_default=True, type=int)
 @click.option("--block-units", default=32, show_default=True, type=int, help="Stored chunks shuffled together.")
 @click.option("--train-tokens", default=None, type=int, help="Train on the first N tokens only (hold out the rest).")
+@click.option(
+    "--reuse-buffers/--no-reuse-buffers",
+    default=True,
+    show_default=True,
+    help="Refill the loader's block buffers instead of allocating fresh ones (the same batches either way).",
+)
 @click.pass_context
 @handle_errors
 def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options: Any) -> None:
@@ -77,25 +83,33 @@ def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options:
     )
 
 
-def format_eval(result: dict[str, Any]) -> str:
+def format_eval(result: EvalResult) -> str:
     """The per-layer table of `eval`, with delta CE and KL columns when the result has them (--splice)."""
-    spliced = "delta_ce" in result
-    n = len(result["layer"])
-    delta_ce, kl = result.get("delta_ce", [None] * n), result.get("kl", [None] * n)
-    lines = [
-        f"{'layer':>5}  {'FVU':>8}  {'MSE':>10}  {'L0':>6}  {'rows':>8}" + ("  dCE(nats)  KL(nats)" if spliced else "")
-    ]
-    for layer, fvu, mse, l0, rows, dce, div in zip(
-        result["layer"], result["fvu"], result["mse"], result["l0"], result["n_rows"], delta_ce, kl, strict=True
+    n = len(result.layer)
+    delta_ce, kl = result.delta_ce or [None] * n, result.kl or [None] * n
+    header = f"{'layer':>5}  {'FVU':>8}  {'MSE':>10}  {'L0':>6}  {'rows':>8}"
+    lines = [header + ("  dCE(nats)  KL(nats)" if result.spliced else "")]
+    for i, (layer, mse, l0, rows, dce, div) in enumerate(
+        zip(result.layer, result.mse, result.l0, result.n_rows, delta_ce, kl, strict=True)
     ):
-        line = f"{layer:>5}  {fvu:>8.4f}  {mse:>10.4g}  {l0:>6.1f}  {rows:>8}"
-        lines.append(line + (f"  {dce:>9.4f}  {div:>8.4f}" if spliced else ""))
-    lines.append(f"mean FVU {result['fvu_mean']:.4f}; dead fraction {result['dead_fraction']:.4f}")
-    if spliced:
+        line = f"{layer:>5}  {result.fvu_value(i):>8.4f}  {mse:>10.4g}  {l0:>6.1f}  {rows:>8}"
+        lines.append(line + (f"  {dce:>9.4f}  {div:>8.4f}" if result.spliced else ""))
+    lines.append(f"mean FVU {result.fvu_mean:.4f}; dead fraction {result.dead_fraction:.4f}")
+    if result.spliced:
         lines.append(
-            f"clean CE {result['clean_ce']:.4f} nats/token; mean delta CE {result['delta_ce_mean']:.4f}, "
-            f"mean KL {result['kl_mean']:.4f} over {result['n_predicted']} predictions in {result['n_windows']} windows"
+            f"clean CE {result.clean_ce:.4f} nats/token; mean delta CE {result.delta_ce_mean:.4f}, "
+            f"mean KL {result.kl_mean:.4f} over {result.n_predicted} predictions in {result.n_windows} windows"
         )
+    return "\n".join(lines)
+
+
+def format_compare(result: CompareResult) -> str:
+    """The comparison as aligned plain text."""
+    header, cells = result.table()
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *cells]]
+    if result.clean_ce is not None:
+        lines.append(f"clean CE {result.clean_ce:.4f} nats/token over {result.n_windows} windows")
     return "\n".join(lines)
 
 
@@ -117,7 +131,7 @@ def splice_options(func: Any) -> Any:
 @main.command(name="eval")
 @click.argument("sae", type=click.Path(path_type=Path))
 @click.argument("cache", type=click.Path(path_type=Path))
-@click.option("--out", "out_file", default=None, type=click.Path(path_type=Path), help="Write the metrics as JSON.")
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="Write the metrics as JSON.")
 @click.option("--start", default=0, show_default=True, type=int, help="First token of the evaluated range.")
 @click.option("--stop", default=None, type=int, help="End of the evaluated token range (default: all).")
 @click.option("--layers", "layers_text", default="all", show_default=True, help="Layers (default: the SAE's).")
@@ -126,42 +140,23 @@ def splice_options(func: Any) -> Any:
 @splice_options
 @click.pass_context
 @handle_errors
-def eval_(
-    ctx: click.Context,
-    sae: Path,
-    cache: Path,
-    out_file: Path | None,
-    start: int,
-    stop: int | None,
-    layers_text: str,
-    device: str,
-    splice: bool,
-    **splice_kwargs: Any,
-) -> None:
+def eval_(ctx: click.Context, layers_text: str, **options: Any) -> None:
     """Per-layer FVU, MSE, L0 and the dead fraction of SAE on the trainable rows of CACHE; with --splice, also
     delta CE and KL with the SAE spliced into the model at each layer (on whole windows of the same range)."""
-    from mlsae_cache.models import resolve_device
-    from mlsae_cache.store import Cache
-    from mlsae_train.checkpoint import load_sae
-    from mlsae_train.evaluate import evaluate
-    from mlsae_train.splice import SpliceConfig, splice_evaluate
+    from mlsae_train.evaluate import EvalConfig, run_eval
 
-    splice_cfg = SpliceConfig(start=start, stop=stop, **splice_kwargs)
-    splice_cfg.check_used(splice)
-    model, cfg = load_sae(sae, resolve_device(device))
-    store = Cache(cache)
-    layers = parse_layers(layers_text) or tuple(cfg.get("layers") or store.layers)
-    with progress_bar(stop, "tok", ctx.obj["quiet"], "eval") as advance:
-        result = evaluate(model, store, layers, start, stop, progress=advance).to_dict()
-    if splice:
+    cfg = EvalConfig(layers=parse_layers(layers_text), **options)
+    if cfg.splice:
         silence_library_progress()
-        with progress_bar(splice_cfg.max_windows, "window", ctx.obj["quiet"], "splice") as advance:
-            spliced = splice_evaluate(model, store, layers, splice_cfg, progress=advance).to_dict()
-        result.update({key: value for key, value in spliced.items() if key != "layer"})
+    quiet = ctx.obj["quiet"]
+    with (
+        progress_bar(cfg.stop, "tok", quiet, "eval") as advance,
+        progress_bar(cfg.max_windows, "window", quiet or not cfg.splice, "splice") as advance_windows,
+    ):
+        result = run_eval(cfg, progress=advance, splice_progress=advance_windows)
     click.echo(format_eval(result))
-    if out_file is not None:
-        out_file.write_text(json.dumps(result, indent=2) + "\n")
-        click.echo(f"wrote {out_file}")
+    if cfg.out is not None:
+        click.echo(f"wrote {cfg.out}")
 
 
 @main.command(name="convert-reference")
@@ -190,13 +185,13 @@ def convert_reference_(src: Path, out: Path) -> None:
 @handle_errors
 def compare(ctx: click.Context, mlsae: Path, out: Path, singles: tuple[str, ...], **options: Any) -> None:
     """Put the MLSAE beside single-layer SAEs, per layer (FVU, delta CE, KL, dead fraction); write
-    OUT/compare.json, OUT/compare.md and OUT/compare.png."""
-    from mlsae_train.compare import CompareConfig, format_table, parse_single
+    OUT/compare.json (`mlsae-analyze report --compare` and `heatmap --compare` draw its table and figure)."""
+    from mlsae_train.compare import CompareConfig, parse_single
     from mlsae_train.compare import compare as run_compare
 
     cfg = CompareConfig(mlsae=mlsae, out=out, singles=tuple(parse_single(s) for s in singles), **options)
     silence_library_progress()
     with progress_bar(cfg.max_windows, "window", ctx.obj["quiet"], "compare") as advance:
         result = run_compare(cfg, progress=advance)
-    click.echo(format_table(result))
-    click.echo(f"wrote {', '.join(result.files)}")
+    click.echo(format_compare(result))
+    click.echo(f"wrote {out}/compare.json")

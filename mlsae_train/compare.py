@@ -8,37 +8,28 @@ the trainable rows of the cache's token range [start, stop), delta CE and KL (wi
 all its layers (one dictionary serves them all), so it is the same in every row; a single-layer SAE's is over
 its own layer.
 
-Outputs in OUT: compare.json (the rows), compare.md (the table) and compare.png (one panel per metric).
+Output: OUT/compare.json, a `CompareResult` record (results.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-from mlsae_cache.errors import InputError
-from mlsae_cache.models import resolve_device
+from mlsae_cache.core.devices import resolve_device
+from mlsae_cache.core.errors import InputError
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.evaluate import evaluate
+from mlsae_train.results import COMPARE_JSON, CompareResult
 from mlsae_train.sae import TopKSAE
 from mlsae_train.splice import SpliceConfig, SpliceTarget, splice_targets
 
 log = logging.getLogger(__name__)
-
-METRICS = ("fvu", "delta_ce", "kl", "dead_fraction")
-LABELS = {"fvu": "FVU", "delta_ce": "delta CE (nats/token)", "kl": "KL (nats/token)", "dead_fraction": "dead fraction"}
-KINDS = ("mlsae", "single")
 
 
 def parse_single(text: str) -> tuple[int, Path]:
@@ -79,20 +70,6 @@ class CompareConfig:
         return SpliceConfig(self.model, self.dataset, self.start, self.stop, self.max_windows, self.batch_windows)
 
 
-@dataclass(frozen=True)
-class CompareResult:
-    """One row per MLSAE layer: {"layer", "mlsae": {metric: value}, "single": {metric: value} | None}."""
-
-    rows: list[dict[str, Any]]
-    clean_ce: float | None
-    n_windows: int | None
-    sources: dict[str, Any] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "clean_ce": self.clean_ce, "n_windows": self.n_windows, "sources": self.sources}
-
-
 def load_singles(
     cfg: CompareConfig, mlsae: TopKSAE, layers: tuple[int, ...], device: torch.device
 ) -> dict[int, TopKSAE]:
@@ -127,7 +104,8 @@ def _fvu_dead(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], cfg: CompareC
 
 
 def compare(cfg: CompareConfig, progress: Callable[[int], None] = lambda n: None) -> CompareResult:
-    """Compute the comparison and write compare.json, compare.md and compare.png into cfg.out."""
+    """Compute the comparison and write it to cfg.out/compare.json (`mlsae-analyze report --compare` and
+    `mlsae-analyze heatmap --compare` draw its table and figure)."""
     device = resolve_device(cfg.device)
     mlsae, mlsae_cfg = load_sae(cfg.mlsae, device)
     cache = Cache(cfg.cache)
@@ -149,85 +127,9 @@ def compare(cfg: CompareConfig, progress: Callable[[int], None] = lambda n: None
     ]
     sources = {"mlsae": str(cfg.mlsae), "single": {str(k): str(v) for k, v in cfg.singles}, "cache": str(cfg.cache)}
     result = CompareResult(rows, clean_ce, n_windows, sources)
-    return replace(result, files=write_outputs(result, cfg.out))
-
-
-# ---------------------------------------------------------------------------------------------- outputs
-
-
-def _columns(result: CompareResult) -> list[str]:
-    return [m for m in METRICS if any(m in row["mlsae"] for row in result.rows)]
-
-
-def table_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
-    """Header and cells: per layer, each metric for the MLSAE then the single-layer SAE ('-' when absent)."""
-    short = {"fvu": "FVU", "delta_ce": "dCE", "kl": "KL", "dead_fraction": "dead"}
-    columns = _columns(result)
-    header = ["layer"] + [f"{short[m]} {kind}" for m in columns for kind in KINDS]
-    cells = []
-    for row in result.rows:
-        values = [row[kind].get(m) if row[kind] else None for m in columns for kind in KINDS]
-        cells.append([str(row["layer"])] + ["-" if v is None else f"{v:.4g}" for v in values])
-    return header, cells
-
-
-def format_table(result: CompareResult) -> str:
-    """The comparison as aligned plain text (what the CLI prints)."""
-    header, cells = table_rows(result)
-    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *cells]]
-    if result.clean_ce is not None:
-        lines.append(f"clean CE {result.clean_ce:.4f} nats/token over {result.n_windows} windows")
-    return "\n".join(lines)
-
-
-def format_markdown(result: CompareResult) -> str:
-    header, cells = table_rows(result)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in cells]
-    notes = [
-        "",
-        f"MLSAE {result.sources.get('mlsae')} against single-layer SAEs on cache {result.sources.get('cache')}.",
-        "dCE and KL are per token in nats (spliced minus clean; KL(p_clean || p_spliced)). The MLSAE's dead "
-        "fraction is over all its layers, a single-layer SAE's over its own layer.",
-    ]
-    if result.clean_ce is not None:
-        notes.append(f"Clean CE {result.clean_ce:.4f} nats/token over {result.n_windows} windows.")
-    return "\n".join(lines + notes) + "\n"
-
-
-def comparison_figure(result: CompareResult) -> Figure:
-    """One panel per metric against the layer: the MLSAE and the single-layer SAEs as two lines (broken where a
-    layer has no single-layer SAE)."""
-    columns = _columns(result)
-    n_rows = (len(columns) + 1) // 2
-    fig = Figure(figsize=(9.0, 3.4 * n_rows), layout="constrained")
-    axes = fig.subplots(n_rows, 2, squeeze=False).ravel()
-    layers = [row["layer"] for row in result.rows]
-    for ax, metric in zip(axes, columns, strict=False):
-        for kind, style in (("mlsae", {"marker": "o"}), ("single", {"marker": "s", "linestyle": "--"})):
-            ys = [row[kind][metric] if row[kind] and metric in row[kind] else np.nan for row in result.rows]
-            if not np.isnan(ys).all():
-                ax.plot(layers, ys, label="MLSAE" if kind == "mlsae" else "single-layer SAEs", **style)
-        ax.set_xlabel("layer (block index)")
-        ax.set_ylabel(LABELS[metric])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
-    for ax in axes[len(columns) :]:
-        ax.set_visible(False)
-    fig.suptitle("MLSAE vs single-layer SAEs")
-    return fig
-
-
-def write_outputs(result: CompareResult, out: Path) -> list[str]:
-    """compare.json, compare.md and compare.png in `out` (created if needed); returns their paths."""
-    out = Path(out)
+    out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"OUT {out} is a file (choose a directory)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    (out / "compare.md").write_text(format_markdown(result))
-    fig = comparison_figure(result)
-    FigureCanvasAgg(fig)
-    fig.savefig(out / "compare.png", format="png", dpi=150)
-    return [str(out / name) for name in ("compare.json", "compare.md", "compare.png")]
+    result.write(out / COMPARE_JSON)
+    return result

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 from mlsae_train.kernels import DECODER_KERNELS, DecoderKernel
 
 AUTOCAST = ("none", "bf16")
@@ -16,8 +16,9 @@ AUTOCAST = ("none", "bf16")
 class TrainConfig:
     """Everything `mlsae-train fit` takes. Hyperparameter defaults are the paper's (METHOD.md section 4).
 
-    `decoder_kernel` (kernels.py) chooses how the sparse decoder is computed, not what: like `device` it is left
-    out of `hyperparameters`, so cfg.json does not record it and a run may resume with another one.
+    `decoder_kernel` (kernels.py) chooses how the sparse decoder is computed, not what, and `reuse_buffers` whether
+    the loader refills its block buffers (loader.py): like `device` they are left out of `hyperparameters`, so
+    cfg.json does not record them and a run may resume with others.
     """
 
     cache: Path
@@ -40,6 +41,7 @@ class TrainConfig:
     log_every_steps: int = 10
     block_units: int = 32
     train_tokens: int | None = None
+    reuse_buffers: bool = True
 
     def __post_init__(self) -> None:
         positive = (
@@ -69,7 +71,8 @@ class TrainConfig:
     def hyperparameters(self) -> dict[str, Any]:
         """What determines the trained weights (not paths, device, decoder kernel, logging); compared on resume."""
         d = asdict(self)
-        for name in ("cache", "out", "device", "decoder_kernel", "resume", "checkpoint_every_rows", "log_every_steps"):
+        how = ("device", "decoder_kernel", "reuse_buffers", "resume", "checkpoint_every_rows", "log_every_steps")
+        for name in ("cache", "out", *how):
             d.pop(name)
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mlsae_cache.errors import InputError
-from mlsae_cache.models import resolve_device
+from mlsae_cache.core.devices import resolve_device
+from mlsae_cache.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -7,29 +7,19 @@ per-dimension mean of that layer's evaluated rows (accumulated in float64 as sum
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.devices import resolve_device
+from mlsae_cache.core.errors import InputError
 from mlsae_cache.store import Cache
+from mlsae_train.checkpoint import load_sae
+from mlsae_train.results import EvalResult
 from mlsae_train.sae import TopKSAE
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    layer: list[int]
-    fvu: list[float]
-    mse: list[float]
-    l0: list[float]
-    n_rows: list[int]
-    dead_fraction: float
-    fvu_mean: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+from mlsae_train.splice import SpliceConfig, splice_evaluate
 
 
 class _LayerSums:
@@ -77,14 +67,14 @@ def evaluate(
     if not 0 <= start < stop:
         raise InputError(f"token range [{start}, {stop}) is empty (the cache has {cache.n_tokens} tokens)")
     device = sae.b_dec.device
-    trainable = cache.token_array("trainable")
+    trainable = cache.trainable()
     sums = [_LayerSums(cache.d_model) for _ in layers]
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=device)
     for a in range(start, stop, batch_tokens):
         b = min(a + batch_tokens, stop)
         mask = trainable[a:b]
         for slot, layer in enumerate(layers):
-            x = torch.from_numpy(cache.activations(a, b, cache.layers.index(layer))[mask]).to(device)
+            x = torch.from_numpy(cache.activations(a, b, cache.layer_index(layer))[mask]).to(device)
             if len(x) == 0:
                 continue
             out = sae(x)
@@ -103,3 +93,51 @@ def evaluate(
         dead_fraction=float(1 - fired.float().mean()),
         fvu_mean=float(np.nanmean(fvu)),
     )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything `mlsae-train eval` takes; CLI options map one-to-one onto these fields.
+
+    sae, cache: the checkpoint and the cache of the rows; out: write the result as JSON there (None: do not);
+    start, stop: the token range; layers: the layers to evaluate (None: the SAE's); splice: also delta CE and KL
+    by splicing (model, dataset, max_windows, batch_windows: see SpliceConfig).
+    """
+
+    sae: Path
+    cache: Path
+    out: Path | None = None
+    start: int = 0
+    stop: int | None = None
+    layers: tuple[int, ...] | None = None
+    device: str = "auto"
+    splice: bool = False
+    model: str | None = None
+    dataset: str | None = None
+    max_windows: int | None = None
+    batch_windows: int = 8
+
+    def __post_init__(self) -> None:
+        self.splice_config().check_used(self.splice)  # also validates the range and window options
+
+    def splice_config(self) -> SpliceConfig:
+        return SpliceConfig(self.model, self.dataset, self.start, self.stop, self.max_windows, self.batch_windows)
+
+
+def run_eval(
+    cfg: EvalConfig,
+    progress: Callable[[int], None] = lambda n: None,
+    splice_progress: Callable[[int], None] = lambda n: None,
+) -> EvalResult:
+    """Evaluate cfg.sae on cfg.cache (tokens done go to `progress`, windows spliced to `splice_progress`) and
+    write the result to cfg.out when given."""
+    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device))
+    cache = Cache(cfg.cache)
+    layers = cfg.layers or tuple(sae_cfg.get("layers") or cache.layers)
+    result = evaluate(sae, cache, layers, cfg.start, cfg.stop, progress=progress)
+    if cfg.splice:
+        result = result.with_splice(splice_evaluate(sae, cache, layers, cfg.splice_config(), progress=splice_progress))
+    result = replace(result, sae=str(cfg.sae), cache=str(cfg.cache), start=cfg.start, stop=cfg.stop)
+    if cfg.out is not None:
+        result.write(cfg.out)
+    return result

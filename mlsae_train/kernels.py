@@ -32,7 +32,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 
 try:
     import triton

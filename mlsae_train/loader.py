@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import sys
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,8 +36,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mlsae_cache.errors import InputError
-from mlsae_cache.store import STORAGE_DTYPES, Cache, stored_to_torch
+from mlsae_cache.core.errors import InputError
+from mlsae_cache.storage import STORAGE_DTYPES, stored_to_torch
+from mlsae_cache.store import Cache
 
 
 class _Block(NamedTuple):
@@ -68,65 +69,101 @@ class _Block(NamedTuple):
         return x, self.slots[unit_of], self.first_tokens[unit_of] + local
 
 
+class _GatheredBlock(NamedTuple):
+    """A block being gathered: tasks that each return the parts of a run of its batches, and the block's own
+    hold on its buffer."""
+
+    tasks: list[Future]
+    lease: _Lease
+
+
+class _Lease:
+    """Who still uses a block buffer: a count of holders (the block being gathered, each batch part cut from it).
+    The buffer may be filled again once the count is back at 0."""
+
+    def __init__(self) -> None:
+        self._holders = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> _Lease:
+        with self._lock:
+            self._holders += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            assert self._holders > 0, "a block buffer released more often than it was acquired"
+            self._holders -= 1
+
+    @property
+    def free(self) -> bool:
+        return self._holders == 0
+
+
 class _Rows(NamedTuple):
     """The rows of one batch that one block holds (for one rank of several: its share of them), gathered in the
-    order they are handed out: x [n, d_model] stored dtype, layer slot [n], token [n]. Most batches are one of
-    these as it is (one copy per row in all); the batch that straddles two blocks joins two."""
+    order they are handed out: x [n, d_model] stored dtype, layer slot [n], token [n]; `lease`: the hold this
+    part has on its block's buffer (x is a view of it). Most batches are one of these as it is (one copy per row in
+    all); the batch that straddles two blocks joins two."""
 
     x: np.ndarray
     layer: np.ndarray
     token: np.ndarray
+    lease: _Lease
 
 
 GATHER_TASKS = 2
 """Gather tasks per block, each for a run of its batches: two let both cores of a small machine gather at once
-(measured on the demo cache: 2.0-2.2 M rows/s with 1 or 2, 1.8-2.0 M with 32, one per batch)."""
+(README "Performance" has the loader's measurements)."""
 
 
 class _Buffers:
-    """Block buffers, reused once nothing refers to them any more.
+    """Block buffers, reused once no lease on them is held, or always fresh (`reuse` off).
 
     Why by hand: a fresh buffer's pages are zeroed and mapped by the kernel as they are first written, and unmapped
-    when it is freed; for the loader that cost as much CPU as gathering the rows into it (measured on the demo
-    cache: 1.3-1.8 s against 0.1-0.2 s of system time per 2.5 M rows). Batches are views of a block's buffer, and
-    each view holds a reference to it, so a buffer whose only reference is this pool's is free: CPython's reference
-    count says so exactly, whoever still holds a batch.
+    when it is freed; for the loader that cost as much CPU as gathering the rows into it. Reuse is safe because
+    every view handed out holds a lease (`_Lease`): the block while it is gathered, each batch part until it is
+    copied or, once it is a batch, until the batch is released or garbage-collected (`Batch.release`).
     """
 
-    def __init__(self, rows: int, d_model: int, dtype: np.dtype, keep: int = 4) -> None:
+    def __init__(self, rows: int, d_model: int, dtype: np.dtype, keep: int = 4, reuse: bool = True) -> None:
         """`rows`: the most rows any block takes (each buffer has room for them); `keep`: buffers kept for reuse
-        (the loader holds three blocks at most: one handed out, one being gathered, and the last one's final rows)."""
-        self.rows, self.d_model, self.dtype, self.keep = rows, d_model, dtype, keep
-        self._pool: list[np.ndarray] = []
+        (the loader holds three blocks at most: one handed out, one being gathered, and the last one's final
+        rows); `reuse` False: a fresh buffer every time."""
+        self.rows, self.d_model, self.dtype, self.keep, self.reuse = rows, d_model, dtype, keep, reuse
+        self._pool: list[tuple[np.ndarray, _Lease]] = []
         self._lock = threading.Lock()
-        # the count of a buffer that only the pool holds, measured the way `take` measures it (the counts that
-        # the interpreter's own references add differ between Python versions)
-        self._free_refs = self._refcounts([np.empty(0)])[0]
 
-    @staticmethod
-    def _refcounts(pool: list[np.ndarray]) -> list[int]:
-        return [sys.getrefcount(buf) for buf in pool]
-
-    def take(self, n: int) -> np.ndarray:
-        """A [n, d_model] buffer that nothing else refers to (its contents are arbitrary)."""
+    def take(self, n: int) -> tuple[np.ndarray, _Lease]:
+        """A [n, d_model] buffer that no lease holds (its contents are arbitrary), and its lease, held once."""
         with self._lock:
-            for buf, refs in zip(self._pool, self._refcounts(self._pool), strict=True):
-                if refs == self._free_refs and len(buf) >= n:
-                    return buf[:n]
-            buf = np.empty((max(n, self.rows), self.d_model), self.dtype)
-            self._pool = [*self._pool, buf][-self.keep :]
-            return buf[:n]
+            for buf, lease in self._pool if self.reuse else []:
+                if lease.free and len(buf) >= n:
+                    return buf[:n], lease.acquire()
+            buf, lease = np.empty((max(n, self.rows), self.d_model), self.dtype), _Lease()
+            if self.reuse:
+                self._pool = [*self._pool, (buf, lease)][-self.keep :]
+            return buf[:n], lease.acquire()
+
+
+def _nothing() -> None:
+    pass
 
 
 class Batch(NamedTuple):
     """x: [batch_rows, d_model] in the cache's storage dtype (float16, bfloat16 or float32: the SAE casts it,
     on the device, which halves host work and transfers); layer: [batch_rows] int64, position of the row's
     layer in `layers`; token: [batch_rows] int64 cache row of each row (kept on the CPU: for bookkeeping).
+
+    On the CPU, x may be a view of a reused block buffer: `release()` says the consumer is done with it (the
+    trainer calls it after each step), and a batch that is never released holds the buffer until x is
+    garbage-collected. Calling it more than once is harmless.
     """
 
     x: torch.Tensor
     layer: torch.Tensor
     token: torch.Tensor
+    release: Callable[[], None] = _nothing
 
 
 @dataclass(frozen=True)
@@ -139,6 +176,7 @@ class LoaderConfig:
     prefetch_blocks: int = 1
     rank: int = 0
     world_size: int = 1
+    reuse_buffers: bool = True  # off: a fresh block buffer every block (the same batches; see _Buffers)
 
     def __post_init__(self) -> None:
         if self.batch_rows < 1:
@@ -202,12 +240,11 @@ class RowLoader:
                 f"{cache.path} (it holds {list(cache.layers)})"
             )
         self.cache, self.cfg, self.layers = cache, cfg, tuple(layers)
-        self._buffers = _Buffers(
-            cfg.block_units * cache.chunk_tokens, cache.d_model, STORAGE_DTYPES[cache.meta.storage_dtype]
-        )
+        dtype = np.dtype(STORAGE_DTYPES[cache.meta.storage_dtype])
+        self._buffers = _Buffers(cfg.block_units * cache.chunk_tokens, cache.d_model, dtype, reuse=cfg.reuse_buffers)
         self.device = torch.device(device)
         self._layer_pos = [cache.layers.index(layer) for layer in layers]
-        trainable = cache.token_array("trainable").copy()
+        trainable = cache.trainable().copy()
         if stop_token is not None:
             if not 0 < stop_token <= cache.n_tokens:
                 raise InputError(f"--train-tokens {stop_token} must be in 1..{cache.n_tokens} (the cache's tokens)")
@@ -265,7 +302,7 @@ class RowLoader:
             pieces=np.cumsum([0] + [len(p) for p in parts]),
         )
 
-    def _read_block(self, pool: ThreadPoolExecutor, units: np.ndarray, plan: _Block) -> list[Future]:
+    def _read_block(self, pool: ThreadPoolExecutor, units: np.ndarray, plan: _Block) -> _GatheredBlock:
         """Read, in the background, the units that the plan's rows touch (a unit without one is never read), and
         gather the rows of each batch in the order they are handed out, batches side by side, off the thread that
         hands them out. Every gather is queued after the reads it waits for, so none can hold up a read."""
@@ -273,24 +310,28 @@ class RowLoader:
         reads = {int(i): pool.submit(self._read_unit, units[i]) for i in needed}
 
         # one reused buffer for the whole block (_Buffers), filled by GATHER_TASKS tasks side by side: measured
-        # faster than a fresh buffer per batch, whose allocations and releases contend
-        x = self._buffers.take(len(plan.order))
+        # faster than a fresh buffer per batch, whose allocations and releases contend. The block's own hold on
+        # it ends in `_rows`, once every part (each holding the buffer itself) has been cut.
+        x, lease = self._buffers.take(len(plan.order))
 
         def gather(bounds: np.ndarray) -> list[_Rows]:
             block = plan._replace(units=[reads[i].result() if i in reads else None for i in range(len(units))])
-            return [_Rows(*block.gather(block.order[a:b], x[a:b])) for a, b in itertools.pairwise(bounds)]
+            return [
+                _Rows(*block.gather(block.order[a:b], x[a:b]), lease.acquire()) for a, b in itertools.pairwise(bounds)
+            ]
 
         n_pieces = len(plan.pieces) - 1
         step = -(-n_pieces // GATHER_TASKS) if n_pieces else 1
-        return [pool.submit(gather, plan.pieces[i : i + step + 1]) for i in range(0, n_pieces, step)]
+        tasks = [pool.submit(gather, plan.pieces[i : i + step + 1]) for i in range(0, n_pieces, step)]
+        return _GatheredBlock(tasks, lease)
 
-    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int, origin: int) -> Iterator[list[Future]]:
+    def _epoch_rows(self, pool: ThreadPoolExecutor, epoch: int, start: int, origin: int) -> Iterator[_GatheredBlock]:
         """The blocks of `epoch` from row offset `start` on, each as its batches' rows to come (earlier blocks are
         not read; a partly used block comes with its first rows dropped from `order`). Batches start at global
         row `origin`."""
         blocks, starts = self._epoch_blocks(epoch)
 
-        def submit(i: int) -> list[Future]:
+        def submit(i: int) -> _GatheredBlock:
             skip = max(0, start - starts[i])
             offset = epoch * self.rows_per_epoch + starts[i] + skip - origin
             plan = self._plan_block(blocks[i], [self.cfg.seed, epoch, i], skip, offset)
@@ -309,9 +350,10 @@ class RowLoader:
         [e * R, (e + 1) * R)."""
         epoch, offset = divmod(start, self.rows_per_epoch)
         while True:
-            for tasks in self._epoch_rows(pool, epoch, offset, start):
-                for task in tasks:
-                    yield from task.result()
+            for block in self._epoch_rows(pool, epoch, offset, start):
+                parts = [part for task in block.tasks for part in task.result()]
+                block.lease.release()  # every part holds the buffer itself from here on
+                yield from parts
             epoch, offset = epoch + 1, 0
 
     def batches(self, start: int = 0) -> Iterator[tuple[Batch, int]]:
@@ -331,14 +373,24 @@ class RowLoader:
                     continue
                 assert held == n, "a gathered part crosses a batch boundary"
                 position += self.cfg.batch_rows
-                arrays = parts[0] if len(parts) == 1 else [np.concatenate(p) for p in zip(*parts, strict=True)]
+                yield self._to_batch(parts), position
                 parts, held = [], 0
-                yield self._to_batch(*arrays), position
 
-    def _to_batch(self, x: np.ndarray, layer: np.ndarray, token: np.ndarray) -> Batch:
+    def _to_batch(self, parts: list[_Rows]) -> Batch:
+        """One batch from its parts: a view of one part (holding that part's lease until released), or a copy
+        of two joined (their leases released at once)."""
+        if len(parts) == 1:
+            x, layer, token, lease = parts[0]
+        else:
+            x, layer, token = (np.concatenate(arrays) for arrays in list(zip(*parts, strict=True))[:3])
+            lease = _Lease().acquire()
+            for part in parts:
+                part.lease.release()
         xt = stored_to_torch(x, self.cache.meta.storage_dtype)
         lt, tt = torch.from_numpy(layer), torch.from_numpy(token)
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
             xt = xt.pin_memory().to(self.device, non_blocking=True)
             lt = lt.pin_memory().to(self.device, non_blocking=True)
-        return Batch(xt, lt, tt)
+            lease.release()  # the pinned copy is the batch's own
+            return Batch(xt, lt, tt)
+        return Batch(xt, lt, tt, weakref.finalize(xt, lease.release))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlsae_cache.errors import InputError, StoreError
+from mlsae_cache.core.errors import InputError, StoreError
 from mlsae_train.kernels import DecoderKernel
 from mlsae_train.sae import sparse_decode
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 from mlsae_train.kernels import DecoderKernel, TritonSparseDecode, resolve_decoder_kernel
 
 STD_EPS = 1e-5

@@ -40,11 +40,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 from mlsae_cache.hooks import block_output
 from mlsae_cache.models import LoadedModel, find_blocks, load_cache_model
+from mlsae_cache.policy import TrainablePolicy
 from mlsae_cache.store import Cache
 from mlsae_cache.text import TextSpec, window_batches
+from mlsae_train.results import SpliceMetrics
 from mlsae_train.sae import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -103,23 +105,6 @@ class SpliceTarget(NamedTuple):
     sae: TopKSAE
 
 
-@dataclass(frozen=True)
-class SpliceResult:
-    """Per-target metrics (lists follow the targets, i.e. `layer`) and the clean cross-entropy, nats per token."""
-
-    layer: list[int]
-    delta_ce: list[float]
-    kl: list[float]
-    clean_ce: float
-    delta_ce_mean: float
-    kl_mean: float
-    n_windows: int
-    n_predicted: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
 # ---------------------------------------------------------------------------------------------- windows
 
 
@@ -139,34 +124,23 @@ def cache_window_batches(
     """Batches of the whole windows inside the cache's token range [start, stop), rebuilt from token ids."""
     stop = cache.n_tokens if stop is None else min(stop, cache.n_tokens)
     ctx = cache.meta.context_length
-    sequence = cache.token_array("sequence", start, stop)
-    offsets = whole_windows(sequence, cache.token_array("position", start, stop), ctx)[:max_windows]
+    tokens = cache.tokens(start, stop)
+    offsets = whole_windows(tokens.sequence, tokens.position, ctx)[:max_windows]
     if len(offsets) == 0:
         raise InputError(
             f"token range [{start}, {stop}) of {cache.path} holds no whole window of {ctx} tokens "
             "(widen --start/--stop, or pass --dataset for fresh text)"
         )
-    token_ids, trainable = cache.token_array("token_ids", start, stop), cache.token_array("trainable", start, stop)
     for first in range(0, len(offsets), batch_windows):
         rows = offsets[first : first + batch_windows, None] + np.arange(ctx)
-        yield WindowBatch(token_ids[rows].astype(np.int64), trainable[rows])
-
-
-def trainable_mask(token_ids: np.ndarray, special_ids: Sequence[int], policy: dict[str, Any]) -> np.ndarray:
-    """The harvest's trainable rule under `policy` (missing keys default to excluding). [B, T] -> [B, T] bool."""
-    mask = np.ones(token_ids.shape, dtype=bool)
-    if policy.get("exclude_special_tokens", True):
-        mask &= ~np.isin(token_ids, np.asarray(list(special_ids), dtype=np.int64))
-    if policy.get("exclude_position_0", True):
-        mask[:, 0] = False
-    return mask
+        yield WindowBatch(tokens.token_ids[rows].astype(np.int64), tokens.trainable[rows])
 
 
 def text_window_batches(
     spec: TextSpec,
     tokenizer: Any,
     context_length: int,
-    policy: dict[str, Any],
+    policy: TrainablePolicy,
     batch_windows: int,
     max_windows: int | None,
 ) -> Iterator[WindowBatch]:
@@ -175,7 +149,7 @@ def text_window_batches(
     left = max_windows
     for windows in window_batches(spec, tokenizer, context_length, batch_windows):
         windows = windows[:left] if left is not None else windows
-        yield WindowBatch(windows.astype(np.int64), trainable_mask(windows, special, policy))
+        yield WindowBatch(windows.astype(np.int64), policy.window_mask(windows, special))
         if left is not None:
             left -= len(windows)
             if left <= 0:
@@ -245,11 +219,11 @@ class _Sums:
         self.n, self.n_windows, self.clean = 0, 0, 0.0
         self.delta, self.kl = np.zeros(n_targets), np.zeros(n_targets)
 
-    def result(self, targets: Sequence[SpliceTarget]) -> SpliceResult:
+    def result(self, targets: Sequence[SpliceTarget]) -> SpliceMetrics:
         if self.n == 0:
             raise InputError("no prediction was made at a trainable position (give more text or longer windows)")
         delta, kl = (self.delta / self.n).tolist(), (self.kl / self.n).tolist()
-        return SpliceResult(
+        return SpliceMetrics(
             layer=[t.layer for t in targets],
             delta_ce=delta,
             kl=kl,
@@ -268,7 +242,7 @@ def splice_metrics(
     batches: Iterator[WindowBatch],
     sae_batch_rows: int = SAE_BATCH_ROWS,
     progress: Callable[[int], None] = lambda n: None,
-) -> SpliceResult:
+) -> SpliceMetrics:
     """Delta CE and KL of every target (an SAE at a layer) over `batches`; see the module docstring.
 
     One clean forward per batch, then one spliced forward per target. `progress` gets windows done.
@@ -318,7 +292,7 @@ def window_source(cache: Cache, loaded: LoadedModel, cfg: SpliceConfig) -> Itera
             TextSpec(cfg.dataset),
             loaded.tokenizer,
             cache.meta.context_length,
-            cache.meta.trainable_policy,
+            cache.meta.policy,
             cfg.batch_windows,
             cfg.max_windows,
         )
@@ -332,7 +306,7 @@ def splice_targets(
     device: torch.device,
     loaded: LoadedModel | None = None,
     progress: Callable[[int], None] = lambda n: None,
-) -> SpliceResult:
+) -> SpliceMetrics:
     """Delta CE and KL of every target on the model of `cache` (cfg.model, or `loaded`, instead) on `device`."""
     loaded = loaded or load_cache_model(cache.meta.model, device=str(device), override=cfg.model)
     check_model(loaded, targets)
@@ -347,7 +321,7 @@ def splice_evaluate(
     cfg: SpliceConfig,
     loaded: LoadedModel | None = None,
     progress: Callable[[int], None] = lambda n: None,
-) -> SpliceResult:
+) -> SpliceMetrics:
     """Delta CE and KL of `sae` spliced in at each of `layers` (the model loads on the SAE's device)."""
     targets = [SpliceTarget(layer, sae) for layer in layers]
     return splice_targets(cache, targets, cfg, sae.b_dec.device, loaded, progress)

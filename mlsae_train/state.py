@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mlsae_cache.errors import StoreError
+from mlsae_cache.core.errors import StoreError
 
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"

@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mlsae_cache.errors import InputError, StoreError
-from mlsae_cache.store import Cache
+from mlsae_cache.core.errors import InputError
+from mlsae_cache.store import Cache, open_cache
 from mlsae_train.checkpoint import save_sae
 from mlsae_train.config import TrainConfig
 from mlsae_train.distributed import ONE_PROCESS, World, process_group
@@ -87,13 +87,8 @@ class FitResult:
     final: dict[str, Any]
 
 
-def open_cache(cfg: TrainConfig) -> tuple[Cache, tuple[int, ...]]:
-    cache = Cache(cfg.cache)
-    if not cache.meta.complete:
-        raise StoreError(
-            f"cache {cfg.cache} is incomplete ({cache.n_tokens} tokens committed); finish it first by "
-            "re-running the same `mlsae-cache harvest` command"
-        )
+def _open_cache(cfg: TrainConfig) -> tuple[Cache, tuple[int, ...]]:
+    cache = open_cache(cfg.cache)
     layers = cfg.layers if cfg.layers is not None else cache.layers
     return cache, tuple(sorted(layers))
 
@@ -141,11 +136,18 @@ def check_out(cfg: TrainConfig, record: dict[str, Any]) -> dict[str, Any] | None
 def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str, Any]]:
     """The run, fresh or resumed from OUT's trainer state (which every rank reads). Reads, validates, writes
     nothing and waits for no other rank, so bad input fails alike on every rank before any collective."""
-    cache, layers = open_cache(cfg)
+    cache, layers = _open_cache(cfg)
     device = world.device(cfg.device)
     resolve_decoder_kernel(cfg.decoder_kernel, device)  # InputError for `triton` where it cannot run
     sae_cfg = SaeConfig(cache.d_model, cfg.expansion_factor * cache.d_model, cfg.k, cfg.standardize)
-    loader_cfg = LoaderConfig(cfg.batch_rows, cfg.block_units, cfg.seed, rank=world.rank, world_size=world.world_size)
+    loader_cfg = LoaderConfig(
+        cfg.batch_rows,
+        cfg.block_units,
+        cfg.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+        reuse_buffers=cfg.reuse_buffers,
+    )
     loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
     record = run_record(cfg, cache, layers, sae_cfg)
     state = check_out(cfg, record)
@@ -335,6 +337,7 @@ def train(run: Run, record: dict[str, Any], progress: Callable[[int, dict[str, A
             if run.step == 0:
                 init_b_dec(run, batch.x)
             m = train_step(run, batch)
+            batch.release()  # the loader may refill its buffer
             rate = (run.rows - rows_at_start) / max(time.perf_counter() - started, 1e-9)
             line = _log_line(run, m, rate)
             if log_file is not None and (run.step % cfg.log_every_steps == 0 or run.rows >= run.target_rows):

@@ -60,4 +60,4 @@ def test_harvest_on_cuda_matches_the_cpu(tmp_path: Path, tiny_models: dict[str, 
     a, b = Cache(tmp_path / "cpu"), Cache(tmp_path / "cuda")
     assert a.n_tokens == b.n_tokens == 1000
     np.testing.assert_allclose(b.activations(0, 1000), a.activations(0, 1000), rtol=2e-3, atol=2e-3)
-    np.testing.assert_array_equal(b.token_array("token_ids"), a.token_array("token_ids"))
+    np.testing.assert_array_equal(b.token_ids(), a.token_ids())

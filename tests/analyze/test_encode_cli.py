@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from mlsae_analyze.cli import main
 from mlsae_analyze.encode import EncodeConfig, encode
-from mlsae_analyze.latents import open_latents
+from mlsae_analyze.latents import Latents, LatentsMeta
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.config import TrainConfig
@@ -34,6 +34,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         TrainConfig(cache=cache, out=root / "sae", expansion_factor=4, k=4, batch_rows=128, max_rows=4000, device="cpu")
     )
     return cache, root / "sae"
+
+
+def open_latents(path: Path) -> tuple[xr.Dataset, LatentsMeta]:
+    latents = Latents(path)
+    return latents.to_xarray(), latents.meta
 
 
 def invoke(*args: str):  # noqa: ANN201
@@ -60,7 +65,7 @@ def test_encode_equals_the_sae_forward_pass(tmp_path: Path, trained: tuple[Path,
             np.take_along_axis(got_v, order_got, 1), out.values.gather(1, order_want).numpy(), rtol=1e-6, atol=1e-6
         )
     for name in ("token_ids", "sequence", "position", "trainable"):
-        np.testing.assert_array_equal(ds[name].values, store.token_array(name))
+        np.testing.assert_array_equal(ds[name].values, getattr(store.tokens(), name))
 
 
 def test_encode_resumes_after_a_crash(

@@ -11,14 +11,20 @@ import xarray as xr
 
 from mlsae_analyze import examples as ex
 from mlsae_analyze.examples import ExamplesConfig, find_examples, parse_latent_ids
-from mlsae_analyze.latents import LatentsMeta
-from mlsae_cache.errors import InputError, StoreError
+from mlsae_analyze.latents import LatentChunk, Latents, LatentsMeta, LatentsWriter, create_latents
+from mlsae_cache.core.errors import InputError, StoreError
+from mlsae_cache.store import TokenRows
 
 N_LAYERS, K, N_LATENTS, N_TOKENS, WINDOW = 3, 4, 30, 500, 25
 
 
-def make_latents(seed: int = 0, chunk_tokens: int = 37) -> tuple[xr.Dataset, LatentsMeta]:
-    """Random latents in windows of 25 tokens; values on a coarse grid so that ties occur; latent 29 never fires."""
+def config(**kwargs: object) -> ExamplesConfig:
+    return ExamplesConfig(latents=Path("latents"), out=Path("out"), **kwargs)  # type: ignore[arg-type]
+
+
+def make_latents(root: Path, seed: int = 0, chunk_tokens: int = 37) -> tuple[xr.Dataset, Latents]:
+    """Random latents in windows of 25 tokens; values on a coarse grid so that ties occur; latent 29 never fires.
+    The Dataset, and the same rows written as a latents store in `root`."""
     rng = np.random.default_rng(seed)
     indices = np.stack([rng.choice(N_LATENTS - 1, K, replace=False) for _ in range(N_TOKENS * N_LAYERS)]).reshape(
         N_TOKENS, N_LAYERS, K
@@ -47,11 +53,21 @@ def make_latents(seed: int = 0, chunk_tokens: int = 37) -> tuple[xr.Dataset, Lat
         sae_path="sae",
         cache_path="/nonexistent/cache",
         chunk_tokens=chunk_tokens,
-        n_tokens=N_TOKENS,
         total_tokens=N_TOKENS,
-        complete=True,
     )
-    return ds, meta
+    return ds, write_latents(root / f"latents-{seed}-{chunk_tokens}", ds, meta)
+
+
+def write_latents(path: Path, ds: xr.Dataset, meta: LatentsMeta) -> Latents:
+    """The rows of `ds` committed chunk by chunk into a new latents store."""
+    create_latents(path, meta)
+    writer = LatentsWriter(path)
+    for start in range(0, N_TOKENS, meta.chunk_tokens):
+        rows = ds.isel(token=slice(start, start + meta.chunk_tokens))
+        tokens = TokenRows(*(rows[name].values for name in TokenRows._fields))
+        writer.commit(start, LatentChunk(start, rows["indices"].values, rows["values"].values, tokens))
+    writer.set_meta(complete=True)
+    return Latents(path)
 
 
 def dense(ds: xr.Dataset, include_untrainable: bool) -> np.ndarray:
@@ -67,10 +83,10 @@ def dense(ds: xr.Dataset, include_untrainable: bool) -> np.ndarray:
 
 @pytest.mark.parametrize("include_untrainable", [False, True])
 @pytest.mark.parametrize("chunk_tokens", [37, 500])
-def test_top_examples_equal_a_dense_brute_force(include_untrainable: bool, chunk_tokens: int) -> None:
-    ds, meta = make_latents(chunk_tokens=chunk_tokens)
-    cfg = ExamplesConfig(latents=tuple(range(N_LATENTS)), per_layer=6, include_untrainable=include_untrainable)
-    found = find_examples(ds, meta, cfg)
+def test_top_examples_equal_a_dense_brute_force(tmp_path: Path, include_untrainable: bool, chunk_tokens: int) -> None:
+    ds, latents = make_latents(tmp_path, chunk_tokens=chunk_tokens)
+    cfg = config(latent_ids=tuple(range(N_LATENTS)), per_layer=6, include_untrainable=include_untrainable)
+    found = find_examples(latents, cfg)
     a = dense(ds, include_untrainable)
     assert [s.latent for s in found] == list(range(N_LATENTS))
     for summary in found:
@@ -85,17 +101,17 @@ def test_top_examples_equal_a_dense_brute_force(include_untrainable: bool, chunk
     assert found[-1].examples == () and found[-1].mass == 0
 
 
-def test_top_selects_the_latents_with_most_mass() -> None:
-    ds, meta = make_latents()
-    found = find_examples(ds, meta, ExamplesConfig(top=5, per_layer=2))
+def test_top_selects_the_latents_with_most_mass(tmp_path: Path) -> None:
+    ds, latents = make_latents(tmp_path)
+    found = find_examples(latents, config(top=5, per_layer=2))
     mass = dense(ds, False).sum((0, 1))
     assert [s.latent for s in found] == np.argsort(-mass, kind="stable")[:5].tolist()
     assert all(len([e for e in s.examples if e.layer == 0]) == 2 for s in found)
 
 
-def test_contexts_stay_inside_the_window() -> None:
-    ds, meta = make_latents()
-    found = find_examples(ds, meta, ExamplesConfig(top=8, per_layer=3, context=4))
+def test_contexts_stay_inside_the_window(tmp_path: Path) -> None:
+    ds, latents = make_latents(tmp_path)
+    found = find_examples(latents, config(top=8, per_layer=3, context=4))
     token_ids, sequence = ds["token_ids"].values, ds["sequence"].values
     for e in (e for s in found for e in s.examples):
         lo = e.token - e.focus
@@ -106,15 +122,17 @@ def test_contexts_stay_inside_the_window() -> None:
 
 
 def test_outputs_escape_text_and_fall_back_to_token_ids(tmp_path: Path) -> None:
-    ds, meta = make_latents()
-    cfg = ExamplesConfig(latents=(0, 29), per_layer=2, context=2)
-    found = find_examples(ds, meta, cfg)
-    files, note = ex.write_examples(found, meta, cfg, tmp_path)
+    ds, latents = make_latents(tmp_path)
+    meta = latents.meta
+    cfg = config(latent_ids=(0, 29), per_layer=2, context=2)
+    found = find_examples(latents, cfg)
+    (tmp_path / "out").mkdir()
+    files, note = ex.write_examples(found, meta, cfg, tmp_path / "out")
     assert [f.name for f in files] == ["examples.md", "examples.tsv", "examples.html"]
     assert note and "token ids" in note.lower()
-    md = (tmp_path / "examples.md").read_text()
+    md = (tmp_path / "out" / "examples.md").read_text()
     assert note in md and "never fires" in md and "[" in md
-    tsv = (tmp_path / "examples.tsv").read_text().splitlines()
+    tsv = (tmp_path / "out" / "examples.tsv").read_text().splitlines()
     assert tsv[0].split("\t") == list(ex.TSV_COLUMNS)
     assert len(tsv) == 1 + len(found[0].examples) and all(len(line.split("\t")) == len(ex.TSV_COLUMNS) for line in tsv)
     # a tokenizer producing markup, pipes and line breaks
@@ -143,18 +161,18 @@ def test_parse_latent_ids(text: str, ok: tuple[int, ...] | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"top": 0}, {"per_layer": 0}, {"context": -1}, {"latents": ()}], ids=["top", "per", "ctx", "empty"]
+    "kwargs", [{"top": 0}, {"per_layer": 0}, {"context": -1}, {"latent_ids": ()}], ids=["top", "per", "ctx", "empty"]
 )
 def test_config_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(InputError):
-        ExamplesConfig(**kwargs)
+        config(**kwargs)
 
 
-def test_bad_latent_ids_and_indices_are_refused() -> None:
-    ds, meta = make_latents()
+def test_bad_latent_ids_and_indices_are_refused(tmp_path: Path) -> None:
+    ds, latents = make_latents(tmp_path)
     with pytest.raises(InputError, match="out of range"):
-        find_examples(ds, meta, ExamplesConfig(latents=(3, 30)))
+        find_examples(latents, config(latent_ids=(3, 30)))
     bad = ds.copy(deep=True)
     bad["indices"].values[5, 0, 0], bad["values"].values[5, 0, 0] = 99, 1.0
     with pytest.raises(StoreError, match="outside"):
-        find_examples(bad, meta, ExamplesConfig(top=3))
+        find_examples(write_latents(tmp_path / "bad", bad, latents.meta), config(top=3))

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import xarray as xr
 
 from mlsae_analyze.findings import (
     COSINE_SIMILAR,
@@ -21,7 +20,9 @@ from mlsae_analyze.findings import (
     reconstruction_finding,
     spread_finding,
 )
-from mlsae_train.compare import CompareResult
+from mlsae_analyze.layers import layer_distribution
+from mlsae_analyze.results import CosineResult, VarianceOutput, VarianceSummary, variance_dataset
+from mlsae_train.results import CompareResult
 from tests.analyze.test_plots import PNG_SIGNATURE
 from tests.analyze.test_report_cli import invoke
 
@@ -62,24 +63,14 @@ def compare_rows(mlsae_fvu: list[float], single_fvu: list[float | None], splice:
 
 
 def write_outputs(root: Path, summary: dict[str, Any], compare: dict[str, Any], cosine: list[float]) -> dict[str, Path]:
-    """A `variance` OUT (variance.zarr with random probs, summary.json), a `cosine` OUT and a `compare` OUT."""
-    rng = np.random.default_rng(0)
-    probs = rng.random((len(LAYERS), 8))
-    probs /= probs.sum(0)
-    mean = (np.arange(len(LAYERS))[:, None] * probs).sum(0)
-    ds = xr.Dataset(
-        {
-            "probs": (("layer", "latent"), probs),
-            "layer_mean": (("latent",), mean),
-            "layer_std": (("latent",), np.full(8, 0.75)),
-        },
-        coords={"layer": LAYERS},
-    )
+    """A `variance` OUT (variance.zarr from random totals, summary.json), a `cosine` OUT and a `compare` OUT."""
+    totals = np.random.default_rng(0).random((len(LAYERS), 8))
+    counts = np.ones_like(totals, dtype=np.int64)
+    dataset = variance_dataset(layer_distribution(totals), counts, totals, counts.sum(0), tuple(LAYERS), {})
     paths = {name: root / name for name in ("var", "cos", "cmp")}
     for path in paths.values():
         path.mkdir()
-    ds.to_zarr(paths["var"] / "variance.zarr", mode="w", consolidated=False)
-    (paths["var"] / "summary.json").write_text(json.dumps(summary))
+    VarianceOutput(dataset, VarianceSummary.from_dict(summary)).write(paths["var"])
     pairs = [[a, b] for a, b in zip(LAYERS[:-1], LAYERS[1:], strict=True)]
     (paths["cos"] / "cosine.json").write_text(json.dumps({"layer_pairs": pairs, "cosine": cosine, "n_tokens": 100}))
     (paths["cmp"] / "compare.json").write_text(json.dumps(compare))
@@ -120,10 +111,10 @@ def test_spread_without_a_number_is_not_tested(ratio: Any) -> None:
     ids=["both-high", "share-at-threshold", "both-low", "cosine-low", "cosine-at-threshold"],
 )
 def test_multi_layer_and_cosine_rules(share: float, cosine: float, multi: str, linked: str) -> None:
-    summary = summary_of(0.5, 0.5, share)
+    summary = VarianceSummary.from_dict(summary_of(0.5, 0.5, share))
     assert multi_layer_finding(summary).verdict == multi
     assert f"{share:.1%} of the latents" in multi_layer_finding(summary).text
-    data = {"layer_pairs": [[0, 1], [1, 2]], "cosine": [cosine - 0.05, cosine + 0.05]}
+    data = CosineResult(layer_pairs=[[0, 1], [1, 2]], cosine=[cosine - 0.05, cosine + 0.05], n_tokens=10)
     finding = cosine_finding(data, summary)
     assert finding.verdict == linked and f"is {cosine:.4g} (lowest {cosine - 0.05:.4g}, layers 0 → 1)" in finding.text
     assert cosine_finding(None, summary).verdict == "not tested"

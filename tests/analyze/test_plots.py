@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlsae_analyze import plots
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = (2, 5, 8, 11)

@@ -9,8 +9,9 @@ import xarray as xr
 from dask.callbacks import Callback
 
 from mlsae_analyze import variance
-from mlsae_analyze.variance import build_variance_graph, compute_variance
-from mlsae_cache.errors import InputError, StoreError
+from mlsae_analyze.results import VarianceOutput
+from mlsae_analyze.variance import VarianceParams, build_variance_graph, compute_variance
+from mlsae_cache.core.errors import InputError, StoreError
 
 N_LAYERS, K, N_LATENTS = 4, 3, 20
 WINDOW_LENGTHS = (10, 71, 33, 58, 1, 90, 37)  # 300 tokens
@@ -129,10 +130,16 @@ def brute_reference(a: np.ndarray, sequence: np.ndarray) -> dict[str, float]:
     return means | {"n_windows": len(rows)}
 
 
-def assert_results_close(got: tuple[xr.Dataset, dict], want: tuple[dict, dict], rtol: float = 1e-10) -> None:
-    ds, summary = got
+def unpack(result: VarianceOutput) -> tuple[xr.Dataset, dict]:
+    """The Dataset and the summary's computed numbers (no format, version or provenance)."""
+    summary = {k: v for k, v in result.summary.to_dict().items() if k in SUMMARY_KEYS}
+    return result.dataset, summary
+
+
+def assert_results_close(got: VarianceOutput, want: tuple[dict, dict], rtol: float = 1e-10) -> None:
+    ds, summary = unpack(got)
     arrays, want_summary = want
-    assert set(ds.data_vars) == set(arrays)
+    assert set(ds.data_vars) == set(arrays) and ds.attrs["format"] == "mlsae-variance"
     for name, expected in arrays.items():
         np.testing.assert_allclose(ds[name].values, expected, rtol=rtol, atol=1e-12, err_msg=name)
     assert set(summary) == SUMMARY_KEYS and set(summary["reference"]) == REFERENCE_KEYS
@@ -170,10 +177,11 @@ def store(tmp_path_factory: pytest.TempPathFactory, latents: xr.Dataset) -> str:
 @pytest.mark.parametrize("min_count", [1, 3])
 def test_matches_brute_force(latents: xr.Dataset, include_untrainable: bool, min_count: int) -> None:
     got = compute_variance(
-        latents.chunk({"token": 64}), N_LATENTS, min_count=min_count, include_untrainable=include_untrainable
+        latents.chunk({"token": 64}),
+        VarianceParams(N_LATENTS, min_count=min_count, include_untrainable=include_untrainable),
     )
     assert_results_close(got, expected(latents, include_untrainable, min_count))
-    ds, summary = got
+    ds, summary = unpack(got)
     assert ds["counts"].dims == ("layer", "latent") and ds["layer_mean"].dims == ("latent",)
     assert ds["counts"].dtype == np.int64 and ds["totals"].dtype == np.float64
     assert list(ds["layer"].values) == [2, 5, 8, 11]  # copied; statistics use positions 0..3
@@ -184,8 +192,8 @@ def test_matches_brute_force(latents: xr.Dataset, include_untrainable: bool, min
 
 
 def test_include_untrainable_changes_results(latents: xr.Dataset) -> None:
-    _, kept = compute_variance(latents, N_LATENTS)
-    _, everything = compute_variance(latents, N_LATENTS, include_untrainable=True)
+    _, kept = unpack(compute_variance(latents, VarianceParams(N_LATENTS)))
+    _, everything = unpack(compute_variance(latents, VarianceParams(N_LATENTS, include_untrainable=True)))
     assert kept["n_rows"] == latents["trainable"].values.sum() * N_LAYERS
     assert everything["n_rows"] == latents.sizes["token"] * N_LAYERS
     assert kept["var_within_token"] != everything["var_within_token"]
@@ -199,13 +207,14 @@ def test_include_untrainable_changes_results(latents: xr.Dataset) -> None:
 )
 def test_chunking_does_not_change_results(latents: xr.Dataset, chunks: object, scratch_entries: int) -> None:
     ds = latents.chunk({"token": chunks})
-    got = compute_variance(ds, N_LATENTS, scratch_entries=scratch_entries, scheduler="sync")
+    got = compute_variance(ds, VarianceParams(N_LATENTS, scratch_entries=scratch_entries), scheduler="sync")
     assert_results_close(got, expected(latents), rtol=1e-12)
 
 
 def test_window_splitting_chunkings_agree_with_each_other(latents: xr.Dataset) -> None:
-    one_ds, one = compute_variance(latents.chunk({"token": 300}), N_LATENTS, scheduler="sync")
-    split_ds, split = compute_variance(latents.chunk({"token": SPLITTING_CHUNKS}), N_LATENTS, scheduler="sync")
+    params = VarianceParams(N_LATENTS)
+    one_ds, one = unpack(compute_variance(latents.chunk({"token": 300}), params, scheduler="sync"))
+    split_ds, split = unpack(compute_variance(latents.chunk({"token": SPLITTING_CHUNKS}), params, scheduler="sync"))
     xr.testing.assert_equal(one_ds[["counts", "n_layers_active"]], split_ds[["counts", "n_layers_active"]])
     xr.testing.assert_allclose(one_ds, split_ds, rtol=1e-13, atol=0)
     assert one["n_rows"] == split["n_rows"] and one["reference"]["n_windows"] == split["reference"]["n_windows"]
@@ -228,14 +237,15 @@ def test_graph_building_computes_nothing(store: str, latents: xr.Dataset, monkey
 
     with dask.config.set(scheduler=counting_get), Callback(pretask=lambda key, *_: tasks.append(key)):
         ds = xr.open_zarr(store, consolidated=False)
-        graph = build_variance_graph(ds, N_LATENTS)
+        graph = build_variance_graph(ds, VarianceParams(N_LATENTS))
         assert calls == [] and tasks == [] and chunk_calls == []
         got = dask.compute(graph)[0]
     assert len(calls) == 1 and len(chunk_calls) == 7 and len(tasks) > 7
     assert_results_close(got, expected(latents))
 
 
-def assert_identical(a: tuple[xr.Dataset, dict], b: tuple[xr.Dataset, dict]) -> None:
+def assert_identical(x: VarianceOutput, y: VarianceOutput) -> None:
+    a, b = unpack(x), unpack(y)
     xr.testing.assert_identical(a[0], b[0])
     assert a[1]["reference"] == b[1]["reference"]
     np.testing.assert_array_equal(
@@ -248,33 +258,33 @@ def test_schedulers_agree(store: str, latents: xr.Dataset) -> None:
     distributed = pytest.importorskip("distributed")
     ds = xr.open_zarr(store, consolidated=False)
     assert ds["indices"].chunks[0] == (45,) * 6 + (30,)
-    baseline = compute_variance(ds, N_LATENTS, scheduler="sync")
+    baseline = compute_variance(ds, VarianceParams(N_LATENTS), scheduler="sync")
     assert_results_close(baseline, expected(latents))
     for scheduler in ("threads", "processes"):
-        assert_identical(compute_variance(ds, N_LATENTS, scheduler=scheduler), baseline)
+        assert_identical(compute_variance(ds, VarianceParams(N_LATENTS), scheduler=scheduler), baseline)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        assert_identical(compute_variance(ds, N_LATENTS, scheduler=cluster.scheduler_address), baseline)
+        assert_identical(compute_variance(ds, VarianceParams(N_LATENTS), scheduler=cluster.scheduler_address), baseline)
 
 
 def test_sliced_store_matches_brute_force(store: str, latents: xr.Dataset) -> None:
     """As the CLI opens a store: only the committed rows, which breaks dask's read fusion."""
     ds = xr.open_zarr(store, consolidated=False).isel(token=slice(0, 250))
-    got = compute_variance(ds, N_LATENTS, scheduler="sync")
+    got = compute_variance(ds, VarianceParams(N_LATENTS), scheduler="sync")
     assert_results_close(got, expected(latents.isel(token=slice(0, 250))))
 
 
 def test_no_trainable_rows_is_an_input_error(latents: xr.Dataset) -> None:
     ds = latents.assign(trainable=latents["trainable"] & False)
     with pytest.raises(InputError, match=r"no rows to analyse: 0 of 300 tokens .*include_untrainable=True"):
-        compute_variance(ds, N_LATENTS)
+        compute_variance(ds, VarianceParams(N_LATENTS))
     with pytest.raises(InputError, match="no rows to analyse: the latents Dataset holds 0 tokens"):
-        compute_variance(latents.isel(token=slice(0, 0)), N_LATENTS)
+        compute_variance(latents.isel(token=slice(0, 0)), VarianceParams(N_LATENTS))
 
 
 def test_all_inactive_is_an_input_error(latents: xr.Dataset) -> None:
     ds = latents.assign(values=latents["values"] * 0)
     with pytest.raises(InputError, match="no active latents: every value is 0"):
-        compute_variance(ds.chunk({"token": 50}), N_LATENTS)
+        compute_variance(ds.chunk({"token": 50}), VarianceParams(N_LATENTS))
 
 
 @pytest.mark.parametrize(
@@ -292,11 +302,11 @@ def test_all_inactive_is_an_input_error(latents: xr.Dataset) -> None:
 )
 def test_bad_store_is_a_store_error(latents: xr.Dataset, change: object, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
-        compute_variance(change(latents), N_LATENTS)
+        compute_variance(change(latents), VarianceParams(N_LATENTS))
 
 
 @pytest.mark.parametrize("option", [{"min_count": 0}, {"n_latents": 0}, {"scratch_entries": -1}])
 def test_bad_option_is_an_input_error(latents: xr.Dataset, option: dict) -> None:
     kwargs = {"n_latents": N_LATENTS} | option
     with pytest.raises(InputError, match="must be a positive integer"):
-        build_variance_graph(latents, **kwargs)
+        build_variance_graph(latents, VarianceParams(**kwargs))

@@ -92,9 +92,9 @@ def test_import_round_trips_an_array(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     cache = Cache(out)
     np.testing.assert_array_equal(cache.activations(0, 500), acts)
-    np.testing.assert_array_equal(cache.token_array("token_ids"), ids)
-    np.testing.assert_array_equal(cache.token_array("sequence"), np.arange(500) // 50)
-    assert cache.token_array("trainable").all() and cache.meta.complete
+    np.testing.assert_array_equal(cache.token_ids(), ids)
+    np.testing.assert_array_equal(cache.tokens().sequence, np.arange(500) // 50)
+    assert cache.trainable().all() and cache.meta.complete
     np.testing.assert_allclose(cache.layer_mean(), acts.astype(np.float64).mean(axis=0), rtol=1e-12)
     assert run("verify", str(out)).exit_code == 0
     refused = run("import", str(out), "--activations", str(tmp_path / "a.npy"))

@@ -73,20 +73,20 @@ def test_token_coordinates(small_cache: Path, loaded_llama) -> None:
     cache = Cache(small_cache)
     ctx = cache.meta.context_length
     win = reference_windows(loaded_llama.tokenizer, TextSpec(), ctx, cache.n_tokens)
-    ids = cache.token_array("token_ids")
+    ids = cache.token_ids()
     np.testing.assert_array_equal(ids, win.reshape(-1)[: cache.n_tokens])
     index = np.arange(cache.n_tokens)
-    np.testing.assert_array_equal(cache.token_array("sequence"), index // ctx)
-    np.testing.assert_array_equal(cache.token_array("position"), index % ctx)
+    np.testing.assert_array_equal(cache.tokens().sequence, index // ctx)
+    np.testing.assert_array_equal(cache.tokens().position, index % ctx)
     special = set(loaded_llama.tokenizer.all_special_ids)
     want = np.array([(i % ctx != 0) and (t not in special) for i, t in enumerate(ids)])
-    np.testing.assert_array_equal(cache.token_array("trainable"), want)
+    np.testing.assert_array_equal(cache.trainable(), want)
     assert (~want).sum() > cache.n_tokens // ctx  # separators inside windows are excluded too
 
 
 def test_layer_statistics_match_numpy(small_cache: Path) -> None:
     cache = Cache(small_cache)
-    x = cache.activations(0, cache.n_tokens).astype(np.float64)[cache.token_array("trainable")]
+    x = cache.activations(0, cache.n_tokens).astype(np.float64)[cache.trainable()]
     np.testing.assert_allclose(cache.layer_mean(), x.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(cache.layer_sq_norm(), (x**2).sum(axis=2).mean(axis=0), rtol=1e-12)
 
@@ -166,7 +166,7 @@ def test_local_dataset_files(tmp_path: Path, tiny_models: dict[str, Path], loade
     cache = Cache(out)
     assert cache.meta.complete and cache.meta.exhausted
     win = reference_windows(loaded_llama.tokenizer, TextSpec(str(path), text_column=column), 32, 10**9)
-    np.testing.assert_array_equal(cache.token_array("token_ids"), win[: cache.n_tokens // 32].reshape(-1))
+    np.testing.assert_array_equal(cache.token_ids(), win[: cache.n_tokens // 32].reshape(-1))
 
 
 def test_streaming_gives_the_same_rows(

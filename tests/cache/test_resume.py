@@ -16,9 +16,9 @@ import pytest
 import zarr
 
 from mlsae_cache import rawchunks
-from mlsae_cache.errors import LockedError, StoreError
+from mlsae_cache.core.errors import LockedError, StoreError
+from mlsae_cache.core.lock import StoreLock
 from mlsae_cache.harvest import harvest
-from mlsae_cache.lock import StoreLock
 from mlsae_cache.store import Cache, read_meta
 from tests.cache.conftest import small_config
 
@@ -225,7 +225,7 @@ def test_second_writer_is_refused(small_cache: Path, tiny_models: dict[str, Path
             [
                 sys.executable,
                 "-c",
-                f"from mlsae_cache.lock import StoreLock; import sys\nwith StoreLock({str(small_cache)!r}): pass",
+                f"from mlsae_cache.core.lock import StoreLock; import sys\nwith StoreLock({str(small_cache)!r}): pass",
             ],
             capture_output=True,
             text=True,
@@ -244,7 +244,7 @@ def test_a_dead_writer_does_not_hold_the_lock(small_cache: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import time\nfrom mlsae_cache.lock import StoreLock\n"
+            "import time\nfrom mlsae_cache.core.lock import StoreLock\n"
             f"with StoreLock({str(small_cache)!r}):\n    print('held', flush=True)\n"
             "    time.sleep(60)",
         ],

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from mlsae_cache.errors import InputError, LockedError, StoreError
+from mlsae_cache.core.errors import InputError, LockedError, StoreError
+from mlsae_cache.core.lock import StoreLock
 from mlsae_cache.harvest import harvest
-from mlsae_cache.lock import StoreLock
-from mlsae_cache.shards import GROUP, shard_dir
 from mlsae_cache.store import Cache
+from mlsae_cache.workers import GROUP, shard_dir
 from tests.cache.conftest import small_config
 from tests.cache.test_resume import _cli, assert_same_store, store_files
 from tests.helpers import tokenizer_corpus

@@ -37,7 +37,7 @@ def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path: Path, smollm2) -> No
     harvest(cfg, loaded=smollm2)
     cache = Cache(out)
     assert cache.n_tokens == 2048 and cache.meta.model["architecture"] == "LlamaForCausalLM"
-    ids = torch.from_numpy(cache.token_array("token_ids").astype(np.int64)).reshape(-1, 256)
+    ids = torch.from_numpy(cache.token_ids().astype(np.int64)).reshape(-1, 256)
     stored = cache.activations(0, 2048)
     with torch.no_grad():
         hs = smollm2.model(ids[:4], output_hidden_states=True).hidden_states  # the first batch, as harvested
@@ -46,7 +46,7 @@ def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path: Path, smollm2) -> No
         np.testing.assert_allclose(stored[:1024, layer], want, rtol=1e-4, atol=1e-3, err_msg=f"layer {layer}")
     # Position 0 carries the attention-sink values (FACTS.md) and is not trainable.
     assert np.abs(stored[0, 11:28]).max() > 5_000
-    assert not cache.token_array("trainable")[::256].any()
+    assert not cache.trainable()[::256].any()
 
 
 def test_gguf_file_of_a_local_directory_gives_the_same_rows(tmp_path: Path, smollm2, model_cache: Path) -> None:  # noqa: ANN001

@@ -12,8 +12,10 @@ import zarr
 
 import mlsae_cache.rawchunks as rawchunks
 import mlsae_cache.store as store
-from mlsae_cache.errors import CorruptError
-from mlsae_cache.store import Cache, CacheMeta, CacheWriter, Rows, create_store, verify
+from mlsae_cache.core.errors import CorruptError
+from mlsae_cache.core.zarrstore import StoreTransaction
+from mlsae_cache.storage import STORAGE_DTYPES, to_float32
+from mlsae_cache.store import Cache, CacheMeta, CacheWriter, Rows, TokenRows, create_store, verify
 from tests.cache.test_resume import assert_same_store
 
 
@@ -21,11 +23,12 @@ def rows(n: int, n_layers: int, d: int, dtype: str, seed: int) -> Rows:
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=(n_layers, n, d)) * 5).astype(np.float32)
     x[1] = 0.0  # an all-zero chunk, which zarr skips unless told to store it
-    raw = (x.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else x.astype(store.STORAGE_DTYPES[dtype])
+    raw = (x.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else x.astype(STORAGE_DTYPES[dtype])
     trainable = rng.random(n) > 0.2
-    return Rows(
-        raw, rng.integers(0, 99, n).astype(np.int32), np.arange(n) // 8, np.arange(n, dtype=np.int32) % 8, trainable
+    tokens = TokenRows(
+        rng.integers(0, 99, n).astype(np.int32), np.arange(n) // 8, np.arange(n, dtype=np.int32) % 8, trainable
     )
+    return Rows(raw, tokens)
 
 
 def write(path: Path, dtype: str) -> None:
@@ -36,20 +39,20 @@ def write(path: Path, dtype: str) -> None:
     create_store(path, meta)
     writer = CacheWriter(path)
     for i, n in enumerate((64, 64, 40)):  # two full chunks and a partial last one
-        writer.write_chunk(64 * i, rows(n, 3, 24, dtype, i))
+        writer.commit(64 * i, rows(n, 3, 24, dtype, i))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
 def test_raw_chunk_writes_equal_zarr_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
     write(tmp_path / "fast", dtype)
     with monkeypatch.context() as m:
-        m.setattr(store, "write_raw_chunks", lambda arr, chunk, layer_major: False)
+        m.setattr(store, "write_raw_chunks", lambda arr, chunk, layer_major, direct=True: False)
         write(tmp_path / "zarr", dtype)
     assert_same_store(tmp_path / "fast", tmp_path / "zarr")
     assert (tmp_path / "fast" / "activations" / "c" / "0" / "1" / "0").exists()  # the all-zero layer
     assert verify(tmp_path / "fast") > 0
     want = np.concatenate(
-        [store.to_float32(rows(n, 3, 24, dtype, i).token_major(), dtype) for i, n in enumerate((64, 64, 40))]
+        [to_float32(rows(n, 3, 24, dtype, i).token_major(), dtype) for i, n in enumerate((64, 64, 40))]
     )
     np.testing.assert_array_equal(Cache(tmp_path / "fast").activations(0, 168), want)
 
@@ -77,8 +80,8 @@ def test_direct_chunk_writes_equal_zarr_writes(tmp_path: Path, monkeypatch: pyte
             aligned = rawchunks.aligned_empty(r.activations.shape, np.float16)
             aligned[:] = r.activations
             if not raw:
-                monkeypatch.setattr(store, "write_raw_chunks", lambda arr, chunk, layer_major: False)
-            writer.write_chunk(64 * i, replace(r, activations=aligned))
+                monkeypatch.setattr(store, "write_raw_chunks", lambda arr, chunk, layer_major, direct=True: False)
+            writer.commit(64 * i, replace(r, activations=aligned))
     assert len(direct) == 4 and len(set(direct)) == 1  # every chunk file alike
     probe = tmp_path / "probe"
     try:
@@ -96,13 +99,13 @@ def test_partials_equal_a_float64_reference(n: int) -> None:
     """Sums over several blocks of PARTIAL_ROWS rows too."""
     r = rows(n, 3, 24, "float16", 7)
     sums, sq, count = store.chunk_partials(r, "float16")
-    x = r.activations.astype(np.float64)[:, r.trainable]
+    x = r.activations.astype(np.float64)[:, r.tokens.trainable]
     np.testing.assert_array_equal(sums, x.sum(axis=1))  # float16 sums are exact in float64, in any order
     np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
-    assert count == r.trainable.sum()
+    assert count == r.tokens.trainable.sum()
     b = rows(n, 3, 24, "bfloat16", 7)
     sums, sq, _ = store.chunk_partials(b, "bfloat16")
-    x = store.to_float32(b.activations, "bfloat16").astype(np.float64)[:, b.trainable]
+    x = to_float32(b.activations, "bfloat16").astype(np.float64)[:, b.tokens.trainable]
     np.testing.assert_allclose(sums, x.sum(axis=1), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
 
@@ -116,8 +119,8 @@ def test_verify_accepts_chunks_of_zeros(tmp_path: Path) -> None:
     )  # fmt: skip
     create_store(tmp_path, meta)
     zeros = np.zeros(4, dtype=np.int32)
-    CacheWriter(tmp_path).write_chunk(
-        0, Rows(np.ones((1, 4, 4), np.float32), zeros, zeros.astype(np.int64), zeros, np.zeros(4, bool))
+    CacheWriter(tmp_path).commit(
+        0, Rows(np.ones((1, 4, 4), np.float32), TokenRows(zeros, zeros.astype(np.int64), zeros, np.zeros(4, bool)))
     )
     assert verify(tmp_path) == 11  # one chunk of each array
 
@@ -157,12 +160,30 @@ def test_raw_chunk_read_detects_a_flipped_byte(tmp_path: Path) -> None:
         Cache(tmp_path).stored_chunk(1, 2)
 
 
-def test_a_writer_removes_the_partial_files_of_killed_writes(tmp_path: Path) -> None:
+def test_a_writers_transaction_removes_the_partial_files_of_killed_writes(tmp_path: Path) -> None:
     """A kill during a chunk write leaves `<chunk>.<id>.partial` beside the chunk; the next writer deletes it, so
     a resumed store holds the same files as an uninterrupted one."""
     write(tmp_path, "float16")
     stray = tmp_path / "activations" / "c" / "1" / "0" / "0.0123abcd.partial"
     stray.write_bytes(b"cut short")
     before = sorted(p for p in tmp_path.rglob("*") if p != stray)
-    CacheWriter(tmp_path)
+    with StoreTransaction(tmp_path):
+        pass
     assert not stray.exists() and sorted(tmp_path.rglob("*")) == before
+
+
+def test_buffered_writes_equal_direct_writes(tmp_path: Path) -> None:
+    """The direct-I/O switch changes how chunk files are written, never their bytes."""
+    meta = CacheMeta(
+        d_model=32, layers=(0, 1), model={}, dataset={}, context_length=8, storage_dtype="float16", fingerprint="f",
+        chunk_tokens=64,
+    )  # fmt: skip
+    for name, direct in (("direct", True), ("buffered", False)):
+        create_store(tmp_path / name, meta)
+        writer = CacheWriter(tmp_path / name, direct_io=direct)
+        for i in range(2):
+            r = rows(64, 2, 32, "float16", i)
+            aligned = rawchunks.aligned_empty(r.activations.shape, np.float16)
+            aligned[:] = r.activations
+            writer.commit(64 * i, replace(r, activations=aligned))
+    assert_same_store(tmp_path / "direct", tmp_path / "buffered")

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mlsae_cache.errors import CorruptError, InputError, NotFoundError, StoreError
+from mlsae_cache.core.errors import CorruptError, InputError, NotFoundError, StoreError
 from mlsae_train.checkpoint import convert_reference, load_sae, save_sae
 from mlsae_train.sae import SaeConfig, TopKSAE
 

@@ -26,7 +26,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 from mlsae_train.cli import main
 from mlsae_train.config import TrainConfig
 from mlsae_train.distributed import World, process_group

@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 from mlsae_train import kernels, sae
 from mlsae_train.cli import main
 from mlsae_train.config import TrainConfig

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 from mlsae_cache.importer import ImportConfig, import_array
 from mlsae_cache.store import Cache
 from mlsae_train.loader import LoaderConfig, RowLoader, _Buffers
@@ -173,19 +173,42 @@ def test_a_batch_not_divisible_by_the_ranks_is_refused(batch_rows: int, world_si
     assert fix in str(info.value)
 
 
-def test_a_block_buffer_is_reused_only_once_nothing_refers_to_it() -> None:
-    """Batches are views of reused block buffers: a buffer comes back only when no view of it is left."""
+def test_a_block_buffer_is_reused_only_once_its_leases_are_released() -> None:
+    """A buffer comes back only when every holder (the block, each batch cut from it) has let it go."""
     buffers = _Buffers(rows=10, d_model=3, dtype=np.dtype(np.float16), keep=3)
-    first = buffers.take(10)
-    view = first[2:5]  # a batch handed out, still held
-    second = buffers.take(8)
+    first, lease = buffers.take(10)
+    part = lease.acquire()  # a batch cut from the block, still held
+    lease.release()  # the block is done with it
+    second, _ = buffers.take(8)
     assert not np.shares_memory(first, second)
-    del first
-    assert not np.shares_memory(buffers.take(10), view)
-    del view, second
-    again = buffers.take(7)
-    assert again.shape == (7, 3) and len(buffers._pool) == 3
-    assert any(np.shares_memory(again, buf) for buf in buffers._pool)
+    part.release()
+    again, _ = buffers.take(7)
+    assert again.shape == (7, 3) and np.shares_memory(again, first)
+    fresh = _Buffers(rows=10, d_model=3, dtype=np.dtype(np.float16), reuse=False)
+    one, held = fresh.take(10)
+    held.release()
+    assert not np.shares_memory(one, fresh.take(10)[0])
+
+
+def _stream(cache: Cache, n: int, release: bool, **cfg: object) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """n batches of a small-block loader, each copied (and released at once when `release`)."""
+    config = LoaderConfig(batch_rows=40, block_units=2, seed=5, **cfg)  # type: ignore[arg-type]
+    out = []
+    for batch, cursor in islice(RowLoader(cache, (0, 1, 2, 3), config).batches(), n):
+        out.append((batch.x.clone(), batch.token.clone(), cursor))
+        if release:
+            batch.release()
+            batch.release()  # twice is harmless
+    return out
+
+
+@pytest.mark.parametrize("release", [True, False], ids=["released", "collected"])
+def test_buffer_reuse_does_not_change_the_batches(id_cache: Cache, release: bool) -> None:
+    """Reused buffers (released by the consumer, or when a batch is garbage-collected) and fresh ones give the
+    same stream, over about 30 blocks."""
+    reused, fresh = _stream(id_cache, 150, release), _stream(id_cache, 150, release, reuse_buffers=False)
+    for (x, token, cursor), (x2, token2, cursor2) in zip(reused, fresh, strict=True):
+        assert torch.equal(x, x2) and torch.equal(token, token2) and cursor == cursor2
 
 
 def test_held_batches_stay_intact_while_the_loader_runs_on(id_cache: Cache) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae_cache.errors import InputError, StoreError
+from mlsae_cache.core.errors import InputError, StoreError
 from mlsae_train.loss import (
     AUXK_COEF,
     DeadLatentTracker,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae_cache.errors import InputError
+from mlsae_cache.core.errors import InputError
 from mlsae_train.loss import auxk_loss
 from mlsae_train.sae import STD_EPS, SaeConfig, TopKSAE, geometric_median
 

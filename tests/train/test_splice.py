@@ -273,10 +273,11 @@ def test_compare_puts_the_saes_side_by_side(llama_setup: Setup, trained: dict[st
             assert set(row[kind]) == {"fvu", "delta_ce", "kl", "dead_fraction"}
             assert np.isfinite(list(row[kind].values())).all()
     assert saved["n_windows"] == 2 and saved["clean_ce"] > 0
-    table = (out / "compare.md").read_text().splitlines()
-    assert sum(line.startswith("| ") for line in table) == 1 + len(LAYERS)
-    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(result.output.splitlines()) >= 1 + len(LAYERS)
+    assert saved["format"] == "mlsae-compare" and saved["version"] == 1
+    table = result.output.splitlines()
+    names = [f"{m} {k}" for m in ("FVU", "dCE", "KL", "dead") for k in ("mlsae", "single")]
+    assert table[0].split() == ["layer"] + " ".join(names).split()
+    assert [line.split()[0] for line in table[1 : 1 + len(LAYERS)]] == [str(layer) for layer in LAYERS]
 
 
 def test_compare_without_splice_and_with_a_missing_single(
@@ -288,7 +289,8 @@ def test_compare_without_splice_and_with_a_missing_single(
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [row["single"] is not None for row in rows] == [False, True, False]
-    assert set(rows[0]["mlsae"]) == {"fvu", "dead_fraction"} and "-" in (out / "compare.md").read_text()
+    assert set(rows[0]["mlsae"]) == {"fvu", "dead_fraction"}
+    assert result.output.splitlines()[1].split()[2] == "-"  # layer 0 has no single-layer FVU
 
 
 @pytest.mark.parametrize(

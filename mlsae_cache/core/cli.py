@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 from tqdm import tqdm
 
-from mlsae_cache.errors import MlsaeError
+from mlsae_cache.core.errors import MlsaeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from mlsae_cache.errors import LockedError
+from mlsae_cache.core.errors import LockedError
 
 
 class StoreLock:

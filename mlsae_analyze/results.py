@@ -1,0 +1,157 @@
+"""The outputs of the layer analyses, as formats with one owner each:
+
+- `VarianceSummary` (summary.json, format `mlsae-variance-summary`) and the variance Dataset (variance.zarr,
+  format `mlsae-variance`: counts, totals, probs [layer, latent]; layer_mean, layer_var, layer_std,
+  n_layers_active [latent]), read together as a `VarianceOutput`;
+- `CosineResult` (cosine.json, format `mlsae-cosine`).
+
+Files written before these carried a format are read as version 0 (their fields are the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mlsae_analyze.layers import LayerDistribution
+from mlsae_cache.core.errors import NotFoundError, StoreError
+from mlsae_cache.core.records import Record, check_format
+
+SUMMARY_JSON = "summary.json"
+VARIANCE_ZARR = "variance.zarr"
+COSINE_JSON = "cosine.json"
+VARIANCE_FORMAT, VARIANCE_VERSION = "mlsae-variance", 1
+
+
+@dataclass(frozen=True)
+class VarianceSummary(Record):
+    """The variance decompositions over layers (definitions: docs/METHOD.md and mlsae_analyze/variance.py), the
+    reference mode's numbers under `reference`, and what they were computed from."""
+
+    FORMAT: ClassVar[str] = "mlsae-variance-summary"
+    VERSION: ClassVar[int] = 1
+    KIND: ClassVar[str] = "variance summary"
+    REMAKE: ClassVar[str] = "give the OUT of `mlsae-analyze variance LATENTS OUT`"
+
+    var_total: float
+    var_within_latent: float
+    var_within_token: float
+    rel_var_latent: float
+    rel_var_token: float
+    mean_layer_std: float
+    frac_multi_layer: float
+    n_rows: int
+    reference: dict[str, Any]
+    latents: str | None = None
+    n_latents: int | None = None
+    k: int | None = None
+    layers: list[int] | None = None
+    sae_fingerprint: str | None = None
+    cache_fingerprint: str | None = None
+    min_count: int = 1
+    include_untrainable: bool = False
+
+
+@dataclass(frozen=True)
+class CosineResult(Record):
+    """Adjacent-layer cosine similarity of the mean-centred residual stream: one value per pair of adjacent
+    stored layers, over `n_tokens` trainable tokens of cache `cache`."""
+
+    FORMAT: ClassVar[str] = "mlsae-cosine"
+    VERSION: ClassVar[int] = 1
+    KIND: ClassVar[str] = "cosine result"
+    REMAKE: ClassVar[str] = "give the OUT of `mlsae-analyze cosine CACHE OUT`"
+
+    layer_pairs: list[list[int]]
+    cosine: list[float]
+    n_tokens: int
+    cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cosine or len(self.layer_pairs) != len(self.cosine):
+            raise StoreError("a cosine result needs matching, non-empty `layer_pairs` and `cosine` lists")
+
+
+def variance_dataset(
+    dist: LayerDistribution,
+    counts: np.ndarray,
+    totals: np.ndarray,
+    n_active: np.ndarray,
+    layers: tuple[int, ...],
+    attrs: dict[str, Any],
+) -> Any:
+    """The variance Dataset of the format (dims layer, latent), with its format and version as attributes."""
+    import xarray as xr
+
+    per_pair = ("layer", "latent")
+    data = {
+        "counts": (per_pair, counts),
+        "totals": (per_pair, totals),
+        "probs": (per_pair, dist.probs),
+        "layer_mean": ("latent", dist.mean),
+        "layer_var": ("latent", dist.var),
+        "layer_std": ("latent", dist.std),
+        "n_layers_active": ("latent", n_active),
+    }
+    coords = {"layer": np.asarray(layers), "latent": np.arange(totals.shape[1])}
+    return xr.Dataset(data, coords=coords, attrs={"format": VARIANCE_FORMAT, "version": VARIANCE_VERSION, **attrs})
+
+
+@dataclass(frozen=True)
+class VarianceOutput:
+    """What `variance` writes: the Dataset (lazy when read back) and the summary."""
+
+    dataset: Any
+    summary: VarianceSummary
+    path: Path | None = field(default=None)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.dataset["layer"].values)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """P_j(l): [L, n] float64, NaN columns for latents that never fire."""
+        return np.asarray(self.dataset["probs"].values, dtype=np.float64)
+
+    @property
+    def layer_mean(self) -> np.ndarray:
+        return np.asarray(self.dataset["layer_mean"].values, dtype=np.float64)
+
+    @property
+    def layer_std(self) -> np.ndarray:
+        return np.asarray(self.dataset["layer_std"].values, dtype=np.float64)
+
+    def latent(self, j: int) -> dict[str, Any]:
+        """One latent's slice: probs, counts, totals [L]; layer_mean, layer_std, n_layers_active."""
+        sel = self.dataset.isel(latent=j)
+        names = ("probs", "counts", "totals", "layer_mean", "layer_std", "n_layers_active")
+        return {name: np.asarray(sel[name].values) for name in names}
+
+    def write(self, out: Path) -> None:
+        """variance.zarr and summary.json into the directory `out`."""
+        self.dataset.to_zarr(Path(out) / VARIANCE_ZARR, mode="w", consolidated=False)
+        self.summary.write(Path(out) / SUMMARY_JSON)
+
+    @classmethod
+    def read(cls, path: Path | str) -> VarianceOutput:
+        """A `variance` OUT directory, checked; one-line errors naming what is wrong."""
+        import xarray as xr
+
+        path = Path(path)
+        hint = f"give the OUT of `mlsae-analyze variance LATENTS {path}`"
+        if not path.is_dir():
+            raise NotFoundError(f"variance output {path} does not exist or is not a directory ({hint})")
+        summary = VarianceSummary.read(path / SUMMARY_JSON)
+        try:
+            ds = xr.open_zarr(str(path / VARIANCE_ZARR), consolidated=False)
+            missing = [n for n in ("probs", "layer_mean", "layer_std", "counts", "totals") if n not in ds]
+        except (OSError, KeyError, ValueError) as e:
+            raise StoreError(f"{path}/{VARIANCE_ZARR} is missing or unreadable ({e}; {hint})") from e
+        if missing:
+            raise StoreError(f"{path}/{VARIANCE_ZARR} lacks {', '.join(missing)} ({hint})")
+        check_format(dict(ds.attrs), VARIANCE_FORMAT, VARIANCE_VERSION, path, "variance output", hint, legacy=True)
+        return cls(ds, summary, path)

@@ -1,0 +1,225 @@
+"""What every mlsae Zarr store shares, whatever its format: the `mlsae` root attribute, array conventions (fill 0,
+named dims, a crc32c on every chunk, every chunk stored), the commit protocol, the writer's transaction, and
+verification. The formats themselves (names, dims, dtypes, chunking) live with their owners: `mlsae_cache.store`
+(caches), `mlsae_analyze.latents` (latents), `mlsae_analyze.explorer.index` (explorer indexes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from mlsae_cache.core.errors import CorruptError, MlsaeError, NotFoundError, StoreError
+from mlsae_cache.core.lock import StoreLock
+
+ATTR = "mlsae"
+"""The root attribute holding a store's metadata record."""
+
+
+def read_root_attribute(path: Path | str, kind: str, hint: str) -> dict[str, Any]:
+    """The `mlsae` root attribute of the store at `path`; NotFoundError / StoreError naming `kind` otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{kind} {path} does not exist ({hint})")
+    meta_file = path / "zarr.json"
+    if not path.is_dir() or not meta_file.is_file():
+        raise StoreError(f"{path} is not an mlsae {kind} (no zarr.json; {hint})")
+    try:
+        attrs = json.loads(meta_file.read_text()).get("attributes", {})
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}/zarr.json is unreadable ({e}); the store is damaged") from e
+    if not isinstance(attrs, dict) or not isinstance(attrs.get(ATTR), dict):
+        raise StoreError(f"{path} is a Zarr group but not an mlsae {kind} (no '{ATTR}' attribute; {hint})")
+    return attrs[ATTR]
+
+
+def set_root_attribute(group: zarr.Group, record: dict[str, Any]) -> None:
+    """Replace the root attribute: one atomic rewrite of the group's zarr.json (the last step of a commit)."""
+    group.attrs[ATTR] = record
+
+
+def holds_nothing(path: Path) -> bool:
+    """True when `path` is absent, or a directory holding nothing but the `.partial` files of writes that a kill
+    cut short (a store whose creation was killed while writing its first file): a writer may start afresh."""
+    path = Path(path)
+    return not path.is_dir() or all(child.name.endswith(".partial") for child in path.iterdir())
+
+
+def clear_store(path: Path) -> None:
+    """Remove everything inside the directory `path`, keeping the directory (whose lock the caller holds)."""
+    for child in Path(path).iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def remove_partials(path: Path) -> None:
+    """Delete the `*.partial` files of writes that a kill cut short (zarr and rawchunks.py write each file beside
+    its name and rename it into place). Only a writer holding the store lock exclusively may call this: a running
+    writer's files look the same."""
+    for partial in Path(path).rglob("*.partial"):
+        partial.unlink(missing_ok=True)
+
+
+def _compressors(dtype: np.dtype, compress: bool) -> list[Any]:
+    codecs: list[Any] = []
+    if compress:
+        codecs.append(BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize))
+    codecs.append(Crc32cCodec())
+    return codecs
+
+
+def writable(arr: zarr.Array) -> zarr.Array:
+    """`arr` set to store every chunk it is given. By default zarr skips (and deletes) a chunk equal to the fill
+    value, 0 here: a chunk of zeros, such as `sequence` of a first window longer than a chunk, or `layer` of a
+    store of block 0 alone, would then look missing to `verify`."""
+    return arr.with_config({"write_empty_chunks": True})
+
+
+def create_array(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: Any,
+    dims: tuple[str, ...],
+    compress: bool,
+) -> zarr.Array:
+    """An array of the store conventions: fill 0, named dims, crc32c on every chunk (zstd first if `compress`)."""
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=0,
+        dimension_names=dims,
+        compressors=_compressors(np.dtype(dtype), compress),
+    )
+
+
+def write_rows_at(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write each array's rows at [start, start + n) along its first axis, growing the array first if needed."""
+    for name, values in arrays.items():
+        arr = writable(group[name])
+        stop = start + values.shape[0]
+        if arr.shape[0] < stop:
+            arr.resize((stop, *arr.shape[1:]))
+        arr[start:stop] = values
+
+
+R = TypeVar("R")
+
+
+class ChunkCommitter(ABC, Generic[R]):
+    """The commit protocol of every store written chunk by chunk (caches, shards of a cache, latents).
+
+    A commit writes the chunk's data (`_write_data`: arrays first, then whatever the store derives from them, such
+    as a cache's partial sums), and only then the record that makes the rows visible (`_record`: the root
+    attribute's `n_tokens`, or a shard's progress), in one atomic file write. A kill at any moment leaves data
+    that no reader uses beyond the last record; the next writer starts at the first chunk that is not full and
+    rewrites it whole, so a resumed store equals an uninterrupted one.
+    """
+
+    def commit(self, start: int, rows: R) -> None:
+        """Commit the rows `rows` that start at token `start`, a chunk boundary."""
+        derived = self._write_data(start, rows)
+        self._record(start, rows, derived)
+
+    @abstractmethod
+    def _write_data(self, start: int, rows: R) -> Any:
+        """Write the chunk's arrays (and anything derived from them); returns what `_record` needs."""
+
+    @abstractmethod
+    def _record(self, start: int, rows: R, derived: Any) -> None:
+        """Make the chunk visible: the single atomic write that ends the commit."""
+
+
+class StoreTransaction:
+    """Exclusive write access to the store directory `out` for a run that creates, resumes or extends it.
+
+    Entering makes `out` if needed, takes its writer lock (LockedError if another process writes) and removes the
+    `.partial` files of a killed writer. `create(make)` empties `out` and makes a new empty store with `make(out)`;
+    an MlsaeError inside the block then removes what this transaction made (and `out` itself if it did not exist
+    before), so a refused or failed run leaves nothing half-written. A run that continues an existing store keeps
+    its committed rows whatever happens (resuming is the point). Ctrl-C keeps everything committed.
+    """
+
+    def __init__(self, out: Path | str) -> None:
+        self.out = Path(out)
+        self.created = False
+        self._existed = self.out.exists()
+        self._lock = StoreLock(self.out)
+
+    def __enter__(self) -> StoreTransaction:
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except MlsaeError:
+            self._remove_out_if_made()
+            raise
+        remove_partials(self.out)
+        return self
+
+    def create(self, make: Callable[[Path], None]) -> None:
+        """Replace whatever `out` holds by the empty store that `make(out)` writes."""
+        clear_store(self.out)
+        self.created = True
+        make(self.out)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if exc is not None and isinstance(exc, MlsaeError) and self.created:
+                clear_store(self.out)
+                self._remove_out_if_made()
+        finally:
+            self._lock.release()
+
+    def _remove_out_if_made(self) -> None:
+        if not self._existed and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+def _chunk_keys(arr: zarr.Array, n_rows: int) -> Iterator[tuple[str, tuple[slice, ...]]]:
+    """(store key, selection) of every chunk holding the first `n_rows` rows of `arr`."""
+    extent = (n_rows, *arr.shape[1:])
+    for coords in np.ndindex(*(math.ceil(s / c) for s, c in zip(extent, arr.chunks, strict=False))):
+        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, arr.chunks, strict=False))
+        yield f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}", sel
+
+
+def verify_group(
+    path: Path | str, n_tokens: int, chunk_tokens: int, progress: Callable[[int], None] = lambda n: None
+) -> int:
+    """Read and checksum every chunk holding committed data of the store at `path`: arrays along `token` up to
+    n_tokens rows, along `token_chunk` up to the chunks those rows fill, others whole.
+
+    CorruptError names the first missing or corrupted chunk; returns the number of chunks checked.
+    """
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    checked = 0
+    for _, arr in sorted(group.arrays()):
+        dims = arr.metadata.dimension_names or ()
+        n_rows = {"token": n_tokens, "token_chunk": math.ceil(n_tokens / chunk_tokens)}.get(
+            (dims or ("",))[0], arr.shape[0]
+        )
+        for key, sel in _chunk_keys(arr, n_rows):
+            if not asyncio.run(group.store.exists(key)):
+                raise CorruptError(f"chunk {key} of {path} is missing (re-create the store, or resume its writer)")
+            try:
+                arr[sel]
+            except Exception as e:  # zarr raises ValueError for a checksum mismatch, others for bad bytes
+                raise CorruptError(f"chunk {key} of {path} is corrupted ({e}); re-create it") from e
+            checked += 1
+            progress(1)
+    return checked
