@@ -4,9 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo_out
-DEMO_TOKENS ?= 100000
-DEMO_TRAIN_TOKENS ?= 90112
-DEMO_ROWS ?= 1500000
+# the demo's settings (each command reads its own table; options on the command line win)
+DEMO_PRESET ?= data/presets/demo.toml
 BIN := $(VENV)/bin
 # a re-run of the demo continues (or skips) its training run instead of refusing the existing OUT
 RESUME_IF_PRESENT = $(if $(wildcard $(DEMO)/sae/trainer_state.pt),--resume)
@@ -14,20 +13,15 @@ RESUME_IF_PRESENT = $(if $(wildcard $(DEMO)/sae/trainer_state.pt),--resume)
 # The harvest is the demo's: REPRO_CACHE=$(DEMO)/cache reuses a complete demo cache (harvesting it again is a no-op).
 REPRO ?= reproduce_out
 REPRO_CACHE ?= $(REPRO)/cache
-REPRO_TOKENS ?= $(DEMO_TOKENS)
-REPRO_TRAIN_TOKENS ?= $(DEMO_TRAIN_TOKENS)
-REPRO_EXPANSION ?= 16
-REPRO_K ?= 32
-# rows to train on; empty: one epoch of the first REPRO_TRAIN_TOKENS tokens (all layers, or the one layer)
+REPRO_PRESET ?= data/presets/reproduce.toml
+# rows to train on; empty: one epoch of the preset's train_tokens (all layers, or the one layer)
 REPRO_ROWS ?=
 REPRO_SINGLE_ROWS ?=
 REPRO_BATCH_ROWS ?= 4096
 # 4096 rows / 30 layers: a single-layer step sees the tokens of one MLSAE step, so both take as many steps
 REPRO_SINGLE_BATCH_ROWS ?= 136
 REPRO_SINGLE_LAYERS ?= 0 7 14 22 29
-# held-out context windows spliced for delta CE and KL (each costs 1 + 30 + one per single-layer SAE forward passes)
-REPRO_WINDOWS ?= 16
-REPRO_FIT_ARGS = --expansion-factor $(REPRO_EXPANSION) --k $(REPRO_K) --autocast bf16 --train-tokens $(REPRO_TRAIN_TOKENS)
+REPRO_FIT_ARGS = --config $(REPRO_PRESET)
 
 .PHONY: install demo reproduce test lint bench clean
 
@@ -44,24 +38,24 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check mlsae_cache mlsae_train mlsae_analyze tests benchmarks
 	$(BIN)/ruff format --check mlsae_cache mlsae_train mlsae_analyze tests benchmarks
+	$(BIN)/mypy mlsae_cache mlsae_train mlsae_analyze
 
 # The whole pipeline on the embedded model and text: about 10 minutes on 2 cores (README gives the steps).
 demo: $(STAMP)
-	$(BIN)/mlsae-cache harvest $(DEMO)/cache --max-tokens $(DEMO_TOKENS)
+	$(BIN)/mlsae-cache harvest $(DEMO)/cache --config $(DEMO_PRESET)
 	$(BIN)/mlsae-cache info $(DEMO)/cache
-	$(BIN)/mlsae-train fit $(DEMO)/cache $(DEMO)/sae --expansion-factor 8 --k 32 --autocast bf16 \
-		--train-tokens $(DEMO_TRAIN_TOKENS) --max-rows $(DEMO_ROWS) $(RESUME_IF_PRESENT)
-	$(BIN)/mlsae-train eval $(DEMO)/sae $(DEMO)/cache --start $(DEMO_TRAIN_TOKENS) --out $(DEMO)/eval.json
+	$(BIN)/mlsae-train fit $(DEMO)/cache $(DEMO)/sae --config $(DEMO_PRESET) $(RESUME_IF_PRESENT)
+	$(BIN)/mlsae-train eval $(DEMO)/sae $(DEMO)/cache --config $(DEMO_PRESET) --out $(DEMO)/eval.json
 	$(BIN)/mlsae-analyze encode $(DEMO)/sae $(DEMO)/cache $(DEMO)/latents
 	$(BIN)/mlsae-analyze variance $(DEMO)/latents $(DEMO)/variance
 	$(BIN)/mlsae-analyze cosine $(DEMO)/cache $(DEMO)/cosine
-	$(BIN)/mlsae-analyze examples $(DEMO)/latents $(DEMO)/examples --top 8
+	$(BIN)/mlsae-analyze examples $(DEMO)/latents $(DEMO)/examples --config $(DEMO_PRESET)
 	$(BIN)/mlsae-analyze report $(DEMO)/report --variance $(DEMO)/variance --eval $(DEMO)/eval.json \
 		--cosine $(DEMO)/cosine --examples $(DEMO)/examples --title "mlsae demo: SmolLM2-135M on Python's docs"
 	@echo "report: $(DEMO)/report/report.md"
@@ -70,7 +64,7 @@ demo: $(STAMP)
 # size on REPRO_SINGLE_LAYERS, compared on held-out tokens, then the layer analyses and a report whose Findings
 # section sets each number beside the paper's claim. Re-running it skips or resumes what is done.
 reproduce: $(STAMP)
-	$(BIN)/mlsae-cache harvest $(REPRO_CACHE) --max-tokens $(REPRO_TOKENS)
+	$(BIN)/mlsae-cache harvest $(REPRO_CACHE) --config $(REPRO_PRESET)
 	$(BIN)/mlsae-train fit $(REPRO_CACHE) $(REPRO)/mlsae $(REPRO_FIT_ARGS) --batch-rows $(REPRO_BATCH_ROWS) \
 		$(if $(REPRO_ROWS),--max-rows $(REPRO_ROWS)) $(if $(wildcard $(REPRO)/mlsae/trainer_state.pt),--resume)
 	for l in $(REPRO_SINGLE_LAYERS); do \
@@ -78,13 +72,13 @@ reproduce: $(STAMP)
 			--batch-rows $(REPRO_SINGLE_BATCH_ROWS) $(if $(REPRO_SINGLE_ROWS),--max-rows $(REPRO_SINGLE_ROWS)) \
 			$$(test -f $(REPRO)/single-$$l/trainer_state.pt && echo --resume) || exit 1; \
 	done
-	$(BIN)/mlsae-train compare $(REPRO)/mlsae $(REPRO)/compare --cache $(REPRO_CACHE) --start $(REPRO_TRAIN_TOKENS) \
-		$(foreach l,$(REPRO_SINGLE_LAYERS),--single $(l)=$(REPRO)/single-$(l)) --splice --max-windows $(REPRO_WINDOWS)
+	$(BIN)/mlsae-train compare $(REPRO)/mlsae $(REPRO)/compare --cache $(REPRO_CACHE) --config $(REPRO_PRESET) \
+		$(foreach l,$(REPRO_SINGLE_LAYERS),--single $(l)=$(REPRO)/single-$(l))
 	$(BIN)/mlsae-analyze encode $(REPRO)/mlsae $(REPRO_CACHE) $(REPRO)/latents
-	$(BIN)/mlsae-analyze variance $(REPRO)/latents $(REPRO)/variance --scheduler processes
+	$(BIN)/mlsae-analyze variance $(REPRO)/latents $(REPRO)/variance --config $(REPRO_PRESET)
 	$(BIN)/mlsae-analyze cosine $(REPRO_CACHE) $(REPRO)/cosine
 	$(BIN)/mlsae-analyze report $(REPRO)/report --variance $(REPRO)/variance --cosine $(REPRO)/cosine \
-		--compare $(REPRO)/compare --title "mlsae reproduce: SmolLM2-135M on Python's docs, x$(REPRO_EXPANSION) k=$(REPRO_K)"
+		--compare $(REPRO)/compare --title "mlsae reproduce: SmolLM2-135M on Python's docs, x16 k=32"
 	@echo "report: $(REPRO)/report/report.md (Findings section first)"
 
 # Benchmarks of SPEC section 8 (README "Performance"). sparsify is installed without its unrelated

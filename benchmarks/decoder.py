@@ -25,7 +25,7 @@ import torch
 from mlsae_train.kernels import TritonSparseDecode, triton_available
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import time_interleaved  # noqa: E402
+from train_step import time_interleaved
 
 from mlsae_train.sae import _SparseDecode
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mlsae_cache.config import HarvestConfig
-from mlsae_cache.harvest import harvest
+from mlsae_cache.harvest import run_harvest
 from mlsae_cache.models import LoadedModel, ModelInfo, base_model, find_blocks, load_model
 from mlsae_cache.store import Cache
 from mlsae_cache.text import TextSpec, window_batches
@@ -60,7 +60,7 @@ def time_bare(loaded: LoadedModel, batches: list[torch.Tensor]) -> float:
 
 def time_harvest(loaded: LoadedModel, cfg: HarvestConfig) -> tuple[float, int]:
     start = time.perf_counter()
-    harvest(cfg, loaded=loaded)
+    run_harvest(cfg, loaded=loaded)
     elapsed = time.perf_counter() - start
     return elapsed, Cache(cfg.out).nbytes_stored()
 

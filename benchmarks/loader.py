@@ -28,10 +28,10 @@ def ensure_cache(path: Path | None, tmp: Path) -> Cache:
     if path is not None:
         return Cache(path)
     from mlsae_cache.config import HarvestConfig
-    from mlsae_cache.harvest import harvest
+    from mlsae_cache.harvest import run_harvest
 
     out = tmp / "cache"
-    harvest(HarvestConfig(out=out, max_tokens=16384, device="cpu"))
+    run_harvest(HarvestConfig(out=out, max_tokens=16384, device="cpu"))
     return Cache(out)
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import loader as loader_bench  # noqa: E402
-import train_step  # noqa: E402
+import loader as loader_bench
+import train_step
 
 
 def step_rates(autocast: str) -> tuple[float, float | None]:

@@ -96,7 +96,7 @@ def sparsify_step(args: argparse.Namespace, x: torch.Tensor, dead: torch.Tensor)
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
         from sparsify.config import SparseCoderConfig
         from sparsify.sparse_coder import SparseCoder
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+    except Exception as e:  # any import failure means "not available"
         return f"{type(e).__name__}: {e}"
     torch.manual_seed(args.seed)
     sc = SparseCoder(args.d_model, SparseCoderConfig(expansion_factor=args.expansion, k=args.k), device=args.device)

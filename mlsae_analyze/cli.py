@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from mlsae_cache.core.cli import handle_errors, mlsae_group, progress_bar
+from mlsae_cache.core.cli import flags, mlsae_group, progress_bar
 
 SCHEDULER_HELP = "threads, processes, sync, or a dask.distributed address tcp://host:port."
 
@@ -24,15 +24,13 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace latents of another SAE or cache.")
 @click.pass_context
-@handle_errors
 def encode(ctx: click.Context, **options: Any) -> None:
     """Store the top-k latents of every (token, layer) row of CACHE under SAE in OUT (resumable)."""
-    from mlsae_analyze.encode import EncodeConfig
-    from mlsae_analyze.encode import encode as run_encode
+    from mlsae_analyze.encode import EncodeConfig, run_encode
     from mlsae_cache.store import read_meta
 
     cfg = EncodeConfig(**options)
-    with progress_bar(read_meta(cfg.cache).n_tokens, "tok", ctx.obj["quiet"], "encode") as advance:
+    with progress_bar(read_meta(cfg.cache).n_tokens, "tok", flags(ctx)["quiet"], "encode") as advance:
         result = run_encode(cfg, progress=advance)
     click.echo(result.message)
 
@@ -43,7 +41,6 @@ def encode(ctx: click.Context, **options: Any) -> None:
 @click.option("--min-count", default=1, show_default=True, type=int, help="Rows for a layer to count as active.")
 @click.option("--include-untrainable", is_flag=True, help="Keep special tokens and position 0.")
 @click.option("--scheduler", default="threads", show_default=True, help=SCHEDULER_HELP)
-@handle_errors
 def variance(**options: Any) -> None:
     """Distributions of latents over layers and the variance decompositions, in OUT/variance.zarr and
     OUT/summary.json."""
@@ -59,7 +56,6 @@ def variance(**options: Any) -> None:
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--scheduler", default="threads", show_default=True, help=SCHEDULER_HELP)
-@handle_errors
 def cosine(**options: Any) -> None:
     """Adjacent-layer cosine similarity of the mean-centred residual stream of CACHE, in OUT/cosine.json."""
     from mlsae_analyze.cosine import CosineConfig, run_cosine
@@ -80,7 +76,6 @@ TITLE_HELP = "Title of the figures (default: the model and the SAE's size)."
 @click.option("--cosine", type=click.Path(path_type=Path), help="A `cosine` OUT: also draw its plot.")
 @click.option("--compare", type=click.Path(path_type=Path), help="A `mlsae-train compare` OUT: also draw its figure.")
 @click.option("--title", default=None, help=TITLE_HELP)
-@handle_errors
 def heatmap(**options: Any) -> None:
     """Figures of a `variance` OUT: OUT/layer_heatmap.png (paper Figure 1) and OUT/layer_histograms.png, plus
     OUT/cosine.png with --cosine and OUT/compare.png with --compare."""
@@ -98,7 +93,6 @@ def heatmap(**options: Any) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--model", default=None, help="Run this model instead of the cache's (needed for an imported cache).")
 @click.option("--title", default=None, help="Figure title (default: the model and the start of the prompt).")
-@handle_errors
 def prompt_heatmap(**options: Any) -> None:
     """Where the latents of one prompt fire over layers (activations summed over its tokens), in
     OUT/prompt_heatmap.png and OUT/prompt.json."""
@@ -121,7 +115,6 @@ def prompt_heatmap(**options: Any) -> None:
 @click.option("--context", default=4, show_default=True, type=int, help="Tokens shown either side of each example.")
 @click.option("--include-untrainable", is_flag=True, help="Keep special tokens and position 0.")
 @click.pass_context
-@handle_errors
 def examples(ctx: click.Context, top: int | None, latent_ids: str | None, **options: Any) -> None:
     """Max-activating examples of each selected latent at each layer, in OUT/examples.md, OUT/examples.tsv
     and OUT/examples.html."""
@@ -136,7 +129,7 @@ def examples(ctx: click.Context, top: int | None, latent_ids: str | None, **opti
     ids = parse_latent_ids(latent_ids) if latent_ids is not None else None
     cfg = ExamplesConfig(top=10 if top is None else top, latent_ids=ids, **options)
     total = 2 * read_latents_meta(cfg.latents).n_tokens
-    with progress_bar(total, "tok", ctx.obj["quiet"], "examples") as advance:
+    with progress_bar(total, "tok", flags(ctx)["quiet"], "examples") as advance:
         result = run_examples(cfg, progress=advance)
     if result.note:
         click.echo(result.note, err=True)
@@ -157,7 +150,6 @@ def examples(ctx: click.Context, top: int | None, latent_ids: str | None, **opti
     type=click.Path(path_type=Path),
     help="A `mlsae-train compare` OUT: add the Findings section (the paper's claims vs this run).",
 )
-@handle_errors
 def report(**options: Any) -> None:
     """One self-contained page, OUT/report.md, with the numbers and figures of the given analysis outputs; with
     --compare, a Findings section sets them beside the paper's claims."""

@@ -7,6 +7,7 @@ per-layer mean; l runs over adjacent *stored* layers. One dask task per token ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def adjacent_cosine(cache: Cache, scheduler: str | None = None) -> CosineResult:
         sums, count = dask.compute(sums, count, scheduler=scheduler)
     layers = list(cache.layers)
     return CosineResult(
-        layer_pairs=[[a, b] for a, b in zip(layers[:-1], layers[1:], strict=True)],
+        layer_pairs=[[a, b] for a, b in pairwise(layers)],
         cosine=(np.asarray(sums) / int(count)).tolist(),
         n_tokens=int(count),
         cache=str(cache.path),

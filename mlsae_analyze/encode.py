@@ -96,7 +96,7 @@ def _existing(out: Path, meta: LatentsMeta, overwrite: bool) -> LatentsMeta | No
     return old
 
 
-def encode(cfg: EncodeConfig, progress: Callable[[int], None] = lambda n: None) -> EncodeResult:
+def run_encode(cfg: EncodeConfig, progress: Callable[[int], None] = lambda n: None) -> EncodeResult:
     """Write (or resume) the latents of every row of the cache in cfg.out."""
     sae, cache, meta = _plan(cfg)
     out = Path(cfg.out)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from mlsae_analyze.comparison import NOTE, markdown_table
 from mlsae_analyze.examples import layer_runs
@@ -114,11 +114,12 @@ def cosine_finding(cosine: CosineResult | None, summary: VarianceSummary) -> Fin
     share = _number(summary.frac_multi_layer)
     if cosine is None or not values or None in values or share is None:
         return Finding(name, f"Not measured here (give `--cosine`). {claim} {rule}", None)
-    mean = sum(values) / len(values)
-    low = min(range(len(values)), key=values.__getitem__)
+    measured = cast("list[float]", values)  # no None: checked above
+    mean = sum(measured) / len(measured)
+    low = min(range(len(measured)), key=measured.__getitem__)
     a, b = cosine.layer_pairs[low]
     ours = (
-        f"The mean over {len(values)} adjacent pairs is {mean:.4g} (lowest {values[low]:.4g}, layers {a} → {b}), "
+        f"The mean over {len(measured)} adjacent pairs is {mean:.4g} (lowest {measured[low]:.4g}, layers {a} → {b}), "
         f"with {share:.1%} of latents multi-layer."
     )
     agrees = (mean >= COSINE_SIMILAR) == (share > MULTI_LAYER_MIN)
@@ -133,12 +134,12 @@ def reconstruction_finding(result: CompareResult, metric: str, label: str) -> Fi
         "size trained on that layer alone (the paper compares the two; METHOD.md lists no number for it)."
     )
     rule = f"Rule: agrees if the MLSAE is worse (higher) at more than {WORSE_SHARE:.0%} of the compared layers."
-    pairs = [
+    numbers = [
         (row["layer"], _number(row["mlsae"].get(metric)), _number(row["single"].get(metric)))
         for row in result.rows
         if row.get("single")
     ]
-    pairs = [(layer, m, s) for layer, m, s in pairs if m is not None and s is not None]
+    pairs = [(layer, m, s) for layer, m, s in numbers if m is not None and s is not None]
     if not pairs:
         why = "no layer has both values" + (" (run `compare --splice`)" if metric != "fvu" else " (give --single)")
         return Finding(name, f"Not compared: {why}. {claim} {rule}", None)

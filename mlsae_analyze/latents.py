@@ -28,6 +28,7 @@ from mlsae_cache.core.zarrstore import (
     ATTR,
     ChunkCommitter,
     create_array,
+    read_array,
     read_root_attribute,
     set_root_attribute,
     verify_group,
@@ -167,13 +168,17 @@ class Latents:
     def tokens(self, start: int = 0, stop: int | None = None) -> TokenRows:
         """The token arrays of committed rows [start, stop) (default: all)."""
         stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
-        return TokenRows(*(self._group[name][start:stop] for name in TOKEN_DTYPES))
+        return TokenRows(*(read_array(self._group, name, slice(start, stop)) for name in TOKEN_DTYPES))
 
     def chunk(self, start: int, stop: int | None = None) -> LatentChunk:
         """Committed rows [start, stop) (default: one chunk's worth)."""
         stop = min(self.n_tokens, start + self.chunk_tokens if stop is None else stop)
+        rows = slice(start, stop)
         return LatentChunk(
-            start, self._group[_INDICES][start:stop], self._group[_VALUES][start:stop], self.tokens(start, stop)
+            start,
+            read_array(self._group, _INDICES, rows),
+            read_array(self._group, _VALUES, rows),
+            self.tokens(start, stop),
         )
 
     def chunks(self, progress: Callable[[int], None] = lambda n: None) -> Iterator[LatentChunk]:
@@ -217,5 +222,5 @@ def latent_arrays(data: Latents | LatentArrays | Any) -> LatentArrays:
         if data[name].dims != dims:
             raise StoreError(f"latents variable {name!r} has dims {data[name].dims}, expected {dims}")
     layers = data.indexes[_LAYER].values if _LAYER in data.indexes else np.arange(data.sizes["layer"])
-    arrays = (data[name].data for name in expected)
-    return LatentArrays(*arrays, tuple(int(b) for b in layers))
+    indices, values, trainable, sequence = (data[name].data for name in expected)
+    return LatentArrays(indices, values, trainable, sequence, tuple(int(b) for b in layers))

@@ -53,7 +53,8 @@ def _layer_axis(axis: Axis, layers: Sequence[int]) -> None:
     step = max(1, int(np.ceil(len(layers) / MAX_LAYER_TICKS)))
     axis.set_major_locator(FixedLocator(list(range(0, len(layers), step))))
     labels = [str(b) for b in layers]
-    axis.set_major_formatter(FuncFormatter(lambda x, _: labels[int(round(x))] if 0 <= round(x) < len(labels) else ""))
+    # int(): round() of a numpy scalar is a float before numpy 2
+    axis.set_major_formatter(FuncFormatter(lambda x, _: labels[int(round(x))] if 0 <= round(x) < len(labels) else ""))  # noqa: RUF046
 
 
 def heatmap_figure(probs: np.ndarray, layer_mean: np.ndarray, layers: Sequence[int], title: str) -> Figure:
@@ -90,7 +91,9 @@ def layer_heatmap(
 
 
 def _histogram(ax: Axes, values: np.ndarray, bins: np.ndarray, xlabel: str, title: str) -> None:
-    counts, _, _ = ax.hist(values, bins=bins, color="#3b6ea8", edgecolor="white", linewidth=0.3)
+    # matplotlib's stubs type `bins` as a Sequence; it takes any array-like, as documented
+    counts, _, _ = ax.hist(values, bins=bins, color="#3b6ea8", edgecolor="white", linewidth=0.3)  # type: ignore[arg-type]
+    assert isinstance(counts, np.ndarray)  # one data set: one array of counts
     ax.set_ylim(0, 1.25 * max(float(counts.max()), 1.0))  # headroom: the legend never covers a bar
     mean = float(values.mean())
     ax.axvline(mean, color="#d1495b", linewidth=1.5, label=f"mean {mean:.2f}")

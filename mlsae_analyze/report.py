@@ -152,23 +152,29 @@ def summary_section(summary: VarianceSummary) -> list[str]:
         "|---|---:|---|",
     ]
     lines += [f"| `{k}` | {_number(ref.get(k, 'n/a'))} | {_cell(m)} |" for k, m in REFERENCE_MEANINGS.items()]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def eval_section(result: EvalResult) -> list[str]:
     """The per-layer eval table, then its overall numbers."""
-    columns = {"layer": result.layer, "fvu": result.fvu, "mse": result.mse, "l0": result.l0, "n_rows": result.n_rows}
+    columns: dict[str, Any] = {
+        "layer": result.layer,
+        "fvu": result.fvu,
+        "mse": result.mse,
+        "l0": result.l0,
+        "n_rows": result.n_rows,
+    }
     if result.spliced:
         columns |= {"delta_ce": result.delta_ce, "kl": result.kl}
     lines = ["## Reconstruction per layer (eval)", "", "| " + " | ".join(columns) + " |"]
     lines.append("|" + "---:|" * len(columns))
     for i in range(len(result.layer)):
         lines.append("| " + " | ".join(_number(values[i]) for values in columns.values()) + " |")
-    scalars = {"dead_fraction": result.dead_fraction, "fvu_mean": result.fvu_mean}
+    scalars: dict[str, float | None] = {"dead_fraction": result.dead_fraction, "fvu_mean": result.fvu_mean}
     if result.spliced:
         scalars |= {"clean_ce": result.clean_ce, "delta_ce_mean": result.delta_ce_mean, "kl_mean": result.kl_mean}
     overall = ", ".join(f"`{k}` {_number(v)}" for k, v in scalars.items())
-    return lines + ["", f"Overall: {overall}.", ""]
+    return [*lines, "", f"Overall: {overall}.", ""]
 
 
 def cosine_section(result: CosineResult, figure: str) -> list[str]:
@@ -177,7 +183,7 @@ def cosine_section(result: CosineResult, figure: str) -> list[str]:
     lines += [f"Mean over {n_tokens} tokens of `cos(x_l - m_l, x_l+1 - m_l+1)`, m_l the mean of layer l.", ""]
     lines += ["| layers | cosine |", "|---|---:|"]
     lines += [f"| {a} → {b} | {v:.4f} |" for (a, b), v in zip(result.layer_pairs, result.cosine, strict=True)]
-    return lines + [""]
+    return [*lines, ""]
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import dask
 import dask.array as da
@@ -144,7 +145,15 @@ def _combine(parts: list[_Partial], params: VarianceParams) -> _Partial:
     )
 
 
-def _decomposition(totals: np.ndarray, layer_var: np.ndarray, within_token: float) -> dict[str, float]:
+class _Decomposition(TypedDict):
+    var_total: float
+    var_within_latent: float
+    var_within_token: float
+    rel_var_latent: float
+    rel_var_token: float
+
+
+def _decomposition(totals: np.ndarray, layer_var: np.ndarray, within_token: float) -> _Decomposition:
     """Law of total variance under p(l, t, j) = a[l, t, j] / W.
 
     var_total = Var(L) = sum_l p(l) (l - E[L])^2; var_within_latent = E_J[Var(L|J)] = sum_j p(j) Var[L|j];
@@ -217,9 +226,9 @@ class _LazyChunk:
 
 def _chunk_task(chunk: _LazyChunk, params: VarianceParams) -> _Partial:
     """Read one token chunk (a nested synchronous compute) and return its partial sums."""
-    indices, values, trainable, sequence = dask.compute(*chunk.arrays, scheduler="sync")
-    arrays = (np.asarray(a) for a in (indices, values, trainable, sequence))
-    return _chunk_partial(*arrays, params)
+    computed = dask.compute(*chunk.arrays, scheduler="sync")
+    indices, values, trainable, sequence = (np.asarray(a) for a in computed)
+    return _chunk_partial(indices, values, trainable, sequence, params)
 
 
 def _chunk_sources(data: Any, chunks: tuple[int, ...]) -> list[Any]:
@@ -227,8 +236,8 @@ def _chunk_sources(data: Any, chunks: tuple[int, ...]) -> list[Any]:
     needs, so each task carries only its own reads), or a numpy view."""
     if not isinstance(data, da.Array):
         bounds = np.cumsum([0, *chunks]).tolist()
-        return [np.asarray(data)[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    arr = data.rechunk({0: chunks, **{axis: -1 for axis in range(1, data.ndim)}})
+        return [np.asarray(data)[lo:hi] for lo, hi in pairwise(bounds)]
+    arr = data.rechunk({0: chunks, **dict.fromkeys(range(1, data.ndim), -1)})
     return [dask.optimize(arr.blocks[i])[0] for i in range(arr.numblocks[0])]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mlsae_cache.config import HarvestConfig, parse_layers
-from mlsae_cache.core.cli import handle_errors, mlsae_group, progress_bar, silence_library_progress
+from mlsae_cache.core.cli import flags, mlsae_group, progress_bar, silence_library_progress
 from mlsae_cache.info import cache_info
 from mlsae_cache.store import verify
 
@@ -25,16 +25,26 @@ def main() -> None:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--dataset", default="pydoc", show_default=True, help="pydoc, a hub id, or a .txt/.jsonl/.json/.parquet.")
 @click.option("--dataset-config", default=None, help="Hub dataset configuration name.")
-@click.option("--split", default="train", show_default=True)
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--split", default="train", show_default=True, help="Hub dataset split.")
+@click.option("--text-column", default="text", show_default=True, help="Column holding the text.")
 @click.option("--streaming", is_flag=True, help="Stream the dataset instead of downloading it whole.")
 @click.option("--context-length", default=256, show_default=True, type=int, help="Tokens per window.")
 @click.option("--max-tokens", default=None, type=int, help="Stop after this many tokens (default: all the text).")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Windows per forward pass.")
 @click.option("--layers", "layers_text", default="all", show_default=True, help="all, or block indices like 0,2,5.")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]))
 @click.option(
-    "--compute-dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"])
+    "--dtype",
+    default="float16",
+    show_default=True,
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Storage dtype of the activations.",
+)
+@click.option(
+    "--compute-dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="Model dtype: auto is float32 on CPU, bfloat16 on CUDA.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
@@ -49,16 +59,15 @@ def main() -> None:
     help="Write full activation chunks with O_DIRECT where the file system allows (the same bytes either way).",
 )
 @click.pass_context
-@handle_errors
 def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) -> None:
     """Store the residual stream after every selected block for the tokens of a text, in OUT."""
-    from mlsae_cache.harvest import harvest as run_harvest
+    from mlsae_cache.harvest import run_harvest
 
     silence_library_progress()
 
     cfg = HarvestConfig(out=out, layers=parse_layers(layers_text), **options)  # type: ignore[arg-type]
     total = cfg.max_tokens and -(-cfg.max_tokens // cfg.num_shards)  # a shard: about its share
-    with progress_bar(total, "tok", ctx.obj["quiet"], "harvest") as advance:
+    with progress_bar(total, "tok", flags(ctx)["quiet"], "harvest") as advance:
         result = run_harvest(cfg, progress=advance)
     click.echo(result.message)
 
@@ -69,16 +78,15 @@ def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) 
 @click.option("--token-ids", default=None, type=click.Path(path_type=Path), help="(token,) .npy of token ids.")
 @click.option("--context-length", default=None, type=int, help="Tokens per window (default: one window).")
 @click.option("--dtype", default=None, type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype.")
-@click.option("--chunk-tokens", default=4096, show_default=True, type=int)
+@click.option("--chunk-tokens", default=4096, show_default=True, type=int, help="Token rows per stored chunk.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at OUT.")
 @click.pass_context
-@handle_errors
 def import_(ctx: click.Context, out: Path, **options: object) -> None:
     """Wrap an existing activations array as a cache in OUT (every row trainable)."""
     from mlsae_cache.importer import ImportConfig, import_array
 
     cfg = ImportConfig(out=out, **options)  # type: ignore[arg-type]
-    with progress_bar(None, "tok", ctx.obj["quiet"], "import") as advance:
+    with progress_bar(None, "tok", flags(ctx)["quiet"], "import") as advance:
         meta = import_array(cfg, progress=advance)
     click.echo(f"wrote {out}: {meta.n_tokens} tokens x {meta.n_layers} layers x {meta.d_model}")
 
@@ -86,7 +94,6 @@ def import_(ctx: click.Context, out: Path, **options: object) -> None:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@handle_errors
 def info(path: Path, as_json: bool) -> None:
     """Show what the cache at PATH holds: model, dataset, tokens, layers, size, completeness."""
     facts = cache_info(path)
@@ -104,7 +111,6 @@ def info(path: Path, as_json: bool) -> None:
 
 @main.command(name="verify")
 @click.argument("path", type=click.Path(path_type=Path))
-@handle_errors
 def verify_(path: Path) -> None:
     """Read and checksum every chunk of the cache at PATH; exit 1 naming the first bad chunk."""
     n = verify(path)

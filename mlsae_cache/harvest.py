@@ -110,7 +110,7 @@ def _finished(out: Path, meta: CacheMeta) -> HarvestResult:
     return HarvestResult(n, True, meta.exhausted, False, f"wrote {out}: {n} tokens x {meta.n_layers} layers{note}")
 
 
-def harvest(
+def run_harvest(
     cfg: HarvestConfig, progress: Callable[[int], None] = lambda n: None, loaded: LoadedModel | None = None
 ) -> HarvestResult:
     """Create, resume or extend the cache at `cfg.out` (or one shard of it, with cfg.num_shards > 1).
@@ -139,7 +139,7 @@ def _harvest_here(
     out = Path(cfg.out)
     # A store with no committed row (a creation cut short, say) is made afresh: nothing in it can be lost.
     fresh = existing is None or cfg.overwrite or existing.n_tokens == 0
-    batch_size = meta.batch_size if fresh else existing.batch_size
+    batch_size = meta.batch_size if fresh or existing is None else existing.batch_size
     if batch_size != cfg.batch_size:
         log.warning(
             "continuing with the cache's batch size %d (not %d) so rows match an uninterrupted run",

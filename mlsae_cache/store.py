@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 import zarr
@@ -45,7 +45,9 @@ from mlsae_cache.core.zarrstore import (
     ATTR,
     ChunkCommitter,
     create_array,
+    get_array,
     holds_nothing,
+    read_array,
     read_root_attribute,
     set_root_attribute,
     verify_group,
@@ -247,7 +249,7 @@ def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarr
 Partials = tuple[np.ndarray, np.ndarray, int]
 
 
-def _open(path: Path, mode: str) -> zarr.Group:
+def _open(path: Path, mode: Literal["r", "r+"]) -> zarr.Group:
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
 
 
@@ -266,7 +268,7 @@ class CacheChunkWriter(ChunkCommitter[Rows]):
         that chunk's partial sums, which it returns (shards run this side by side on disjoint chunks)."""
         ct = self.meta.chunk_tokens
         assert start % ct == 0 and 0 < len(rows) <= ct
-        activations = writable(self.group[_ACTIVATIONS])
+        activations = writable(get_array(self.group, _ACTIVATIONS))
         if activations.shape[0] < start + len(rows):
             activations.resize((start + len(rows), *activations.shape[1:]))
         if not write_raw_chunks(activations, start // ct, rows.activations, direct=self.direct_io):
@@ -283,7 +285,12 @@ class CacheChunkWriter(ChunkCommitter[Rows]):
 
 def read_partials(group: zarr.Group, n_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stored partial sums of the first `n_chunks` token chunks."""
-    return group[_CHUNK_SUM][:n_chunks], group[_CHUNK_SQ][:n_chunks], group[_CHUNK_COUNT][:n_chunks]
+    first = slice(n_chunks)
+    return (
+        read_array(group, _CHUNK_SUM, first),
+        read_array(group, _CHUNK_SQ, first),
+        read_array(group, _CHUNK_COUNT, first),
+    )
 
 
 def write_statistics(group: zarr.Group, sums: np.ndarray, sq: np.ndarray, counts: np.ndarray) -> None:
@@ -293,8 +300,8 @@ def write_statistics(group: zarr.Group, sums: np.ndarray, sq: np.ndarray, counts
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums.sum(axis=0) / count if count else np.full(sums.shape[1:], np.nan)
         sq_norm = sq.sum(axis=0) / count if count else np.full(sq.shape[1:], np.nan)
-    writable(group[_LAYER_MEAN])[:] = mean
-    writable(group[_LAYER_SQ_NORM])[:] = sq_norm
+    writable(get_array(group, _LAYER_MEAN))[:] = mean
+    writable(get_array(group, _LAYER_SQ_NORM))[:] = sq_norm
 
 
 def finish_statistics(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:
@@ -307,9 +314,9 @@ def resize_store(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:
     workers never rewrite array metadata, and trims them to what was written at the end)."""
     n_chunks = math.ceil(n_tokens / chunk_tokens)
     for name in (_ACTIVATIONS, *TOKEN_DTYPES):
-        group[name].resize((n_tokens, *group[name].shape[1:]))
+        get_array(group, name).resize((n_tokens, *get_array(group, name).shape[1:]))
     for name in (_CHUNK_SUM, _CHUNK_SQ, _CHUNK_COUNT):
-        group[name].resize((n_chunks, *group[name].shape[1:]))
+        get_array(group, name).resize((n_chunks, *get_array(group, name).shape[1:]))
 
 
 def set_meta(group: zarr.Group, meta: CacheMeta, **changes: Any) -> CacheMeta:
@@ -388,22 +395,22 @@ class Cache:
         """The per-token arrays of committed rows [start, stop) (default: all); only the chunks holding that
         range are read."""
         a, b = self._range(start, stop)
-        return TokenRows(*(self._group[name][a:b] for name in TOKEN_DTYPES))
+        return TokenRows(*(read_array(self._group, name, slice(a, b)) for name in TOKEN_DTYPES))
 
     def trainable(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Which committed rows [start, stop) are trainable: [n] bool."""
         a, b = self._range(start, stop)
-        return self._group["trainable"][a:b]
+        return read_array(self._group, "trainable", slice(a, b))
 
     def token_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The input token of committed rows [start, stop): [n] int32."""
         a, b = self._range(start, stop)
-        return self._group["token_ids"][a:b]
+        return read_array(self._group, "token_ids", slice(a, b))
 
     def activations(self, start: int, stop: int, layer_index: int | slice = slice(None)) -> np.ndarray:
         """float32 activations of rows [start, stop) at layer position(s) `layer_index`."""
         a, b = self._range(start, stop)
-        raw = self._group[_ACTIVATIONS][a:b, layer_index]
+        raw = read_array(self._group, _ACTIVATIONS, (slice(a, b), layer_index))
         return to_float32(raw, self.meta.storage_dtype)
 
     def chunk(self, chunk_index: int, layer_index: int) -> np.ndarray:
@@ -416,19 +423,19 @@ class Cache:
         start = chunk_index * self.chunk_tokens
         stop = min(start + self.chunk_tokens, self.n_tokens)
         if self._activations is None:
-            self._activations = self._group[_ACTIVATIONS]
+            self._activations = get_array(self._group, _ACTIVATIONS)
         raw = read_raw_chunk(self._activations, (chunk_index, layer_index, 0))
         if raw is not None:
             return raw.reshape(self.chunk_tokens, self.d_model)[: stop - start]
-        return self._activations[start:stop, layer_index]
+        return cast(np.ndarray, self._activations[start:stop, layer_index])
 
     def layer_mean(self) -> np.ndarray:
         """Mean over trainable tokens, per stored layer: [n_layers, d_model] float64."""
-        return self._group[_LAYER_MEAN][:]
+        return read_array(self._group, _LAYER_MEAN)
 
     def layer_sq_norm(self) -> np.ndarray:
         """Mean squared L2 norm over trainable tokens, per stored layer: [n_layers] float64."""
-        return self._group[_LAYER_SQ_NORM][:]
+        return read_array(self._group, _LAYER_SQ_NORM)
 
     def to_xarray(self) -> Any:
         """The committed rows as a lazy xarray Dataset (bfloat16 bit patterns are left as stored)."""

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import zarr
@@ -107,7 +107,7 @@ def plan_shards(num_shards: int, max_tokens: int, meta: CacheMeta) -> WorkerPlan
     return plan
 
 
-def _group(path: Path, mode: str = "r") -> zarr.Group:
+def _group(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
 
 
@@ -115,7 +115,8 @@ def read_plan(path: Path) -> WorkerPlan | None:
     """The plan of a parallel harvest under way in the cache at `path`, or None."""
     if not (Path(path) / GROUP / "zarr.json").is_file():
         return None
-    return WorkerPlan.from_dict(dict(_group(path)[GROUP].attrs[ATTR]), Path(path) / GROUP)
+    record = cast(dict[str, Any], _group(path)[GROUP].attrs[ATTR])
+    return WorkerPlan.from_dict(dict(record), Path(path) / GROUP)
 
 
 def start_shards(path: Path, meta: CacheMeta, plan: WorkerPlan, **changes: object) -> None:
@@ -136,7 +137,7 @@ def shard_dir(path: Path, index: int) -> Path:
 
 def read_progress(path: Path, plan: WorkerPlan) -> list[ShardProgress]:
     group = _group(path)
-    return [ShardProgress(**group[f"{GROUP}/{i}"].attrs[ATTR]) for i in range(plan.num_shards)]
+    return [ShardProgress(**cast(dict[str, Any], group[f"{GROUP}/{i}"].attrs[ATTR])) for i in range(plan.num_shards)]
 
 
 class ShardWriter(CacheChunkWriter):

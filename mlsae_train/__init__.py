@@ -1,0 +1,77 @@
+"""Training one TopK sparse autoencoder on the rows of every layer of a cache (a multi-layer SAE), and measuring
+it: FVU, MSE and L0 per layer, delta cross-entropy and KL by splicing it into the model, and a layer-by-layer
+comparison with single-layer SAEs.
+
+The public API is below; each name is imported from its submodule on first use, so `import mlsae_train` loads
+no torch. Example: `from mlsae_train import TrainConfig, fit`.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlsae_train.checkpoint import convert_reference, load_sae, save_sae
+    from mlsae_train.compare import CompareConfig, run_compare
+    from mlsae_train.config import TrainConfig
+    from mlsae_train.evaluate import EvalConfig, run_eval
+    from mlsae_train.loader import LoaderConfig, RowLoader
+    from mlsae_train.results import CompareResult, EvalResult
+    from mlsae_train.sae import SaeConfig, TopKSAE
+    from mlsae_train.splice import SpliceConfig
+    from mlsae_train.trainer import FitResult, fit
+
+_EXPORTS: dict[str, str] = {
+    "TrainConfig": "mlsae_train.config",
+    "fit": "mlsae_train.trainer",
+    "FitResult": "mlsae_train.trainer",
+    "EvalConfig": "mlsae_train.evaluate",
+    "run_eval": "mlsae_train.evaluate",
+    "EvalResult": "mlsae_train.results",
+    "CompareResult": "mlsae_train.results",
+    "CompareConfig": "mlsae_train.compare",
+    "run_compare": "mlsae_train.compare",
+    "SpliceConfig": "mlsae_train.splice",
+    "TopKSAE": "mlsae_train.sae",
+    "SaeConfig": "mlsae_train.sae",
+    "load_sae": "mlsae_train.checkpoint",
+    "save_sae": "mlsae_train.checkpoint",
+    "convert_reference": "mlsae_train.checkpoint",
+    "LoaderConfig": "mlsae_train.loader",
+    "RowLoader": "mlsae_train.loader",
+}
+"""Exported name -> the submodule that defines it."""
+
+__all__ = [
+    "CompareConfig",
+    "CompareResult",
+    "EvalConfig",
+    "EvalResult",
+    "FitResult",
+    "LoaderConfig",
+    "RowLoader",
+    "SaeConfig",
+    "SpliceConfig",
+    "TopKSAE",
+    "TrainConfig",
+    "convert_reference",
+    "fit",
+    "load_sae",
+    "run_compare",
+    "run_eval",
+    "save_sae",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name from its submodule on first use (PEP 562); later lookups find it directly."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

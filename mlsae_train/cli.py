@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from mlsae_cache.config import parse_layers
-from mlsae_cache.core.cli import handle_errors, mlsae_group, progress_bar, silence_library_progress
+from mlsae_cache.core.cli import flags, mlsae_group, progress_bar, silence_library_progress
 from mlsae_train.results import CompareResult, EvalResult
 
 
@@ -23,10 +24,10 @@ def main() -> None:
 @click.option("--expansion-factor", default=64, show_default=True, type=int, help="n_latents = R * d_model.")
 @click.option("--k", default=32, show_default=True, type=int, help="Latents kept per row.")
 @click.option("--batch-rows", default=4096, show_default=True, type=int, help="(token, layer) rows per step.")
-@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="Adam learning rate.")
 @click.option("--max-rows", default=None, type=int, help="Rows to train on (default: one epoch).")
 @click.option("--layers", "layers_text", default="all", show_default=True, help="all, or block indices like 0,2,5.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initial weights and the row order.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--no-standardize", "standardize", flag_value=False, default=True, help="Skip per-row standardisation.")
@@ -46,8 +47,10 @@ def main() -> None:
     type=click.Choice(["auto", "triton", "eager"]),
     help="Sparse decoder: auto is Triton on CUDA when installed, eager otherwise.",
 )
-@click.option("--checkpoint-every-rows", default=1_000_000, show_default=True, type=int)
-@click.option("--log-every-steps", default=10, show_default=True, type=int)
+@click.option(
+    "--checkpoint-every-rows", default=1_000_000, show_default=True, type=int, help="Rows between checkpoints."
+)
+@click.option("--log-every-steps", default=10, show_default=True, type=int, help="Steps between metrics lines.")
 @click.option("--block-units", default=32, show_default=True, type=int, help="Stored chunks shuffled together.")
 @click.option("--train-tokens", default=None, type=int, help="Train on the first N tokens only (hold out the rest).")
 @click.option(
@@ -57,7 +60,6 @@ def main() -> None:
     help="Refill the loader's block buffers instead of allocating fresh ones (the same batches either way).",
 )
 @click.pass_context
-@handle_errors
 def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options: Any) -> None:
     """Train an SAE on the rows of CACHE; write cfg.json, sae.safetensors, metrics.jsonl in OUT.
 
@@ -69,7 +71,7 @@ def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options:
 
     cfg = TrainConfig(cache=cache, out=out, layers=parse_layers(layers_text), **options)
     reports = is_main_process()  # under torchrun, rank 0 alone shows progress and the summary
-    with progress_bar(None, "row", ctx.obj["quiet"] or not reports, "fit") as advance:
+    with progress_bar(None, "row", flags(ctx)["quiet"] or not reports, "fit") as advance:
         result = run_fit(cfg, progress=lambda n, line: advance(n))
     if not reports:
         return
@@ -86,7 +88,8 @@ def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options:
 def format_eval(result: EvalResult) -> str:
     """The per-layer table of `eval`, with delta CE and KL columns when the result has them (--splice)."""
     n = len(result.layer)
-    delta_ce, kl = result.delta_ce or [None] * n, result.kl or [None] * n
+    delta_ce: Sequence[float | None] = result.delta_ce or [None] * n
+    kl: Sequence[float | None] = result.kl or [None] * n
     header = f"{'layer':>5}  {'FVU':>8}  {'MSE':>10}  {'L0':>6}  {'rows':>8}"
     lines = [header + ("  dCE(nats)  KL(nats)" if result.spliced else "")]
     for i, (layer, mse, l0, rows, dce, div) in enumerate(
@@ -135,11 +138,10 @@ def splice_options(func: Any) -> Any:
 @click.option("--start", default=0, show_default=True, type=int, help="First token of the evaluated range.")
 @click.option("--stop", default=None, type=int, help="End of the evaluated token range (default: all).")
 @click.option("--layers", "layers_text", default="all", show_default=True, help="Layers (default: the SAE's).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--splice", "--model-splice", "splice", is_flag=True, help="Also delta CE and KL by splicing.")
 @splice_options
 @click.pass_context
-@handle_errors
 def eval_(ctx: click.Context, layers_text: str, **options: Any) -> None:
     """Per-layer FVU, MSE, L0 and the dead fraction of SAE on the trainable rows of CACHE; with --splice, also
     delta CE and KL with the SAE spliced into the model at each layer (on whole windows of the same range)."""
@@ -148,7 +150,7 @@ def eval_(ctx: click.Context, layers_text: str, **options: Any) -> None:
     cfg = EvalConfig(layers=parse_layers(layers_text), **options)
     if cfg.splice:
         silence_library_progress()
-    quiet = ctx.obj["quiet"]
+    quiet = flags(ctx)["quiet"]
     with (
         progress_bar(cfg.stop, "tok", quiet, "eval") as advance,
         progress_bar(cfg.max_windows, "window", quiet or not cfg.splice, "splice") as advance_windows,
@@ -162,7 +164,6 @@ def eval_(ctx: click.Context, layers_text: str, **options: Any) -> None:
 @main.command(name="convert-reference")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@handle_errors
 def convert_reference_(src: Path, out: Path) -> None:
     """Convert a published reference checkpoint (tim-lawson/mlsae-*) in SRC into our format in OUT."""
     from mlsae_train.checkpoint import convert_reference
@@ -180,18 +181,16 @@ def convert_reference_(src: Path, out: Path) -> None:
 @click.option("--start", default=0, show_default=True, type=int, help="First token of the evaluated range.")
 @click.option("--stop", default=None, type=int, help="End of the evaluated token range (default: all).")
 @splice_options
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.pass_context
-@handle_errors
 def compare(ctx: click.Context, mlsae: Path, out: Path, singles: tuple[str, ...], **options: Any) -> None:
     """Put the MLSAE beside single-layer SAEs, per layer (FVU, delta CE, KL, dead fraction); write
     OUT/compare.json (`mlsae-analyze report --compare` and `heatmap --compare` draw its table and figure)."""
-    from mlsae_train.compare import CompareConfig, parse_single
-    from mlsae_train.compare import compare as run_compare
+    from mlsae_train.compare import CompareConfig, parse_single, run_compare
 
     cfg = CompareConfig(mlsae=mlsae, out=out, singles=tuple(parse_single(s) for s in singles), **options)
     silence_library_progress()
-    with progress_bar(cfg.max_windows, "window", ctx.obj["quiet"], "compare") as advance:
+    with progress_bar(cfg.max_windows, "window", flags(ctx)["quiet"], "compare") as advance:
         result = run_compare(cfg, progress=advance)
     click.echo(format_compare(result))
     click.echo(f"wrote {out}/compare.json")

@@ -103,7 +103,7 @@ def _fvu_dead(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], cfg: CompareC
     }
 
 
-def compare(cfg: CompareConfig, progress: Callable[[int], None] = lambda n: None) -> CompareResult:
+def run_compare(cfg: CompareConfig, progress: Callable[[int], None] = lambda n: None) -> CompareResult:
     """Compute the comparison and write it to cfg.out/compare.json (`mlsae-analyze report --compare` and
     `mlsae-analyze heatmap --compare` draw its table and figure)."""
     device = resolve_device(cfg.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ def evaluate(
     fvu = [s.fvu() for s in sums]
     return EvalResult(
         layer=list(layers),
-        fvu=fvu,
+        fvu=cast("list[float | None]", fvu),  # list is invariant; EvalResult.fvu also admits None
         mse=[s.err / max(s.n, 1) / cache.d_model for s in sums],
         l0=[s.l0 / max(s.n, 1) for s in sums],
         n_rows=[s.n for s in sums],

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -217,7 +217,7 @@ class TritonSparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, indices, weight):  # type: ignore[override]
+    def forward(ctx: Any, values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
         assert triton is not None, "TritonSparseDecode needs triton (resolve_decoder_kernel checks this)"
         assert values.ndim == 2 and values.shape == indices.shape and weight.ndim == 2, "values, indices [B, m]"
         assert indices.dtype == torch.int64, "int64 latent ids"
@@ -226,7 +226,7 @@ class TritonSparseDecode(torch.autograd.Function):
         return decode_forward(values, indices, weight)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
         values, indices, weight = ctx.saved_tensors
         grad = grad.contiguous()
         grad_values = decode_grad_values(grad, indices, weight, values.dtype) if ctx.needs_input_grad[0] else None

@@ -231,7 +231,7 @@ class RowLoader:
         cfg: LoaderConfig,
         device: torch.device | str = "cpu",
         stop_token: int | None = None,
-    ):
+    ) -> None:
         """`stop_token`: use only tokens [0, stop_token) of the cache (the rest stays held out)."""
         missing = [layer for layer in layers if layer not in cache.layers]
         if missing:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -164,12 +164,12 @@ class _SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, indices, weight):  # type: ignore[override]
+    def forward(ctx: Any, values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(values, indices, weight)
         return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
         values, indices, weight = ctx.saved_tensors
         grad_values = gather_dots(indices, grad, weight) if ctx.needs_input_grad[0] else None
         grad_weight = None
@@ -202,7 +202,9 @@ class _TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_std, b_dec, weight, bias, k, compute_dtype):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, x_std: Tensor, b_dec: Tensor, weight: Tensor, bias: Tensor, k: int, compute_dtype: torch.dtype | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         x_in = x_std - b_dec
         dtype = compute_dtype or x_in.dtype
         pre_acts = F.linear(x_in.to(dtype), weight.to(dtype), bias.to(dtype))
@@ -215,7 +217,9 @@ class _TopKEncode(torch.autograd.Function):
         return values, indices, pre_acts
 
     @staticmethod
-    def backward(ctx, g_values, _g_indices, g_pre):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, g_values: Tensor | None, _g_indices: Tensor | None, g_pre: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, None, None]:
         x_in, weight, indices, values = ctx.saved_tensors
         n = weight.shape[0]
         g_sel = torch.zeros_like(values) if g_values is None else g_values * (values > 0)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import nn
@@ -37,7 +37,13 @@ from mlsae_train.state import METRICS_NAME, load_state, save_state, state_exists
 
 log = logging.getLogger(__name__)
 
-ADAM = {"betas": (0.9, 0.999), "eps": 6.25e-10}  # the paper's Adam (METHOD.md section 4)
+
+class _AdamSettings(TypedDict):
+    betas: tuple[float, float]
+    eps: float
+
+
+ADAM: _AdamSettings = {"betas": (0.9, 0.999), "eps": 6.25e-10}  # the paper's Adam (METHOD.md section 4)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import torch
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64}
+FIXTURES = Path(__file__).resolve().parent.parent / "data" / "fixtures"
+with open(FIXTURES / "tiny_models.toml", "rb") as _f:
+    TINY_MODELS = tomllib.load(_f)
+TINY = TINY_MODELS["model"]
 
 
 def tokenizer_corpus() -> list[str]:
     """A few hundred short documents from the pydoc corpus."""
     from pydoc_data.topics import topics
 
-    return [topics[k][:600] for k in sorted(topics)][:120]
+    return [topics[k][:600] for k in sorted(topics)][: TINY_MODELS["tokenizer"]["documents"]]
 
 
 def make_tokenizer(path: Path):  # noqa: ANN201 - a transformers tokenizer
@@ -24,8 +28,8 @@ def make_tokenizer(path: Path):  # noqa: ANN201 - a transformers tokenizer
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<bos>", "<eos>"],
+        vocab_size=TINY_MODELS["tokenizer"]["vocab_size"],
+        special_tokens=TINY_MODELS["tokenizer"]["special_tokens"],
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -43,7 +47,6 @@ def make_tiny_model(path: Path, arch: str) -> Path:
     config = AutoConfig.for_model(
         arch,
         vocab_size=len(tokenizer),
-        max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **TINY,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlsae_cache.harvest import harvest
+from mlsae_cache.harvest import run_harvest
 from mlsae_cache.models import load_model
 from mlsae_cache.store import Cache
 from mlsae_train.config import TrainConfig
@@ -56,7 +56,7 @@ def test_harvest_on_cuda_matches_the_cpu(tmp_path: Path, tiny_models: dict[str, 
     model = tiny_models["llama"]
     for device in ("cpu", "cuda"):
         loaded = load_model(str(model), device=device, compute_dtype="float32")
-        harvest(small_config(tmp_path / device, model, device=device, compute_dtype="float32"), loaded=loaded)
+        run_harvest(small_config(tmp_path / device, model, device=device, compute_dtype="float32"), loaded=loaded)
     a, b = Cache(tmp_path / "cpu"), Cache(tmp_path / "cuda")
     assert a.n_tokens == b.n_tokens == 1000
     np.testing.assert_allclose(b.activations(0, 1000), a.activations(0, 1000), rtol=2e-3, atol=2e-3)

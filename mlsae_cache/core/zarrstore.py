@@ -14,11 +14,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.metadata import ArrayV3Metadata
 
 from mlsae_cache.core.errors import CorruptError, MlsaeError, NotFoundError, StoreError
 from mlsae_cache.core.lock import StoreLock
@@ -78,6 +79,17 @@ def _compressors(dtype: np.dtype, compress: bool) -> list[Any]:
     return codecs
 
 
+def get_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array `name` of `group` (zarr types a member as an array or a group; the names given here are arrays)."""
+    return cast(zarr.Array, group[name])
+
+
+def read_array(group: zarr.Group, name: str, selection: Any = slice(None)) -> np.ndarray:
+    """`group[name][selection]`, a numpy array (zarr types a read as any array-like or a scalar; the selections
+    given here are slices)."""
+    return cast(np.ndarray, get_array(group, name)[selection])
+
+
 def writable(arr: zarr.Array) -> zarr.Array:
     """`arr` set to store every chunk it is given. By default zarr skips (and deletes) a chunk equal to the fill
     value, 0 here: a chunk of zeros, such as `sequence` of a first window longer than a chunk, or `layer` of a
@@ -109,7 +121,7 @@ def create_array(
 def write_rows_at(group: zarr.Group, start: int, arrays: dict[str, np.ndarray]) -> None:
     """Write each array's rows at [start, start + n) along its first axis, growing the array first if needed."""
     for name, values in arrays.items():
-        arr = writable(group[name])
+        arr = writable(get_array(group, name))
         stop = start + values.shape[0]
         if arr.shape[0] < stop:
             arr.resize((stop, *arr.shape[1:]))
@@ -209,10 +221,10 @@ def verify_group(
     group = zarr.open_group(str(path), mode="r", zarr_format=3)
     checked = 0
     for _, arr in sorted(group.arrays()):
+        assert isinstance(arr.metadata, ArrayV3Metadata)  # opened as zarr_format=3
         dims = arr.metadata.dimension_names or ()
-        n_rows = {"token": n_tokens, "token_chunk": math.ceil(n_tokens / chunk_tokens)}.get(
-            (dims or ("",))[0], arr.shape[0]
-        )
+        rows_by_dim: dict[str | None, int] = {"token": n_tokens, "token_chunk": math.ceil(n_tokens / chunk_tokens)}
+        n_rows = rows_by_dim.get((dims or ("",))[0], arr.shape[0])
         for key, sel in _chunk_keys(arr, n_rows):
             if not asyncio.run(group.store.exists(key)):
                 raise CorruptError(f"chunk {key} of {path} is missing (re-create the store, or resume its writer)")

@@ -14,7 +14,7 @@ import zarr
 from click.testing import CliRunner
 
 from mlsae_analyze.cli import main
-from mlsae_analyze.encode import EncodeConfig, encode
+from mlsae_analyze.encode import EncodeConfig, run_encode
 from mlsae_analyze.latents import Latents, LatentsMeta
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import load_sae
@@ -72,7 +72,7 @@ def test_encode_resumes_after_a_crash(
     tmp_path: Path, trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache, sae_dir = trained
-    encode(EncodeConfig(sae_dir, cache, tmp_path / "ref", device="cpu"))
+    run_encode(EncodeConfig(sae_dir, cache, tmp_path / "ref", device="cpu"))
     original, calls = zarr.Array.__setitem__, {"n": 0}
 
     class Crash(BaseException):
@@ -86,10 +86,10 @@ def test_encode_resumes_after_a_crash(
 
     monkeypatch.setattr(zarr.Array, "__setitem__", crashing)
     with pytest.raises(Crash):
-        encode(EncodeConfig(sae_dir, cache, tmp_path / "run", device="cpu"))
+        run_encode(EncodeConfig(sae_dir, cache, tmp_path / "run", device="cpu"))
     monkeypatch.setattr(zarr.Array, "__setitem__", original)
     assert not json.loads((tmp_path / "run" / "zarr.json").read_text())["attributes"]["mlsae"]["complete"]
-    encode(EncodeConfig(sae_dir, cache, tmp_path / "run", device="cpu"))
+    run_encode(EncodeConfig(sae_dir, cache, tmp_path / "run", device="cpu"))
     assert_same_store(tmp_path / "run", tmp_path / "ref")
     again = invoke("encode", str(sae_dir), str(cache), str(tmp_path / "run"), "--device", "cpu")
     assert again.exit_code == 0 and "nothing to do" in again.stdout
@@ -115,7 +115,7 @@ def test_encode_refuses_latents_of_another_cache(tmp_path: Path, trained: tuple[
 
 def test_variance_command_writes_the_dataset_and_summary(tmp_path: Path, trained: tuple[Path, Path]) -> None:
     cache, sae_dir = trained
-    encode(EncodeConfig(sae_dir, cache, tmp_path / "lat", device="cpu"))
+    run_encode(EncodeConfig(sae_dir, cache, tmp_path / "lat", device="cpu"))
     result = invoke("variance", str(tmp_path / "lat"), str(tmp_path / "var"))
     assert result.exit_code == 0, result.stderr
     ds = xr.open_zarr(tmp_path / "var" / "variance.zarr", consolidated=False)
@@ -142,7 +142,7 @@ def test_variance_command_writes_the_dataset_and_summary(tmp_path: Path, trained
 def test_variance_bad_input(tmp_path: Path, trained: tuple[Path, Path], case: str) -> None:
     cache, sae_dir = trained
     latents, out = tmp_path / "lat", tmp_path / "var"
-    encode(EncodeConfig(sae_dir, cache, latents, device="cpu"))
+    run_encode(EncodeConfig(sae_dir, cache, latents, device="cpu"))
     if case == "not-latents":
         latents = cache
     elif case == "incomplete-latents":

@@ -122,7 +122,7 @@ def test_contexts_stay_inside_the_window(tmp_path: Path) -> None:
 
 
 def test_outputs_escape_text_and_fall_back_to_token_ids(tmp_path: Path) -> None:
-    ds, latents = make_latents(tmp_path)
+    _ds, latents = make_latents(tmp_path)
     meta = latents.meta
     cfg = config(latent_ids=(0, 29), per_layer=2, context=2)
     found = find_examples(latents, cfg)

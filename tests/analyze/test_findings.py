@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def write_outputs(root: Path, summary: dict[str, Any], compare: dict[str, Any], 
     for path in paths.values():
         path.mkdir()
     VarianceOutput(dataset, VarianceSummary.from_dict(summary)).write(paths["var"])
-    pairs = [[a, b] for a, b in zip(LAYERS[:-1], LAYERS[1:], strict=True)]
+    pairs = [[a, b] for a, b in pairwise(LAYERS)]
     (paths["cos"] / "cosine.json").write_text(json.dumps({"layer_pairs": pairs, "cosine": cosine, "n_tokens": 100}))
     (paths["cmp"] / "compare.json").write_text(json.dumps(compare))
     return paths

@@ -72,7 +72,7 @@ def test_layer_ticks_are_thinned_but_stay_block_indices() -> None:
 
 
 def test_histograms_count_active_latents_in_two_labelled_panels(tmp_path: Path) -> None:
-    probs, mean, std = layer_data()
+    _probs, mean, std = layer_data()
     fig = plots.histograms_figure(mean, std, LAYERS, "tiny model")
     left, right = fig.axes
     n_active = int(np.isfinite(mean).sum())

@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from mlsae_analyze.cli import main
-from mlsae_analyze.encode import EncodeConfig, encode
+from mlsae_analyze.encode import EncodeConfig, run_encode
 from mlsae_analyze.examples import TSV_COLUMNS, visible
-from mlsae_cache.harvest import harvest
+from mlsae_cache.harvest import run_harvest
 from mlsae_cache.models import load_model
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.config import TrainConfig
@@ -36,12 +36,12 @@ def llama_sae(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, P
     norm), a tiny SAE trained on it, and its latents."""
     root = tmp_path_factory.mktemp("llama")
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
-    harvest(small_config(root / "cache", tiny_models["llama"], dtype="float32", layers=(0, 1)), loaded=loaded)
+    run_harvest(small_config(root / "cache", tiny_models["llama"], dtype="float32", layers=(0, 1)), loaded=loaded)
     cfg = TrainConfig(
         root / "cache", root / "sae", expansion_factor=2, k=4, batch_rows=128, max_rows=2000, device="cpu"
     )
     fit(cfg)
-    encode(EncodeConfig(root / "sae", root / "cache", root / "lat", device="cpu"))
+    run_encode(EncodeConfig(root / "sae", root / "cache", root / "lat", device="cpu"))
     return {
         "root": root,
         "cache": root / "cache",

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from mlsae_analyze import plots
 from mlsae_analyze.cli import main
-from mlsae_analyze.encode import EncodeConfig, encode
+from mlsae_analyze.encode import EncodeConfig, run_encode
 from mlsae_train.cli import main as train_main
 from mlsae_train.config import TrainConfig
 from mlsae_train.trainer import fit
@@ -34,7 +34,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cache = import_npy(root, x.astype(np.float32), "cache", chunk_tokens=256)
     sae = root / "sae"
     fit(TrainConfig(cache=cache, out=sae, expansion_factor=4, k=4, batch_rows=128, max_rows=4000, device="cpu"))
-    encode(EncodeConfig(sae, cache, root / "lat", device="cpu"))
+    run_encode(EncodeConfig(sae, cache, root / "lat", device="cpu"))
     assert invoke("variance", str(root / "lat"), str(root / "var"), "--scheduler", "sync").exit_code == 0
     assert invoke("cosine", str(cache), str(root / "cos"), "--scheduler", "sync").exit_code == 0
     result = invoke("eval", str(sae), str(cache), "--device", "cpu", "--out", str(root / "eval.json"), cli=train_main)

@@ -49,7 +49,7 @@ def make_latents(seed: int = 0) -> xr.Dataset:
     indices = np.where(inactive, junk, indices).astype(np.int32)
     sequence = np.repeat(SEQUENCE_IDS, WINDOW_LENGTHS).astype(np.int64)
     trainable = rng.random(n_tokens) > 0.15
-    trainable[np.cumsum((0,) + WINDOW_LENGTHS[:-1])] = False  # position 0 of every window
+    trainable[np.cumsum((0, *WINDOW_LENGTHS[:-1]))] = False  # position 0 of every window
     return xr.Dataset(
         {
             "indices": (("token", "layer", "k"), indices),
@@ -201,7 +201,7 @@ def test_include_untrainable_changes_results(latents: xr.Dataset) -> None:
 
 
 @pytest.mark.parametrize(
-    "chunks, scratch_entries",
+    ("chunks", "scratch_entries"),
     [(300, 2**18), (SPLITTING_CHUNKS, 2**18), (SPLITTING_CHUNKS, 7 * N_LATENTS), (1, 2**18)],
     ids=["one-chunk", "split-windows", "split-windows-small-batches", "token-per-chunk"],
 )
@@ -288,7 +288,7 @@ def test_all_inactive_is_an_input_error(latents: xr.Dataset) -> None:
 
 
 @pytest.mark.parametrize(
-    "change, error, message",
+    ("change", "error", "message"),
     [
         (lambda ds: ds.drop_vars("sequence"), StoreError, "no variable 'sequence'"),
         (lambda ds: ds.assign(values=ds["values"] - 5), StoreError, "must be finite and >= 0"),

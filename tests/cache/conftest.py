@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mlsae_cache.config import HarvestConfig
-from mlsae_cache.harvest import harvest
+from mlsae_cache.harvest import run_harvest
 from mlsae_cache.models import load_model
 
 
@@ -15,9 +15,15 @@ def loaded_llama(tiny_models: dict[str, Path]):  # noqa: ANN201
 
 
 def small_config(out: Path, model: Path, **overrides: object) -> HarvestConfig:
-    base = dict(
-        out=out, model=str(model), context_length=32, max_tokens=1000, batch_size=4, chunk_tokens=128, device="cpu"
-    )
+    base = {
+        "out": out,
+        "model": str(model),
+        "context_length": 32,
+        "max_tokens": 1000,
+        "batch_size": 4,
+        "chunk_tokens": 128,
+        "device": "cpu",
+    }
     base.update(overrides)
     return HarvestConfig(**base)  # type: ignore[arg-type]
 
@@ -25,5 +31,5 @@ def small_config(out: Path, model: Path, **overrides: object) -> HarvestConfig:
 @pytest.fixture
 def small_cache(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> Path:  # noqa: ANN001
     out = tmp_path / "cache"
-    harvest(small_config(out, tiny_models["llama"], dtype="float32"), loaded=loaded_llama)
+    run_harvest(small_config(out, tiny_models["llama"], dtype="float32"), loaded=loaded_llama)
     return out

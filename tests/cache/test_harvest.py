@@ -9,8 +9,8 @@ import pytest
 import torch
 import xarray as xr
 
-from mlsae_cache.harvest import harvest
-from mlsae_cache.models import find_blocks, find_final_norm, load_model
+from mlsae_cache.harvest import run_harvest
+from mlsae_cache.models import LoadedModel, find_blocks, find_final_norm, load_model
 from mlsae_cache.store import Cache
 from mlsae_cache.text import TextSpec, separator_id, token_stream, windows
 from tests.cache.conftest import small_config
@@ -34,7 +34,7 @@ def reference_windows(tokenizer, spec: TextSpec, ctx: int, n_tokens: int) -> np.
 def test_stored_rows_equal_hidden_states(tmp_path: Path, tiny_models: dict[str, Path], arch: str) -> None:
     out = tmp_path / "c"
     loaded = load_model(str(tiny_models[arch]), device="cpu")
-    harvest(small_config(out, tiny_models[arch], dtype="float32", max_tokens=200), loaded=loaded)
+    run_harvest(small_config(out, tiny_models[arch], dtype="float32", max_tokens=200), loaded=loaded)
     cache = Cache(out)
     win = reference_windows(loaded.tokenizer, TextSpec(), 32, 200)
     with torch.no_grad():
@@ -52,24 +52,26 @@ def test_stored_rows_equal_hidden_states(tmp_path: Path, tiny_models: dict[str, 
         torch.testing.assert_close(find_final_norm(loaded.model)(last), post_norm, rtol=1e-5, atol=1e-5)
 
 
-def test_float16_storage_is_the_rounded_float32(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
+def test_float16_storage_is_the_rounded_float32(
+    tmp_path: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel
+) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    harvest(small_config(a, tiny_models["llama"], dtype="float32", max_tokens=300), loaded=loaded_llama)
-    harvest(small_config(b, tiny_models["llama"], dtype="float16", max_tokens=300), loaded=loaded_llama)
+    run_harvest(small_config(a, tiny_models["llama"], dtype="float32", max_tokens=300), loaded=loaded_llama)
+    run_harvest(small_config(b, tiny_models["llama"], dtype="float16", max_tokens=300), loaded=loaded_llama)
     full = Cache(a).activations(0, 300)
     np.testing.assert_array_equal(Cache(b).activations(0, 300), full.astype(np.float16).astype(np.float32))
 
 
-def test_bfloat16_storage_round_trips(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
+def test_bfloat16_storage_round_trips(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    harvest(small_config(a, tiny_models["llama"], dtype="float32", max_tokens=300), loaded=loaded_llama)
-    harvest(small_config(b, tiny_models["llama"], dtype="bfloat16", max_tokens=300), loaded=loaded_llama)
+    run_harvest(small_config(a, tiny_models["llama"], dtype="float32", max_tokens=300), loaded=loaded_llama)
+    run_harvest(small_config(b, tiny_models["llama"], dtype="bfloat16", max_tokens=300), loaded=loaded_llama)
     want = torch.from_numpy(Cache(a).activations(0, 300)).to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(Cache(b).activations(0, 300), want)
     assert Cache(b).meta.storage_dtype == "bfloat16"
 
 
-def test_token_coordinates(small_cache: Path, loaded_llama) -> None:
+def test_token_coordinates(small_cache: Path, loaded_llama: LoadedModel) -> None:
     cache = Cache(small_cache)
     ctx = cache.meta.context_length
     win = reference_windows(loaded_llama.tokenizer, TextSpec(), ctx, cache.n_tokens)
@@ -102,10 +104,10 @@ def test_open_zarr_gives_named_dims(small_cache: Path) -> None:
     assert ds["layer_sq_norm"].dims == ("layer",)
 
 
-def test_layer_subset_and_early_stop(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
+def test_layer_subset_and_early_stop(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
-    harvest(small_config(full, tiny_models["llama"], dtype="float32", max_tokens=200), loaded=loaded_llama)
-    harvest(
+    run_harvest(small_config(full, tiny_models["llama"], dtype="float32", max_tokens=200), loaded=loaded_llama)
+    run_harvest(
         small_config(part, tiny_models["llama"], dtype="float32", max_tokens=200, layers=(1, 0)), loaded=loaded_llama
     )
     assert Cache(part).layers == (0, 1)
@@ -135,7 +137,7 @@ def test_windows_cut_the_stream(pieces: list[list[int]], ctx: int, want: list[li
     assert got == want
 
 
-def test_separator_goes_before_each_document(loaded_llama) -> None:
+def test_separator_goes_before_each_document(loaded_llama: LoadedModel) -> None:
     tok = loaded_llama.tokenizer
     docs = ["alpha beta", "gamma"]
     got = [p.tolist() for p in token_stream(docs, tok)]
@@ -143,7 +145,9 @@ def test_separator_goes_before_each_document(loaded_llama) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".txt"])
-def test_local_dataset_files(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama, suffix: str) -> None:
+def test_local_dataset_files(
+    tmp_path: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel, suffix: str
+) -> None:
     import pandas as pd
 
     docs = [f"Document number {i} talks about the {i}th subject at length. " * 3 for i in range(30)]
@@ -159,7 +163,7 @@ def test_local_dataset_files(tmp_path: Path, tiny_models: dict[str, Path], loade
         }[suffix]()
     column = "text" if suffix == ".txt" else "body"
     out = tmp_path / "c"
-    harvest(
+    run_harvest(
         small_config(out, tiny_models["llama"], dataset=str(path), text_column=column, max_tokens=None),
         loaded=loaded_llama,
     )
@@ -170,11 +174,11 @@ def test_local_dataset_files(tmp_path: Path, tiny_models: dict[str, Path], loade
 
 
 def test_streaming_gives_the_same_rows(
-    tmp_path: Path, text_file: Path, tiny_models: dict[str, Path], loaded_llama
+    tmp_path: Path, text_file: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel
 ) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    harvest(small_config(a, tiny_models["llama"], dataset=str(text_file), max_tokens=400), loaded=loaded_llama)
-    harvest(
+    run_harvest(small_config(a, tiny_models["llama"], dataset=str(text_file), max_tokens=400), loaded=loaded_llama)
+    run_harvest(
         small_config(b, tiny_models["llama"], dataset=str(text_file), max_tokens=400, streaming=True),
         loaded=loaded_llama,
     )
@@ -185,7 +189,7 @@ def test_bfloat16_compute_is_close_to_float32(tmp_path: Path, tiny_models: dict[
     a, b = tmp_path / "a", tmp_path / "b"
     for out, dtype in ((a, "float32"), (b, "bfloat16")):
         loaded = load_model(str(tiny_models["llama"]), device="cpu", compute_dtype=dtype)
-        harvest(
+        run_harvest(
             small_config(out, tiny_models["llama"], dtype="float32", max_tokens=200, compute_dtype=dtype), loaded=loaded
         )
     assert Cache(b).meta.model["compute_dtype"] == "bfloat16"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlsae_analyze.prompt import prompt_tokens
-from mlsae_cache.harvest import harvest
+from mlsae_cache.harvest import run_harvest
 from mlsae_cache.policy import HARVEST_POLICY, IMPORT_POLICY, TrainablePolicy
 from mlsae_cache.store import Cache
 from mlsae_cache.text import TextSpec
@@ -57,7 +57,7 @@ def test_policy_round_trips_and_defaults_to_excluding(name: str) -> None:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], loaded_llama) -> Cache:  # noqa: ANN001
     out = tmp_path_factory.mktemp("policy") / "cache"
-    harvest(small_config(out, tiny_models["llama"], max_tokens=256), loaded=loaded_llama)
+    run_harvest(small_config(out, tiny_models["llama"], max_tokens=256), loaded=loaded_llama)
     return Cache(out)
 
 

@@ -18,7 +18,8 @@ import zarr
 from mlsae_cache import rawchunks
 from mlsae_cache.core.errors import LockedError, StoreError
 from mlsae_cache.core.lock import StoreLock
-from mlsae_cache.harvest import harvest
+from mlsae_cache.harvest import run_harvest
+from mlsae_cache.models import LoadedModel
 from mlsae_cache.store import Cache, read_meta
 from tests.cache.conftest import small_config
 
@@ -39,9 +40,9 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 @pytest.fixture
-def reference(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> Path:
+def reference(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel) -> Path:
     out = tmp_path / "reference"
-    harvest(small_config(out, tiny_models["llama"]), loaded=loaded_llama)
+    run_harvest(small_config(out, tiny_models["llama"]), loaded=loaded_llama)
     return out
 
 
@@ -49,7 +50,7 @@ def reference(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> Pat
 def test_crash_at_any_write_then_resume_is_identical(
     tmp_path: Path,
     tiny_models: dict[str, Path],
-    loaded_llama,
+    loaded_llama: LoadedModel,
     reference: Path,
     monkeypatch: pytest.MonkeyPatch,
     crash_at: int,
@@ -68,10 +69,10 @@ def test_crash_at_any_write_then_resume_is_identical(
 
     monkeypatch.setattr(zarr.Array, "__setitem__", crashing)
     with pytest.raises(Crash):
-        harvest(cfg, loaded=loaded_llama)
+        run_harvest(cfg, loaded=loaded_llama)
     monkeypatch.setattr(zarr.Array, "__setitem__", original)
     assert not read_meta(out).complete
-    harvest(cfg, loaded=loaded_llama)
+    run_harvest(cfg, loaded=loaded_llama)
     assert_same_store(out, reference)
 
 
@@ -79,7 +80,7 @@ def test_crash_at_any_write_then_resume_is_identical(
 def test_crash_inside_a_raw_chunk_write_then_resume_is_identical(
     tmp_path: Path,
     tiny_models: dict[str, Path],
-    loaded_llama,
+    loaded_llama: LoadedModel,
     reference: Path,
     monkeypatch: pytest.MonkeyPatch,
     crash_at: int,
@@ -99,16 +100,16 @@ def test_crash_inside_a_raw_chunk_write_then_resume_is_identical(
     with monkeypatch.context() as m:
         m.setattr(rawchunks, "os", SimpleNamespace(replace=crashing))  # rawchunks.py's renames only
         with pytest.raises(Crash):
-            harvest(cfg, loaded=loaded_llama)
+            run_harvest(cfg, loaded=loaded_llama)
     assert list(out.rglob("*.partial"))
-    harvest(cfg, loaded=loaded_llama)
+    run_harvest(cfg, loaded=loaded_llama)
     assert_same_store(out, reference)
 
 
 def test_crash_while_creating_the_store_then_rerun_is_identical(
     tmp_path: Path,
     tiny_models: dict[str, Path],
-    loaded_llama,
+    loaded_llama: LoadedModel,
     reference: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -122,9 +123,9 @@ def test_crash_while_creating_the_store_then_rerun_is_identical(
     with monkeypatch.context() as m:
         m.setattr(os, "replace", crashing)
         with pytest.raises(Crash):
-            harvest(small_config(out, tiny_models["llama"]), loaded=loaded_llama)
+            run_harvest(small_config(out, tiny_models["llama"]), loaded=loaded_llama)
     assert [p.name.endswith(".partial") for p in out.iterdir()] == [True]
-    harvest(small_config(out, tiny_models["llama"]), loaded=loaded_llama)
+    run_harvest(small_config(out, tiny_models["llama"]), loaded=loaded_llama)
     assert_same_store(out, reference)
 
 
@@ -158,11 +159,13 @@ def _n_tokens(out: Path) -> int:
         return -1
 
 
-def test_sigkill_then_resume_is_identical(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
+def test_sigkill_then_resume_is_identical(
+    tmp_path: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel
+) -> None:
     """A real subprocess killed with SIGKILL at several moments, then re-run, equals an uninterrupted harvest."""
     n = 6000
     ref = tmp_path / "ref"
-    harvest(small_config(ref, tiny_models["llama"], max_tokens=n), loaded=loaded_llama)
+    run_harvest(small_config(ref, tiny_models["llama"], max_tokens=n), loaded=loaded_llama)
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     kills = 0
@@ -181,45 +184,49 @@ def test_sigkill_then_resume_is_identical(tmp_path: Path, tiny_models: dict[str,
     assert_same_store(out, ref)
 
 
-def test_complete_cache_is_a_noop(small_cache: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
+def test_complete_cache_is_a_noop(small_cache: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel) -> None:
     before = store_files(small_cache)
-    result = harvest(small_config(small_cache, tiny_models["llama"], dtype="float32"), loaded=loaded_llama)
+    result = run_harvest(small_config(small_cache, tiny_models["llama"], dtype="float32"), loaded=loaded_llama)
     assert result.noop and "nothing to do" in result.message
     assert store_files(small_cache) == before
 
 
-def test_other_settings_are_refused(small_cache: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
+def test_other_settings_are_refused(small_cache: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel) -> None:
     before = store_files(small_cache)
-    with pytest.raises(StoreError, match="context_length: 32 vs 16.*--overwrite"):
-        harvest(
+    with pytest.raises(StoreError, match=r"context_length: 32 vs 16.*--overwrite"):
+        run_harvest(
             small_config(small_cache, tiny_models["llama"], dtype="float32", context_length=16), loaded=loaded_llama
         )
     assert store_files(small_cache) == before
-    harvest(
+    run_harvest(
         small_config(small_cache, tiny_models["llama"], dtype="float32", context_length=16, overwrite=True),
         loaded=loaded_llama,
     )
     assert Cache(small_cache).meta.context_length == 16
 
 
-def test_extend_equals_a_fresh_longer_harvest(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
+def test_extend_equals_a_fresh_longer_harvest(
+    tmp_path: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel
+) -> None:
     grown, fresh = tmp_path / "grown", tmp_path / "fresh"
-    harvest(small_config(grown, tiny_models["llama"], max_tokens=700), loaded=loaded_llama)
+    run_harvest(small_config(grown, tiny_models["llama"], max_tokens=700), loaded=loaded_llama)
     assert Cache(grown).n_tokens == 700
-    result = harvest(small_config(grown, tiny_models["llama"], max_tokens=1500), loaded=loaded_llama)
+    result = run_harvest(small_config(grown, tiny_models["llama"], max_tokens=1500), loaded=loaded_llama)
     assert not result.noop and Cache(grown).n_tokens == 1500
-    harvest(small_config(fresh, tiny_models["llama"], max_tokens=1500), loaded=loaded_llama)
+    run_harvest(small_config(fresh, tiny_models["llama"], max_tokens=1500), loaded=loaded_llama)
     assert_same_store(grown, fresh)
 
 
-def test_smaller_max_tokens_is_a_noop(small_cache: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
-    result = harvest(
+def test_smaller_max_tokens_is_a_noop(
+    small_cache: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel
+) -> None:
+    result = run_harvest(
         small_config(small_cache, tiny_models["llama"], dtype="float32", max_tokens=10), loaded=loaded_llama
     )
     assert result.noop and Cache(small_cache).n_tokens == 1000
 
 
-def test_second_writer_is_refused(small_cache: Path, tiny_models: dict[str, Path], loaded_llama) -> None:
+def test_second_writer_is_refused(small_cache: Path, tiny_models: dict[str, Path], loaded_llama: LoadedModel) -> None:
     with StoreLock(small_cache):
         child = subprocess.run(
             [
@@ -232,10 +239,10 @@ def test_second_writer_is_refused(small_cache: Path, tiny_models: dict[str, Path
         )
         assert child.returncode != 0 and "LockedError" in child.stderr
         with pytest.raises(LockedError, match="another process"):
-            harvest(
+            run_harvest(
                 small_config(small_cache, tiny_models["llama"], dtype="float32", max_tokens=2000), loaded=loaded_llama
             )
-    harvest(small_config(small_cache, tiny_models["llama"], dtype="float32", max_tokens=2000), loaded=loaded_llama)
+    run_harvest(small_config(small_cache, tiny_models["llama"], dtype="float32", max_tokens=2000), loaded=loaded_llama)
     assert Cache(small_cache).n_tokens == 2000
 
 

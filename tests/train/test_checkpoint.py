@@ -82,7 +82,7 @@ def extra_tensor(path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "damage,error,match",
+    ("damage", "error", "match"),
     [
         (lambda p: None, NotFoundError, "does not exist"),
         (lambda p: (p / "cfg.json").unlink(), StoreError, "no cfg.json"),
@@ -121,7 +121,7 @@ def test_load_rejects_invalid(tmp_path: Path, damage: Callable, error: type, mat
 
 
 @pytest.mark.parametrize(
-    "extra,match",
+    ("extra", "match"),
     [
         ({"k": 4}, "conflicts"),
         ({"save_id": "x"}, "conflicts"),
@@ -184,7 +184,7 @@ def test_convert_reference_round_trip(tmp_path: Path, standardize: bool) -> None
 
 
 @pytest.mark.parametrize(
-    "damage,error,match",
+    ("damage", "error", "match"),
     [
         (lambda p: (p / "config.json").unlink(), StoreError, "no config.json"),
         (lambda p: (p / "config.json").write_text('{"n_inputs": 10, "k": 4}'), StoreError, "n_latents"),

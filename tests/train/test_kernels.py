@@ -168,7 +168,7 @@ def test_auto_and_eager_pick_the_eager_decoder_on_cpu(monkeypatch: pytest.Monkey
 
 
 def test_triton_on_cpu_is_an_input_error() -> None:
-    with pytest.raises(InputError, match="--decoder-kernel triton cannot run: .*; or use --decoder-kernel auto"):
+    with pytest.raises(InputError, match=r"--decoder-kernel triton cannot run: .*; or use --decoder-kernel auto"):
         resolve_decoder_kernel("triton", "cpu")
     model = TopKSAE(SaeConfig(8, 16, 2), decoder_kernel="triton")
     with pytest.raises(InputError, match="--decoder-kernel triton cannot run"):

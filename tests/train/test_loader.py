@@ -96,7 +96,9 @@ def test_stop_token_holds_out_the_rest(id_cache: Cache) -> None:
         RowLoader(id_cache, (0,), LoaderConfig(), stop_token=N_TOKENS + 1)
 
 
-def rank_batches(cache: Cache, layers: tuple[int, ...], cfg: LoaderConfig, world_size: int, n: int, start: int = 0):
+def rank_batches(
+    cache: Cache, layers: tuple[int, ...], cfg: LoaderConfig, world_size: int, n: int, start: int = 0
+) -> list[list]:
     """n batches of each rank of `world_size`, from cursor `start`: [rank][batch] -> (Batch, cursor)."""
     ranks = [RowLoader(cache, layers, replace(cfg, rank=r, world_size=world_size)) for r in range(world_size)]
     return [take(loader, n, start) for loader in ranks]

@@ -76,7 +76,7 @@ def test_fvu_loss_is_mean_over_present_layers_and_differentiable(batch: tuple) -
 
 
 @pytest.mark.parametrize(
-    "layer,n_layers",
+    ("layer", "n_layers"),
     [([0, 1, 6], 6), ([-1, 0, 1], 6), ([0, 1], 6), ([0, 0, 0], 0)],
     ids=["id-too-large", "negative-id", "wrong-length", "no-layers"],
 )
@@ -112,7 +112,7 @@ def test_auxk_selects_top_dead_latents() -> None:
     assert acts.tolist() == [[0.5, 2.0], [0.0, 0.25], [1.5, 3.0]]
 
 
-@pytest.mark.parametrize("k_aux,want", [(256, 3), (2, 2), (1, 1)], ids=["capped-by-dead", "k_aux", "one"])
+@pytest.mark.parametrize(("k_aux", "want"), [(256, 3), (2, 2), (1, 1)], ids=["capped-by-dead", "k_aux", "one"])
 def test_auxk_k_is_capped(k_aux: int, want: int) -> None:
     _, pre_acts, dead, _ = hand_case()
     assert auxk_select(pre_acts, dead, k_aux)[1].shape == (3, want)

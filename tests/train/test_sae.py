@@ -117,7 +117,7 @@ def sparse_loss(sae: TopKSAE, x: torch.Tensor, target: torch.Tensor, dead: torch
 
 
 @pytest.mark.parametrize(
-    "with_auxk,input_grad",
+    ("with_auxk", "input_grad"),
     [(False, False), (True, False), (False, True), (True, True)],
     ids=["topk", "topk+auxk", "topk,x-grad", "topk+auxk,x-grad"],
 )
