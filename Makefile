@@ -7,8 +7,6 @@ DEMO ?= demo_out
 # the demo's settings (each command reads its own table; options on the command line win)
 DEMO_PRESET ?= data/presets/demo.toml
 BIN := $(VENV)/bin
-# a re-run of the demo continues (or skips) its training run instead of refusing the existing OUT
-RESUME_IF_PRESENT = $(if $(wildcard $(DEMO)/sae/trainer_state.pt),--resume)
 # `make reproduce` (README "Reproducing the paper's findings"): about 17 minutes on 2 otherwise idle cores.
 # The harvest is the demo's: REPRO_CACHE=$(DEMO)/cache reuses a complete demo cache (harvesting it again is a no-op).
 REPRO ?= reproduce_out
@@ -21,6 +19,10 @@ REPRO_BATCH_ROWS ?= 4096
 # 4096 rows / 30 layers: a single-layer step sees the tokens of one MLSAE step, so both take as many steps
 REPRO_SINGLE_BATCH_ROWS ?= 136
 REPRO_SINGLE_LAYERS ?= 0 7 14 22 29
+# one epoch of one layer: about 89,700 rows; a latent is dead after 1% of them, as for the MLSAE
+REPRO_SINGLE_DEAD_ROWS ?= 900
+# the training-length study: the MLSAE trained for these rows (16x apart), each dead after 1% of its rows
+REPRO_STUDY_ROWS ?= 500000 2000000 8000000
 REPRO_FIT_ARGS = --config $(REPRO_PRESET)
 
 .PHONY: install demo reproduce test lint bench clean
@@ -50,7 +52,7 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mlsae-cache harvest $(DEMO)/cache --config $(DEMO_PRESET)
 	$(BIN)/mlsae-cache info $(DEMO)/cache
-	$(BIN)/mlsae-train fit $(DEMO)/cache $(DEMO)/sae --config $(DEMO_PRESET) $(RESUME_IF_PRESENT)
+	$(BIN)/mlsae-train fit $(DEMO)/cache $(DEMO)/sae --config $(DEMO_PRESET)
 	$(BIN)/mlsae-train eval $(DEMO)/sae $(DEMO)/cache --config $(DEMO_PRESET) --out $(DEMO)/eval.json
 	$(BIN)/mlsae-analyze encode $(DEMO)/sae $(DEMO)/cache $(DEMO)/latents
 	$(BIN)/mlsae-analyze variance $(DEMO)/latents $(DEMO)/variance
@@ -58,7 +60,8 @@ demo: $(STAMP)
 	$(BIN)/mlsae-analyze examples $(DEMO)/latents $(DEMO)/examples --config $(DEMO_PRESET)
 	$(BIN)/mlsae-analyze report $(DEMO)/report --variance $(DEMO)/variance --eval $(DEMO)/eval.json \
 		--cosine $(DEMO)/cosine --examples $(DEMO)/examples --title "mlsae demo: SmolLM2-135M on Python's docs"
-	@echo "report: $(DEMO)/report/report.md"
+	@echo "report: $(DEMO)/report/report.html"
+	@echo "commands on PATH: source $(VENV)/bin/activate"
 
 # The paper's findings on the embedded model and text: an MLSAE on every layer and single-layer SAEs of the same
 # size on REPRO_SINGLE_LAYERS, compared on held-out tokens, then the layer analyses and a report whose Findings
@@ -66,22 +69,31 @@ demo: $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/mlsae-cache harvest $(REPRO_CACHE) --config $(REPRO_PRESET)
 	$(BIN)/mlsae-train fit $(REPRO_CACHE) $(REPRO)/mlsae $(REPRO_FIT_ARGS) --batch-rows $(REPRO_BATCH_ROWS) \
-		$(if $(REPRO_ROWS),--max-rows $(REPRO_ROWS)) $(if $(wildcard $(REPRO)/mlsae/trainer_state.pt),--resume)
+		$(if $(REPRO_ROWS),--max-rows $(REPRO_ROWS))
 	for l in $(REPRO_SINGLE_LAYERS); do \
 		$(BIN)/mlsae-train fit $(REPRO_CACHE) $(REPRO)/single-$$l --layers $$l $(REPRO_FIT_ARGS) \
-			--batch-rows $(REPRO_SINGLE_BATCH_ROWS) $(if $(REPRO_SINGLE_ROWS),--max-rows $(REPRO_SINGLE_ROWS)) \
-			$$(test -f $(REPRO)/single-$$l/trainer_state.pt && echo --resume) || exit 1; \
+			--batch-rows $(REPRO_SINGLE_BATCH_ROWS) --dead-after-rows $(REPRO_SINGLE_DEAD_ROWS) \
+			$(if $(REPRO_SINGLE_ROWS),--max-rows $(REPRO_SINGLE_ROWS)) || exit 1; \
 	done
 	$(BIN)/mlsae-train compare $(REPRO)/mlsae $(REPRO)/compare --cache $(REPRO_CACHE) --config $(REPRO_PRESET) \
 		$(foreach l,$(REPRO_SINGLE_LAYERS),--single $(l)=$(REPRO)/single-$(l))
 	$(BIN)/mlsae-analyze encode $(REPRO)/mlsae $(REPRO_CACHE) $(REPRO)/latents
 	$(BIN)/mlsae-analyze variance $(REPRO)/latents $(REPRO)/variance --config $(REPRO_PRESET)
 	$(BIN)/mlsae-analyze cosine $(REPRO_CACHE) $(REPRO)/cosine
+	for r in $(REPRO_STUDY_ROWS); do \
+		d=$(REPRO)/length-$$r; \
+		$(BIN)/mlsae-train fit $(REPRO_CACHE) $$d/sae $(REPRO_FIT_ARGS) --max-rows $$r \
+			--dead-after-rows $$((r / 100)) || exit 1; \
+		$(BIN)/mlsae-train eval $$d/sae $(REPRO_CACHE) --out $$d/eval.json || exit 1; \
+		$(BIN)/mlsae-analyze encode $$d/sae $(REPRO_CACHE) $$d/latents || exit 1; \
+		$(BIN)/mlsae-analyze variance $$d/latents $$d/variance --config $(REPRO_PRESET) || exit 1; \
+	done
 	$(BIN)/mlsae-analyze report $(REPRO)/report --variance $(REPRO)/variance --cosine $(REPRO)/cosine \
-		--compare $(REPRO)/compare --title "mlsae reproduce: SmolLM2-135M on Python's docs, x16 k=32"
-	@echo "report: $(REPRO)/report/report.md (Findings section first)"
+		--compare $(REPRO)/compare $(foreach r,$(REPRO_STUDY_ROWS),--study $(REPRO)/length-$(r)) \
+		--title "mlsae reproduce: SmolLM2-135M on Python's docs, x16 k=32"
+	@echo "report: $(REPRO)/report/report.html (Findings section first)"
 
-# Benchmarks of SPEC section 8 (README "Performance"). sparsify is installed without its unrelated
+# The benchmarks of README "Performance". sparsify is installed without its unrelated
 # dependencies (never touching torch), only here.
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps eai-sparsify==1.3.3 einops natsort simple-parsing docstring-parser schedulefree

@@ -77,7 +77,7 @@ def bench(loaded: LoadedModel, n_tokens: int, repeats: int, ctx: int, batch_size
         for r in range(repeats):
             bare.append(time_bare(loaded, batches))
             cfg = HarvestConfig(
-                out=Path(tmp) / f"c{r}", max_tokens=n, context_length=ctx, batch_size=batch_size, device="cpu"
+                out=Path(tmp) / f"c{r}", max_tokens=n, context_length=ctx, batch_windows=batch_size, device="cpu"
             )
             elapsed, size = time_harvest(loaded, cfg)
             harv.append(elapsed)

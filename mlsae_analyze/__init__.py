@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mlsae_analyze.cosine import CosineConfig, run_cosine
     from mlsae_analyze.encode import EncodeConfig, run_encode
-    from mlsae_analyze.examples import ExamplesConfig, run_examples
+    from mlsae_analyze.example_pages import run_examples
+    from mlsae_analyze.examples import ExamplesConfig
     from mlsae_analyze.latents import Latents, LatentsMeta, latent_arrays
     from mlsae_analyze.layers import layer_distribution
     from mlsae_analyze.prompt import PromptConfig, run_prompt_heatmap
@@ -38,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     "CosineConfig": "mlsae_analyze.cosine",
     "run_cosine": "mlsae_analyze.cosine",
     "ExamplesConfig": "mlsae_analyze.examples",
-    "run_examples": "mlsae_analyze.examples",
+    "run_examples": "mlsae_analyze.example_pages",
     "PromptConfig": "mlsae_analyze.prompt",
     "run_prompt_heatmap": "mlsae_analyze.prompt",
     "ReportConfig": "mlsae_analyze.report",

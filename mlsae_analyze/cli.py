@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from mlsae_cache.core.cli import flags, mlsae_group, progress_bar
+from mlsae_cache.core.cli import mlsae_group, progress
 
 SCHEDULER_HELP = "threads, processes, sync, or a dask.distributed address tcp://host:port."
 
@@ -23,14 +23,14 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace latents of another SAE or cache.")
+@click.option("--allow-unfinished", is_flag=True, help="Use an SAE checkpoint whose fit has not finished.")
 @click.pass_context
 def encode(ctx: click.Context, **options: Any) -> None:
     """Store the top-k latents of every (token, layer) row of CACHE under SAE in OUT (resumable)."""
     from mlsae_analyze.encode import EncodeConfig, run_encode
-    from mlsae_cache.store import read_meta
 
     cfg = EncodeConfig(**options)
-    with progress_bar(read_meta(cfg.cache).n_tokens, "tok", flags(ctx)["quiet"], "encode") as advance:
+    with progress(ctx, "encode", "tok") as advance:
         result = run_encode(cfg, progress=advance)
     click.echo(result.message)
 
@@ -41,6 +41,7 @@ def encode(ctx: click.Context, **options: Any) -> None:
 @click.option("--min-count", default=1, show_default=True, type=int, help="Rows for a layer to count as active.")
 @click.option("--include-untrainable", is_flag=True, help="Keep special tokens and position 0.")
 @click.option("--scheduler", default="threads", show_default=True, help=SCHEDULER_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace an output of this command made from other inputs.")
 def variance(**options: Any) -> None:
     """Distributions of latents over layers and the variance decompositions, in OUT/variance.zarr and
     OUT/summary.json."""
@@ -56,6 +57,7 @@ def variance(**options: Any) -> None:
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--scheduler", default="threads", show_default=True, help=SCHEDULER_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace an output of this command made from other inputs.")
 def cosine(**options: Any) -> None:
     """Adjacent-layer cosine similarity of the mean-centred residual stream of CACHE, in OUT/cosine.json."""
     from mlsae_analyze.cosine import CosineConfig, run_cosine
@@ -76,6 +78,7 @@ TITLE_HELP = "Title of the figures (default: the model and the SAE's size)."
 @click.option("--cosine", type=click.Path(path_type=Path), help="A `cosine` OUT: also draw its plot.")
 @click.option("--compare", type=click.Path(path_type=Path), help="A `mlsae-train compare` OUT: also draw its figure.")
 @click.option("--title", default=None, help=TITLE_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace an output of this command made from other inputs.")
 def heatmap(**options: Any) -> None:
     """Figures of a `variance` OUT: OUT/layer_heatmap.png (paper Figure 1) and OUT/layer_histograms.png, plus
     OUT/cosine.png with --cosine and OUT/compare.png with --compare."""
@@ -93,6 +96,8 @@ def heatmap(**options: Any) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--model", default=None, help="Run this model instead of the cache's (needed for an imported cache).")
 @click.option("--title", default=None, help="Figure title (default: the model and the start of the prompt).")
+@click.option("--allow-unfinished", is_flag=True, help="Use an SAE checkpoint whose fit has not finished.")
+@click.option("--overwrite", is_flag=True, help="Replace an output of this command made from other inputs.")
 def prompt_heatmap(**options: Any) -> None:
     """Where the latents of one prompt fire over layers (activations summed over its tokens), in
     OUT/prompt_heatmap.png and OUT/prompt.json."""
@@ -109,27 +114,30 @@ def prompt_heatmap(**options: Any) -> None:
 @main.command()
 @click.argument("latents", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--top", type=int, default=None, help="Show the N latents with most activation mass [default: 10].")
-@click.option("--latents", "latent_ids", default=None, help="Show these latent ids instead, like 3,17.")
+@click.option("--top", type=int, default=None, help="The N latents with most activation mass [default: 10].")
+@click.option("--random", type=int, default=None, help="N latents drawn at random among those that fire.")
+@click.option("--latents", "latent_ids", default=None, help="These latent ids, like 3,17.")
+@click.option(
+    "--mean-layer", default=None, help="Only latents whose mean layer lies in this range of blocks, e.g. 0-7."
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --random.")
 @click.option("--per-layer", default=5, show_default=True, type=int, help="Examples per (latent, layer).")
 @click.option("--context", default=4, show_default=True, type=int, help="Tokens shown either side of each example.")
 @click.option("--include-untrainable", is_flag=True, help="Keep special tokens and position 0.")
+@click.option("--model", default=None, help="Decode tokens with this model's tokenizer (default: the cache's).")
+@click.option("--overwrite", is_flag=True, help="Replace an output of this command made from other inputs.")
 @click.pass_context
-def examples(ctx: click.Context, top: int | None, latent_ids: str | None, **options: Any) -> None:
+def examples(ctx: click.Context, latent_ids: str | None, **options: Any) -> None:
     """Max-activating examples of each selected latent at each layer, in OUT/examples.md, OUT/examples.tsv
     and OUT/examples.html."""
-    from mlsae_analyze.examples import ExamplesConfig, parse_latent_ids, run_examples
-    from mlsae_analyze.latents import read_latents_meta
+    from mlsae_analyze.example_pages import run_examples
+    from mlsae_analyze.examples import ExamplesConfig, parse_latent_ids
     from mlsae_cache.core.cli import silence_library_progress
-    from mlsae_cache.core.errors import InputError
 
     silence_library_progress()
-    if top is not None and latent_ids is not None:
-        raise InputError("give --top or --latents, not both")
     ids = parse_latent_ids(latent_ids) if latent_ids is not None else None
-    cfg = ExamplesConfig(top=10 if top is None else top, latent_ids=ids, **options)
-    total = 2 * read_latents_meta(cfg.latents).n_tokens
-    with progress_bar(total, "tok", flags(ctx)["quiet"], "examples") as advance:
+    cfg = ExamplesConfig(latent_ids=ids, **options)
+    with progress(ctx, "examples", "tok") as advance:
         result = run_examples(cfg, progress=advance)
     if result.note:
         click.echo(result.note, err=True)
@@ -150,9 +158,20 @@ def examples(ctx: click.Context, top: int | None, latent_ids: str | None, **opti
     type=click.Path(path_type=Path),
     help="A `mlsae-train compare` OUT: add the Findings section (the paper's claims vs this run).",
 )
+@click.option(
+    "--sae", type=click.Path(path_type=Path), help="The SAE directory (default: the one that encoded the latents)."
+)
+@click.option(
+    "--study",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A directory with variance/ and eval.json of the MLSAE trained for one length (repeatable).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an output of this command made from other inputs.")
 def report(**options: Any) -> None:
-    """One self-contained page, OUT/report.md, with the numbers and figures of the given analysis outputs; with
-    --compare, a Findings section sets them beside the paper's claims."""
+    """One self-contained report, OUT/report.md and OUT/report.html, with the SAE's settings and training curve,
+    the cache, and the numbers and figures of the given analysis outputs; with --compare, a Findings section sets
+    them beside the paper's claims."""
     from mlsae_analyze.report import ReportConfig, run_report
 
     click.echo(f"wrote {run_report(ReportConfig(**options))}")

@@ -8,10 +8,17 @@ from matplotlib.ticker import MaxNLocator
 
 from mlsae_train.results import COMPARE_KINDS, CompareResult
 
-LABELS = {"fvu": "FVU", "delta_ce": "delta CE (nats/token)", "kl": "KL (nats/token)", "dead_fraction": "dead fraction"}
+LABELS = {
+    "fvu": "FVU",
+    "delta_ce": "delta CE (nats/token)",
+    "kl": "KL(clean || spliced), nats/token",
+    "kl_spliced_clean": "KL(spliced || clean), nats/token",
+    "dead_fraction": "dead fraction",
+}
 NOTE = (
-    "dCE and KL are per token in nats (spliced minus clean; KL(p_clean || p_spliced)); the MLSAE's dead fraction "
-    "is over all its layers, a single-layer SAE's over its own layer."
+    "dCE, KL and rKL are per token in nats: dCE spliced minus clean CE, KL = KL(p_clean || p_spliced), rKL = "
+    "KL(p_spliced || p_clean) (the direction the reference code computes, there summed over a sequence); the "
+    "MLSAE's dead fraction is over all its layers, a single-layer SAE's over its own layer."
 )
 
 

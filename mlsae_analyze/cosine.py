@@ -15,9 +15,9 @@ import dask
 import dask.array as da
 import numpy as np
 
-from mlsae_analyze.outputs import output_dir
 from mlsae_analyze.results import COSINE_JSON, CosineResult
 from mlsae_cache.core.errors import InputError
+from mlsae_cache.core.outputs import check_replaceable, output_dir
 from mlsae_cache.store import Cache
 
 
@@ -77,11 +77,15 @@ class CosineConfig:
     cache: Path
     out: Path
     scheduler: str = "threads"
+    overwrite: bool = False
 
 
 def run_cosine(cfg: CosineConfig) -> CosineResult:
     """Compute the cosines of cfg.cache and write OUT/cosine.json."""
-    result = adjacent_cosine(Cache(cfg.cache), cfg.scheduler)
-    with output_dir(cfg.out, "cosine") as tmp:
+    cache = Cache(cfg.cache)
+    inputs = {"cache": cache.meta.fingerprint, "n_tokens": cache.n_tokens}
+    check_replaceable(Path(cfg.out), "cosine", inputs, cfg.overwrite)
+    result = adjacent_cosine(cache, cfg.scheduler)
+    with output_dir(cfg.out, "cosine", inputs, cfg.overwrite) as tmp:
         result.write(tmp / COSINE_JSON)
     return result

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import torch
 from mlsae_analyze.latents import LatentChunk, LatentsMeta, LatentsWriter, create_latents, read_latents_meta
 from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import StoreError
-from mlsae_cache.core.zarrstore import StoreTransaction, holds_nothing
+from mlsae_cache.core.progress import Progress, no_progress
+from mlsae_cache.core.zarrstore import StoreTransaction, holds_nothing, interrupted
 from mlsae_cache.store import Cache, open_cache
 from mlsae_train.checkpoint import WEIGHTS_NAME, load_sae
 from mlsae_train.evaluate import check_compatible
@@ -30,6 +30,10 @@ class EncodeConfig:
     out: Path
     device: str = "auto"
     overwrite: bool = False
+    allow_unfinished: bool = False
+
+    def __post_init__(self) -> None:
+        resolve_device(self.device)  # a device that cannot be used is refused before any work
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def encode_chunk(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], start: int
 
 
 def _plan(cfg: EncodeConfig) -> tuple[TopKSAE, Cache, LatentsMeta]:
-    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device))
+    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device), cfg.allow_unfinished)
     cache = open_cache(cfg.cache)
     layers = tuple(sae_cfg.get("layers") or cache.layers)
     check_compatible(sae, cache, layers)
@@ -96,7 +100,7 @@ def _existing(out: Path, meta: LatentsMeta, overwrite: bool) -> LatentsMeta | No
     return old
 
 
-def run_encode(cfg: EncodeConfig, progress: Callable[[int], None] = lambda n: None) -> EncodeResult:
+def run_encode(cfg: EncodeConfig, progress: Progress = no_progress) -> EncodeResult:
     """Write (or resume) the latents of every row of the cache in cfg.out."""
     sae, cache, meta = _plan(cfg)
     out = Path(cfg.out)
@@ -108,10 +112,13 @@ def run_encode(cfg: EncodeConfig, progress: Callable[[int], None] = lambda n: No
             tx.create(lambda path: create_latents(path, meta))
         writer = LatentsWriter(out)
         start = (writer.meta.n_tokens // meta.chunk_tokens) * meta.chunk_tokens
-        progress(start)
-        for a in range(start, cache.n_tokens, meta.chunk_tokens):
-            writer.commit(a, encode_chunk(sae, cache, meta.layers, a))
-            progress(min(meta.chunk_tokens, cache.n_tokens - a))
+        progress(0, total=cache.n_tokens, resumed_at=start)
+        try:
+            for a in range(start, cache.n_tokens, meta.chunk_tokens):
+                writer.commit(a, encode_chunk(sae, cache, meta.layers, a))
+                progress(min(meta.chunk_tokens, cache.n_tokens - a))
+        except KeyboardInterrupt:
+            raise interrupted(out, writer.meta.n_tokens, "tokens") from None
         writer.set_meta(complete=True)
     return EncodeResult(
         writer.meta, False, f"wrote {out}: {cache.n_tokens} tokens x {len(meta.layers)} layers x k={meta.k}"

@@ -1,25 +1,26 @@
-"""This run's numbers set beside the paper's findings: the "Findings" section of `mlsae-analyze report --compare`.
+"""This run's numbers set beside the paper's claims: the "Findings" section of `mlsae-analyze report --compare`.
 
-Lawson et al. (ICLR 2025; METHOD.md section 1) state qualitative findings: for one token a latent is usually
-active at one layer, while over many tokens it is active at many (a spread about 100x larger, `rel_var_token`
-about 0.01), and larger models show more multi-layer activity and more similar adjacent layers. Each check
-below takes our number, states the paper's claim, and applies a rule fixed in this module (the constants) to
-say "agrees" or "differs", or "not tested" when the input for it is missing. The rules are simple and written
-into the report text, so a reader can judge a rule instead of trusting it; they are not chosen to fit any run,
-and changing one is a code change that needs a reason.
+Lawson et al. (ICLR 2025) report, for Pythia models: for one token a latent is usually active at one layer while over
+many tokens it is active at many (a spread about 100x larger: `rel_var_token` about 0.01); larger models show more
+multi-layer activity and more similar adjacent layers; and an MLSAE reaches reconstruction error and downstream loss
+comparable to single-layer SAEs. Each check below takes our number, states the claim, and applies a rule fixed in
+this module (the constants) to say "agrees", "differs", or "not testable here" (one model cannot show a trend over
+model sizes; an input may be missing). Every rule uses statistics that do not change when the layers are relabelled,
+and each is written into the report, so a reader can judge the rule instead of trusting it. Changing a rule is a code
+change that needs a reason.
 
-Inputs: a `variance` summary.json (dict), a `cosine` cosine.json (dict, optional) and the rows of a
-`mlsae-train compare` compare.json (`CompareResult`).
+Inputs: a `variance` summary, a `cosine` result (optional), a `compare` result, and optionally the summaries of the
+same MLSAE trained for several lengths (the training-length study), which says whether each verdict is stable.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from mlsae_analyze.comparison import NOTE, markdown_table
-from mlsae_analyze.examples import layer_runs
+from mlsae_analyze.layers import layer_runs
 from mlsae_analyze.results import CosineResult, VarianceSummary
 from mlsae_train.results import CompareResult
 
@@ -29,20 +30,24 @@ paper's about 100x (ratio about 0.01): one of its two orders of magnitude is req
 
 PAPER_SPREAD_RATIO = 0.01
 
+MULTI_LAYER_SHARE = 0.10
+"""A layer counts for a latent when it holds at least this share of the latent's activation mass: a tenth is a real
+part of the latent, not stray firings (at 1% nearly every latent counts as multi-layer, at 25% at most four layers
+can count)."""
+
 MULTI_LAYER_MIN = 0.5
-"""More than this share of the latents that fire must be active at more than one layer ("many layers")."""
+"""More than this share of the latents that fire must count at two layers or more ("active at many layers")."""
 
-COSINE_SIMILAR = 0.5
-"""A mean adjacent-layer cosine at or above this counts as "adjacent layers similar"."""
+COMPARABLE = 0.25
+"""Two mean errors are comparable when they differ by at most this fraction of the single-layer SAEs' mean."""
 
-WORSE_SHARE = 0.5
-"""The MLSAE must be worse than the single-layer SAE at more than this share of the compared layers."""
+VERDICTS = ("agrees", "differs", "not testable here")
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One check. `text` holds our number, the paper's claim and the rule; `agrees` is the rule's verdict
-    (None: not tested, with the reason in `text`)."""
+    """One check. `text` holds our number, the paper's claim and the rule; `agrees` is the rule's verdict (None:
+    not testable here, with the reason in `text`)."""
 
     name: str
     text: str
@@ -50,7 +55,7 @@ class Finding:
 
     @property
     def verdict(self) -> str:
-        return "not tested" if self.agrees is None else "agrees" if self.agrees else "differs"
+        return VERDICTS[2] if self.agrees is None else VERDICTS[0] if self.agrees else VERDICTS[1]
 
     def markdown(self) -> str:
         return f"- **{self.name}.** {self.text} Verdict: **{self.verdict}**."
@@ -64,7 +69,7 @@ def _number(value: Any) -> float | None:
 
 
 def spread_finding(ratio: Any, key: str, mode: str) -> Finding:
-    """Within-token vs aggregated spread over layers: `ratio` is rel_var_token (or the reference rel_var_t)."""
+    """Within-token vs aggregated spread over layers: `ratio` is rel_var_token (pooled) or rel_var_t (window)."""
     name = f"Spread over layers within a token vs over tokens ({mode})"
     rule = f"Rule: agrees if `{key}` < {SPREAD_RATIO_MAX} (at least {1 / SPREAD_RATIO_MAX:.0f}x smaller)."
     claim = (
@@ -72,68 +77,69 @@ def spread_finding(ratio: Any, key: str, mode: str) -> Finding:
         f"variance about {1 / PAPER_SPREAD_RATIO:.0f}x smaller within a token (`{key}` about {PAPER_SPREAD_RATIO})."
     )
     value = _number(ratio)
-    if value is None or value <= 0:
-        return Finding(name, f"`{key}` is {ratio!r}, not a positive number. {claim} {rule}", None)
-    ours = (
-        f"`{key}` = {value:.4g}: a latent's variance over layers within one token is {1 / value:.3g}x smaller "
-        f"than over all tokens ({math.log10(1 / value):.2f} orders of magnitude)."
-    )
+    if value is None or value < 0:
+        return Finding(name, f"`{key}` is {ratio!r}, not a number >= 0. {claim} {rule}", None)
+    if value == 0:
+        ours = f"`{key}` = 0: within one token a latent does not spread over layers at all."
+    else:
+        ours = (
+            f"`{key}` = {value:.4g}: a latent's variance over layers within one token is {1 / value:.3g}x smaller "
+            f"than over all tokens ({math.log10(1 / value):.2f} orders of magnitude)."
+        )
     return Finding(name, f"{ours} {claim} {rule}", value < SPREAD_RATIO_MAX)
 
 
+def multi_layer_share(summary: VarianceSummary, share: float = MULTI_LAYER_SHARE) -> float | None:
+    """The fraction of active latents with two layers or more that each hold `share` of their mass."""
+    return _number(((summary.multi_layer or {}).get("by_share") or {}).get(f"{share:g}"))
+
+
 def multi_layer_finding(summary: VarianceSummary) -> Finding:
-    """The share of latents that fire at more than one layer (`frac_multi_layer`, with the summary's min_count)."""
+    """The share of latents active at several layers, at the threshold MULTI_LAYER_SHARE, with the whole curve."""
     name = "Latents active at more than one layer"
     claim = "The paper: aggregated over tokens, latents are active at many layers."
-    rule = f"Rule: agrees if more than {MULTI_LAYER_MIN:.0%} of the latents that fire are."
-    share = _number(summary.frac_multi_layer)
-    if share is None:
-        return Finding(name, f"`frac_multi_layer` is not a number in the variance summary. {claim} {rule}", None)
-    min_count = summary.min_count
-    std = _number(summary.mean_layer_std)
-    ours = (
-        f"{share:.1%} of the latents that fire are active at more than one layer (a layer counts from "
-        f"{min_count} row(s); `variance --min-count` raises it)"
-        + (f"; their mean layer std is {std:.3g} layers." if std is not None else ".")
-    )
-    return Finding(name, f"{ours} {claim} {rule}", share > MULTI_LAYER_MIN)
-
-
-def cosine_finding(cosine: CosineResult | None, summary: VarianceSummary) -> Finding:
-    """Adjacent-layer cosine, checked for the link the paper draws between it and multi-layer latents."""
-    name = "Adjacent-layer cosine similarity"
-    claim = (
-        "The paper: larger models have more similar adjacent layers and more multi-layer latents; one model "
-        "cannot test that trend, so the check is the link itself."
-    )
     rule = (
-        f"Rule: agrees if the mean cosine is >= {COSINE_SIMILAR} and more than {MULTI_LAYER_MIN:.0%} of latents "
-        f"are multi-layer, or the cosine is below {COSINE_SIMILAR} and at most {MULTI_LAYER_MIN:.0%} are."
+        f"Rule: a layer counts for a latent when it holds at least {MULTI_LAYER_SHARE:.0%} of the latent's "
+        f"activation mass; agrees if more than {MULTI_LAYER_MIN:.0%} of the latents that fire have two such layers."
     )
-    values = [_number(v) for v in cosine.cosine] if cosine is not None else []
-    share = _number(summary.frac_multi_layer)
-    if cosine is None or not values or None in values or share is None:
-        return Finding(name, f"Not measured here (give `--cosine`). {claim} {rule}", None)
-    measured = cast("list[float]", values)  # no None: checked above
-    mean = sum(measured) / len(measured)
-    low = min(range(len(measured)), key=measured.__getitem__)
-    a, b = cosine.layer_pairs[low]
+    value = multi_layer_share(summary)
+    if value is None:
+        return Finding(name, f"The variance output has no multi-layer curve (re-run `variance`). {claim} {rule}", None)
+    curve = summary.multi_layer or {}
+    shares = ", ".join(f"{v:.0%} at {float(s):.0%}" for s, v in curve.get("by_share", {}).items())
+    rows = ", ".join(f"{v:.0%} from {r} row(s)" for r, v in curve.get("by_rows", {}).items())
     ours = (
-        f"The mean over {len(measured)} adjacent pairs is {mean:.4g} (lowest {measured[low]:.4g}, layers {a} → {b}), "
-        f"with {share:.1%} of latents multi-layer."
+        f"{value:.1%} of the latents that fire have two layers or more holding {MULTI_LAYER_SHARE:.0%} of their "
+        f"mass. The fraction depends on the threshold: by share of mass {shares}; by rows {rows}."
     )
-    agrees = (mean >= COSINE_SIMILAR) == (share > MULTI_LAYER_MIN)
-    return Finding(name, f"{ours} {claim} {rule}", agrees)
+    return Finding(name, f"{ours} {claim} {rule}", value > MULTI_LAYER_MIN)
+
+
+def size_trend_finding(summary: VarianceSummary, cosine: CosineResult | None) -> Finding:
+    """The paper's trend over model sizes: one model measures a point, not a trend."""
+    name = "More multi-layer latents and more similar adjacent layers in larger models"
+    share = multi_layer_share(summary)
+    ours = f"This model: {share:.1%} of latents multi-layer at {MULTI_LAYER_SHARE:.0%} of mass" if share else ""
+    if cosine is not None and cosine.cosine:
+        mean = sum(cosine.cosine) / len(cosine.cosine)
+        ours += f"{'; ' if ours else 'This model: '}mean adjacent-layer cosine {mean:.4g}"
+    claim = "The paper: both grow with model size (Pythia-70m to 1b)."
+    return Finding(
+        name, f"{ours or 'Not measured'}. {claim} A trend needs several models: one run cannot test it.", None
+    )
 
 
 def reconstruction_finding(result: CompareResult, metric: str, label: str) -> Finding:
-    """MLSAE vs single-layer SAEs on one metric (fvu or delta_ce), over the layers that have both."""
+    """MLSAE vs single-layer SAEs on one metric (fvu or delta_ce): comparable means, as the paper states it."""
     name = f"{label}: MLSAE vs single-layer SAEs"
     claim = (
-        "Expected: one dictionary shared by every layer reconstructs a layer less well than an SAE of the same "
-        "size trained on that layer alone (the paper compares the two; METHOD.md lists no number for it)."
+        "The paper: an MLSAE reaches reconstruction error and downstream loss comparable to single-layer SAEs of the "
+        "same size."
     )
-    rule = f"Rule: agrees if the MLSAE is worse (higher) at more than {WORSE_SHARE:.0%} of the compared layers."
+    rule = (
+        f"Rule: agrees if the two means over the compared layers differ by at most {COMPARABLE:.0%} of the "
+        "single-layer mean."
+    )
     numbers = [
         (row["layer"], _number(row["mlsae"].get(metric)), _number(row["single"].get(metric)))
         for row in result.rows
@@ -144,46 +150,125 @@ def reconstruction_finding(result: CompareResult, metric: str, label: str) -> Fi
         why = "no layer has both values" + (" (run `compare --splice`)" if metric != "fvu" else " (give --single)")
         return Finding(name, f"Not compared: {why}. {claim} {rule}", None)
     n = len(pairs)
-    worse = sum(m > s for _, m, s in pairs)
+    mlsae, single = sum(m for _, m, _ in pairs) / n, sum(s for _, _, s in pairs) / n
+    gap = (mlsae - single) / abs(single) if single else math.inf
+    side = "higher" if gap > 0 else "lower"
+    dead = _dead_fractions(result)
     ours = (
         f"Over the {n} compared layers ({layer_runs([layer for layer, _, _ in pairs])}) the mean {label} is "
-        f"{sum(m for _, m, _ in pairs) / n:.4g} for the MLSAE and {sum(s for _, _, s in pairs) / n:.4g} for the "
-        f"single-layer SAEs; the MLSAE is worse at {worse} of {n}."
+        f"{mlsae:.4g} for the MLSAE and {single:.4g} for the single-layer SAEs: {abs(gap):.0%} {side}.{dead}"
     )
-    return Finding(name, f"{ours} {claim} {rule}", worse > WORSE_SHARE * n)
+    return Finding(name, f"{ours} {claim} {rule}", abs(gap) <= COMPARABLE)
+
+
+def _dead_fractions(result: CompareResult) -> str:
+    rows = [r for r in result.rows if r.get("single")]
+    mlsae = _number(result.rows[0]["mlsae"].get("dead_fraction"))
+    singles = [_number(r["single"].get("dead_fraction")) for r in rows]
+    shown = [f"{v:.0%}" for v in singles if v is not None]
+    if mlsae is None or not shown:
+        return ""
+    singles_dead = ", ".join(shown)
+    return f" Dead latents on the evaluated rows: {mlsae:.0%} of the MLSAE's; {singles_dead} of the single-layer SAEs'."
 
 
 def findings(summary: VarianceSummary, cosine: CosineResult | None, result: CompareResult) -> list[Finding]:
     """Every check, in the order of the paper's findings, then reconstruction."""
-    reference = summary.reference or {}
+    window = summary.window or {}
     return [
         spread_finding(summary.rel_var_token, "rel_var_token", "activation-weighted, pooled"),
-        spread_finding(reference.get("rel_var_t"), "rel_var_t", "reference mode, per window"),
+        spread_finding(window.get("rel_var_t"), "rel_var_t", "per window, normalised mixtures"),
         multi_layer_finding(summary),
-        cosine_finding(cosine, summary),
+        size_trend_finding(summary, cosine),
         reconstruction_finding(result, "fvu", "FVU"),
         reconstruction_finding(result, "delta_ce", "delta CE"),
     ]
 
 
+@dataclass(frozen=True)
+class StudyPoint:
+    """The same MLSAE trained for one length: its rows, variance summary and held-out evaluation (if any)."""
+
+    rows: int
+    summary: VarianceSummary
+    fvu_mean: float | None = None
+    dead_fraction: float | None = None
+
+
+def _study_checks(point: StudyPoint) -> list[Finding]:
+    window = point.summary.window or {}
+    return [
+        spread_finding(point.summary.rel_var_token, "rel_var_token", "activation-weighted, pooled"),
+        spread_finding(window.get("rel_var_t"), "rel_var_t", "per window, normalised mixtures"),
+        multi_layer_finding(point.summary),
+    ]
+
+
+def study_section(study: list[StudyPoint]) -> list[str]:
+    """The training-length table and, per finding, whether its verdict holds at every length."""
+
+    def cell(v: float | None, fmt: str = ".4g") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        "### Training length",
+        "",
+        "The same MLSAE trained for several lengths; FVU and dead fraction on the held-out tokens.",
+        "",
+        "| rows trained | held-out FVU | dead fraction | `rel_var_token` (pooled) | `rel_var_t` (window) "
+        f"| multi-layer at {MULTI_LAYER_SHARE:.0%} |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in sorted(study, key=lambda p: p.rows):
+        window = (p.summary.window or {}).get("rel_var_t")
+        lines.append(
+            f"| {p.rows:,} | {cell(p.fvu_mean)} | {cell(p.dead_fraction, '.1%')} | {cell(p.summary.rel_var_token)} "
+            f"| {cell(_number(window))} | {cell(multi_layer_share(p.summary), '.1%')} |"
+        )
+    lines.append("")
+    per_point = [_study_checks(p) for p in sorted(study, key=lambda p: p.rows)]
+    for i, check in enumerate(per_point[0]):
+        verdicts = [checks[i].verdict for checks in per_point]
+        if len(set(verdicts)) == 1:
+            lines.append(f"- {check.name}: **{verdicts[0]}** at every length ({len(verdicts)} lengths): stable.")
+        else:
+            shown = ", ".join(
+                f"{v} at {p.rows:,} rows" for v, p in zip(verdicts, sorted(study, key=lambda p: p.rows), strict=True)
+            )
+            lines.append(f"- {check.name}: {shown}: **not yet stable** with training length on this model.")
+    return [*lines, ""]
+
+
 def findings_section(
-    summary: VarianceSummary, cosine: CosineResult | None, result: CompareResult, figure: str
+    summary: VarianceSummary,
+    cosine: CosineResult | None,
+    result: CompareResult,
+    figure: str,
+    study: list[StudyPoint] | None = None,
 ) -> list[str]:
-    """The Findings section: one verdict per finding, then the comparison table and its figure."""
+    """The Findings section: one verdict per finding, the training-length study, then the comparison."""
     checks = findings(summary, cosine, result)
-    counts = {v: sum(c.verdict == v for c in checks) for v in ("agrees", "differs", "not tested")}
+    counts = {v: sum(c.verdict == v for c in checks) for v in VERDICTS}
+    reference = (summary.reference or {}).get("rel_var_t")
     lines = [
         "## Findings: the paper's claims on this run",
         "",
         "Each item states our number, the claim of Lawson et al. (ICLR 2025) it bears on, and the rule that "
-        "decides the verdict; the rules are fixed in `mlsae_analyze/findings.py`, not tuned to this run. "
-        f"Here {counts['agrees']} agree, {counts['differs']} differ, {counts['not tested']} not tested. The spread "
-        "is checked in both modes of `variance`: the paper's numbers were computed as the reference mode does "
-        "(per window, every (token, latent) pair weighted alike), the pooled activation-weighted mode is this "
-        "project's (METHOD.md section 6; both are tabulated below).",
+        "decides the verdict; the rules are fixed in `mlsae_analyze/findings.py`, not tuned to this run, and use "
+        f"only statistics that do not change when the layers are relabelled. Here {counts['agrees']} agree, "
+        f"{counts['differs']} differ, {counts['not testable here']} not testable here.",
         "",
         *[check.markdown() for check in checks],
         "",
+        f"Not used for a verdict: the reference mode's `rel_var_t` = {_number(reference) or float('nan'):.4g}, the "
+        "authors' own per-window computation, whose mixtures are not normalised: it changes when the layers are "
+        "relabelled, so it is not a variance (docs/METHOD.md, section 6). It is tabulated below to be set beside "
+        "numbers from the authors' code.",
+        "",
+    ]
+    if study:
+        lines += study_section(study)
+    lines += [
         "### MLSAE vs single-layer SAEs",
         "",
         f"MLSAE `{result.sources.get('mlsae', '?')}` beside single-layer SAEs of the same expansion factor and k, "
@@ -195,11 +280,7 @@ def findings_section(
         *markdown_table(result),
         "",
         NOTE
-        + (
-            f" Clean CE {result.clean_ce:.4f} nats/token over {result.n_windows} windows."
-            if result.clean_ce is not None
-            else ""
-        ),
+        + (f" Clean CE {result.clean_ce:.4f} nats/token over {result.n_windows} windows." if result.clean_ce else ""),
         "",
     ]
     return lines

@@ -14,7 +14,7 @@ variables from anywhere else, `latent_arrays`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 from mlsae_cache.core.errors import StoreError
+from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.core.records import check_format
 from mlsae_cache.core.zarrstore import (
     ATTR,
@@ -31,6 +32,7 @@ from mlsae_cache.core.zarrstore import (
     read_array,
     read_root_attribute,
     set_root_attribute,
+    unfinished,
     verify_group,
     writable,
     write_rows_at,
@@ -143,10 +145,7 @@ class Latents:
         self.path = Path(path)
         self.meta = read_latents_meta(self.path)
         if require_complete and not self.meta.complete:
-            raise StoreError(
-                f"latents store {path} is incomplete ({self.meta.n_tokens} of {self.meta.total_tokens} tokens); "
-                "finish it by re-running the same `mlsae-analyze encode` command"
-            )
+            raise unfinished(path, self.meta.n_tokens, self.meta.total_tokens, "tokens", "mlsae-analyze encode")
         self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
 
     @property
@@ -181,7 +180,7 @@ class Latents:
             self.tokens(start, stop),
         )
 
-    def chunks(self, progress: Callable[[int], None] = lambda n: None) -> Iterator[LatentChunk]:
+    def chunks(self, progress: Progress = no_progress) -> Iterator[LatentChunk]:
         """Every committed row, one stored chunk at a time; `progress` gets the tokens of each."""
         for start in range(0, self.n_tokens, self.chunk_tokens):
             chunk = self.chunk(start)

@@ -55,3 +55,14 @@ def layer_distribution(totals: np.ndarray) -> LayerDistribution:
 def block_mean(mean: float, layers: tuple[int, ...]) -> float:
     """A mean layer position as a block index, interpolated between the blocks of neighbouring positions."""
     return float(np.interp(mean, np.arange(len(layers)), layers))
+
+
+def layer_runs(blocks: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)

@@ -160,3 +160,27 @@ def cosine_figure(layer_pairs: Sequence[Sequence[int]], cosine: Sequence[float],
 def cosine_plot(layer_pairs: Sequence[Sequence[int]], cosine: Sequence[float], out_png: Path | str, title: str) -> Path:
     """Write `cosine_figure` to `out_png`; returns the path."""
     return save_png(cosine_figure(layer_pairs, cosine, title), out_png)
+
+
+def multi_layer_figure(curve: dict[str, dict[str, float]], title: str) -> Figure:
+    """The fraction of latents active at two layers or more, as the threshold for a layer to count rises: by its
+    share of the latent's activation mass (left) and by rows (right)."""
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    panels = fig.subplots(1, 2, sharey=True)
+    for ax, (key, label, fmt) in zip(
+        panels,
+        (("by_share", "a layer counts from this share of the latent's mass", "{:.0%}"),
+         ("by_rows", "a layer counts from this many rows", "{:,.0f}")),
+        strict=True,
+    ):  # fmt: skip
+        points = curve.get(key, {})
+        xs = [float(x) for x in points]
+        ax.plot(xs, list(points.values()), marker="o", color="#3b6ea8")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [fmt.format(x) for x in xs])
+        ax.set_xlabel(label)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    panels[0].set_ylabel("latents active at 2+ layers")
+    fig.suptitle(title, fontsize=11)
+    return fig

@@ -24,9 +24,9 @@ import torch
 from mlsae_analyze import plots
 from mlsae_analyze.encode import encode_rows
 from mlsae_analyze.layers import layer_distribution, layer_totals
-from mlsae_analyze.outputs import output_dir
 from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import InputError
+from mlsae_cache.core.outputs import check_replaceable, output_dir
 from mlsae_cache.core.records import Record
 from mlsae_cache.hooks import ResidCapture
 from mlsae_cache.models import LoadedModel, base_model, find_blocks, load_cache_model
@@ -49,10 +49,13 @@ class PromptConfig:
     out: Path
     text: str
     device: str = "auto"
+    allow_unfinished: bool = False
+    overwrite: bool = False
     model: str | None = None
     title: str | None = None
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)  # a device that cannot be used is refused before any work
         if not self.text.strip():
             raise InputError("--text is empty (give the prompt to analyse)")
 
@@ -140,7 +143,7 @@ def prompt_totals(sae: TopKSAE, acts: np.ndarray) -> np.ndarray:
 
 def prompt_layers(cfg: PromptConfig) -> PromptLayers:
     """Run the cache's model over cfg.text and return where each active latent sits over layers."""
-    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device))
+    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device), cfg.allow_unfinished)
     cache = Cache(cfg.cache)
     layers = tuple(sae_cfg.get("layers") or cache.layers)
     check_compatible(sae, cache, layers)
@@ -174,8 +177,10 @@ PROMPT_PNG, PROMPT_JSON = "prompt_heatmap.png", "prompt.json"
 
 def run_prompt_heatmap(cfg: PromptConfig) -> PromptLayers:
     """Where the latents of one prompt fire over layers: OUT/prompt_heatmap.png and OUT/prompt.json."""
+    inputs = {"sae": str(Path(cfg.sae).resolve()), "cache": str(Path(cfg.cache).resolve()), "text": cfg.text}
+    check_replaceable(Path(cfg.out), "prompt-heatmap", inputs, cfg.overwrite)
     result = prompt_layers(cfg)
-    with output_dir(cfg.out, "prompt-heatmap") as tmp:
+    with output_dir(cfg.out, "prompt-heatmap", inputs, cfg.overwrite) as tmp:
         title = cfg.title or prompt_title(result, cfg.text)
         plots.layer_heatmap(result.probs, result.layer_mean, result.layers, tmp / PROMPT_PNG, title)
         result.record(cfg.text).write(tmp / PROMPT_JSON)

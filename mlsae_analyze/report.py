@@ -12,18 +12,19 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from mlsae_analyze import plots
 from mlsae_analyze.comparison import comparison_figure
-from mlsae_analyze.examples import layer_runs
 from mlsae_analyze.findings import findings_section
 from mlsae_analyze.latents import read_latents_meta
-from mlsae_analyze.outputs import output_dir
+from mlsae_analyze.layers import layer_runs
+from mlsae_analyze.report_parts import cache_section, examples_excerpt, read_study_point, sae_section, to_html
 from mlsae_analyze.results import COSINE_JSON, CosineResult, VarianceOutput, VarianceSummary
 from mlsae_cache.core.errors import InputError, MlsaeError, NotFoundError, RuntimeFailure
+from mlsae_cache.core.outputs import output_dir
 from mlsae_cache.store import read_meta
 from mlsae_train.results import COMPARE_JSON, CompareResult, EvalResult
 
@@ -51,6 +52,7 @@ REFERENCE_MEANINGS = {
     "n_windows": "Context windows averaged over.",
 }
 FIGURE_NAMES = {
+    "multi_layer": "multi_layer.png",
     "heatmap": "layer_heatmap.png",
     "histograms": "layer_histograms.png",
     "cosine": "cosine.png",
@@ -103,6 +105,10 @@ def variance_figures(
             f"{sae_title}: mean and spread over layers",
         ),
     }
+    if v.summary.multi_layer:
+        what = f"{sae_title}: latents active at several layers, by threshold"
+        fig = plots.multi_layer_figure(v.summary.multi_layer, what)
+        paths["multi_layer"] = plots.save_png(fig, out / FIGURE_NAMES["multi_layer"])
     if cosine is not None:
         model = title or model_name(cosine.cache or "")
         what = (
@@ -128,8 +134,16 @@ def _cell(text: str) -> str:
 
 
 def summary_section(summary: VarianceSummary) -> list[str]:
-    """Both modes of summary.json as tables, each number with what it means."""
-    lines = ["## Variance decomposition over layers", "", "| quantity | value | meaning |", "|---|---:|---|"]
+    """The pooled numbers, both per-window modes and the multi-layer curve of summary.json, each number with what
+    it means."""
+    lines = [
+        "## Variance decomposition over layers",
+        "",
+        "Pooled over every (layer, token, latent), weighted by activation: the numbers to cite.",
+        "",
+        "| quantity | value | meaning |",
+        "|---|---:|---|",
+    ]
     lines += [f"| `{k}` | {_number(getattr(summary, k))} | {_cell(m)} |" for k, m in SUMMARY_MEANINGS.items()]
     rel = summary.rel_var_token
     if isinstance(rel, int | float) and 0 < rel < math.inf:
@@ -139,19 +153,38 @@ def summary_section(summary: VarianceSummary) -> list[str]:
             f"Here `rel_var_token` = {rel:.4g}: within one token a latent spreads over layers {ratio} "
             "(about two in the paper).",
         ]
-    ref = summary.reference
-    lines += [
-        "",
-        "### Reference mode",
-        "",
+    lines += _mode_table(
+        "### Window mode",
+        "Per context window, every mixture over layers normalised, then averaged over windows: a variance of a "
+        "distribution, like the pooled numbers, but each window weighs the same and each (token, latent) pair that "
+        "fires weighs the same whatever its activation.",
+        summary.window or {},
+    )
+    lines += _mode_table(
+        "### Reference mode (not invariant to layer labels)",
         "Computed as the reference code does (per context window, every (token, latent) pair weighted equally "
-        "whether it fires or not, unnormalised mixtures, then averaged over windows), so it can be set beside "
-        "published numbers; it is not the same quantity as the table above.",
-        "",
-        "| quantity | value | meaning |",
-        "|---|---:|---|",
-    ]
-    lines += [f"| `{k}` | {_number(ref.get(k, 'n/a'))} | {_cell(m)} |" for k, m in REFERENCE_MEANINGS.items()]
+        "whether it fires or not, mixtures not normalised, then averaged over windows), so it can be set beside "
+        "numbers from that code. It is not a variance: it moves when the layers are relabelled (docs/METHOD.md, "
+        "section 6), and no verdict uses it.",
+        summary.reference or {},
+    )
+    curve = summary.multi_layer or {}
+    if curve:
+        lines += ["### Latents active at several layers", ""]
+        lines += ["![latents active at several layers](figures/multi_layer.png)", ""]
+        lines += ["| a layer counts from | latents active at 2+ layers |"]
+        lines += ["|---|---:|"]
+        lines += [f"| {float(s):.0%} of the latent's mass | {v:.1%} |" for s, v in curve.get("by_share", {}).items()]
+        lines += [f"| {r} row(s) | {v:.1%} |" for r, v in curve.get("by_rows", {}).items()]
+        lines += [""]
+    return lines
+
+
+def _mode_table(heading: str, text: str, numbers: dict[str, Any]) -> list[str]:
+    if not numbers:
+        return []
+    lines = ["", heading, "", text, "", "| quantity | value | meaning |", "|---|---:|---|"]
+    lines += [f"| `{k}` | {_number(numbers.get(k, 'n/a'))} | {_cell(m)} |" for k, m in REFERENCE_MEANINGS.items()]
     return [*lines, ""]
 
 
@@ -200,6 +233,23 @@ class ReportConfig:
     examples: Path | None = None
     title: str | None = None
     compare: Path | None = None
+    sae: Path | None = None
+    study: tuple[Path, ...] = ()
+    overwrite: bool = False
+
+
+def _inputs(cfg: ReportConfig | HeatmapConfig) -> dict[str, Any]:
+    """What an output of `report` or `heatmap` is made from: its input directories, resolved."""
+    found: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "out":
+            continue
+        if isinstance(value, Path):
+            found[f.name] = str(value.resolve())
+        elif isinstance(value, tuple) and all(isinstance(v, Path) for v in value):
+            found[f.name] = [str(v.resolve()) for v in value]
+    return found
 
 
 EXAMPLE_FILES = ("examples.md", "examples.html", "examples.tsv")
@@ -238,7 +288,8 @@ def copy_examples(src: Path, out: Path) -> list[str]:
     for name in EXAMPLE_FILES:
         shutil.copy2(src / name, out / "examples" / name)
     links = ", ".join(f"[{name}](examples/{name})" for name in EXAMPLE_FILES)
-    return ["## Max-activating examples", "", f"Top contexts per latent and layer: {links}.", ""]
+    lines = ["## Max-activating examples", "", f"Top contexts per latent and layer: {links}."]
+    return lines + examples_excerpt(src) + [""]
 
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -296,8 +347,13 @@ def write_report(cfg: ReportConfig, out: Path) -> Path:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     figures = variance_figures(variance, out / "figures", title, cosine, comparison)
     link = {key: path.relative_to(out).as_posix() for key, path in figures.items()}
+    sae_dir, cache_path = sources(cfg, variance)
     lines = title_section(variance, title)
-    lines += findings_section(variance.summary, cosine, comparison, link["compare"]) if comparison else []
+    study = [read_study_point(path) for path in cfg.study]
+    if comparison:
+        lines += findings_section(variance.summary, cosine, comparison, link["compare"], study)
+    lines += sae_section(sae_dir, out / "figures", out) if sae_dir else []
+    lines += cache_section(cache_path)
     lines += heatmap_section(link)
     lines += summary_section(variance.summary)
     lines += eval_section(evaluation) if evaluation else []
@@ -307,15 +363,26 @@ def write_report(cfg: ReportConfig, out: Path) -> Path:
     report = out / REPORT_MD
     report.write_text("\n".join(lines), encoding="utf-8")
     check_links(report)
+    (out / REPORT_HTML).write_text(to_html(report.read_text(encoding="utf-8"), title), encoding="utf-8")
     return report
 
 
-REPORT_MD = "report.md"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+
+
+def sources(cfg: ReportConfig, variance: VarianceOutput) -> tuple[Path | None, str | None]:
+    """The SAE directory (cfg.sae, else the one that encoded the latents) and its cache, where they can be found."""
+    try:
+        meta = read_latents_meta(str(variance.summary.latents))
+    except (MlsaeError, OSError, TypeError):
+        return cfg.sae, None
+    sae = cfg.sae or Path(meta.sae_path)
+    return (sae if (sae / "cfg.json").is_file() else None), meta.cache_path
 
 
 def run_report(cfg: ReportConfig) -> Path:
     """Write the report directory cfg.out (report.md, figures/, examples/); returns the path of report.md."""
-    with output_dir(cfg.out, "report") as tmp:
+    with output_dir(cfg.out, "report", _inputs(cfg), cfg.overwrite) as tmp:
         write_report(cfg, tmp)
     return Path(cfg.out) / REPORT_MD
 
@@ -329,6 +396,7 @@ class HeatmapConfig:
     cosine: Path | None = None
     compare: Path | None = None
     title: str | None = None
+    overwrite: bool = False
 
 
 def run_heatmap(cfg: HeatmapConfig) -> list[Path]:
@@ -336,6 +404,6 @@ def run_heatmap(cfg: HeatmapConfig) -> list[Path]:
     variance = VarianceOutput.read(cfg.variance)
     cosine = CosineResult.read(cfg.cosine / COSINE_JSON) if cfg.cosine else None
     comparison = CompareResult.read(cfg.compare / COMPARE_JSON) if cfg.compare else None
-    with output_dir(cfg.out, "heatmap") as tmp:
+    with output_dir(cfg.out, "heatmap", _inputs(cfg), cfg.overwrite) as tmp:
         names = [path.name for path in variance_figures(variance, tmp, cfg.title, cosine, comparison).values()]
     return [Path(cfg.out) / name for name in names]

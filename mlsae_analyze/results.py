@@ -28,8 +28,9 @@ VARIANCE_FORMAT, VARIANCE_VERSION = "mlsae-variance", 1
 
 @dataclass(frozen=True)
 class VarianceSummary(Record):
-    """The variance decompositions over layers (definitions: docs/METHOD.md and mlsae_analyze/variance.py), the
-    reference mode's numbers under `reference`, and what they were computed from."""
+    """The variance decompositions over layers (definitions: docs/METHOD.md and mlsae_analyze/variance.py): the
+    pooled numbers at the top, the per-window modes under `window` (normalised mixtures) and `reference` (the
+    reference code's computation), the multi-layer curve under `multi_layer`, and what they were computed from."""
 
     FORMAT: ClassVar[str] = "mlsae-variance-summary"
     VERSION: ClassVar[int] = 1
@@ -45,6 +46,8 @@ class VarianceSummary(Record):
     frac_multi_layer: float
     n_rows: int
     reference: dict[str, Any]
+    window: dict[str, Any] | None = None
+    multi_layer: dict[str, dict[str, float]] | None = None
     latents: str | None = None
     n_latents: int | None = None
     k: int | None = None

@@ -15,13 +15,19 @@ Pooled mode (the summary's top level): (L, T, J) is random with p(l, t, j) = a[l
 - mean_layer_std: unweighted mean of layer_std = sqrt(Var[L|j]) over active latents (sum_l counts > 0);
   frac_multi_layer: fraction of active latents with n_layers_active > 1; n_rows: kept tokens * L.
 
-Reference mode (summary["reference"]): windows.py.
+Per-window modes (summary["reference"], the reference code's computation, and summary["window"], the same with
+normalised mixtures): windows.py. Multi-layer activity (summary["multi_layer"]): the fraction of active latents
+with at least two layers that count, for a layer counting when it holds at least a share s of the latent's
+activation mass (MULTI_LAYER_SHARES) or at least r rows (MULTI_LAYER_ROWS).
 
-Graph: one task per token chunk of `indices` (`_chunk_task`: it reads its own blocks through a nested
-synchronous compute of their own graphs, so no block travels between processes whatever the input graph is, then
-`_chunk_partial` reduces them to a `_Partial` of a few [L, n_latents] arrays), combined in token order by a tree of
-`_combine` tasks (`SPLIT_EVERY` at a time), then `_finalize`; built with dask's public API alone (`Array.blocks`,
-`dask.optimize`, `dask.delayed`). Nothing of size tokens * n_latents exists: per-(token, latent) sums go through a
+`layer_offset` labels the layers l + offset instead of l: every pooled and window statistic is unchanged by it,
+the reference mode is not (tests/analyze/test_variance.py shows both).
+
+Graph: one task per token chunk (`_chunk_task`: it reads its own rows, from the latents store's path or through a
+nested synchronous compute of its blocks' reads, so no block travels between processes, then `_chunk_partial`
+reduces them to a `_Partial` of a few [L, n_latents] arrays), combined in token order by a tree of `_combine` tasks
+(`SPLIT_EVERY` at a time), then `_finalize`; built with dask's public API alone (`Array.to_delayed`,
+`dask.delayed`, `dask.compute`). Nothing of size tokens * n_latents exists: per-(token, latent) sums go through a
 [batch_tokens, n_latents] scratch. `np.bincount` holds the GIL, so the threaded scheduler runs about one core: use
 "processes" or a dask.distributed cluster to use several.
 """
@@ -29,8 +35,8 @@ synchronous compute of their own graphs, so no block travels between processes w
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -42,7 +48,7 @@ from dask.delayed import Delayed, delayed
 from mlsae_analyze.latents import LatentArrays, Latents, latent_arrays
 from mlsae_analyze.layers import layer_distribution, layer_totals
 from mlsae_analyze.results import VarianceOutput, VarianceSummary, variance_dataset
-from mlsae_analyze.windows import RefPartial, empty_done, ratio, ref_merge, reference_summary, token_batch
+from mlsae_analyze.windows import RefPartial, empty_done, ratio, ref_merge, token_batch, window_summaries
 from mlsae_cache.core.errors import InputError, StoreError
 
 SPLIT_EVERY = 8
@@ -65,6 +71,7 @@ class VarianceParams:
     min_count: int = 1
     include_untrainable: bool = False
     scratch_entries: int = 2**18
+    layer_offset: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("n_latents", "min_count", "scratch_entries"):
@@ -124,7 +131,7 @@ def _chunk_partial(
     within, windows = 0.0, []
     for start in range(0, n_tok, params.batch_tokens):
         batch = slice(start, start + params.batch_tokens)
-        part_within, part_windows = token_batch(indices[batch], values[batch], sequence[batch], n)
+        part_within, part_windows = token_batch(indices[batch], values[batch], sequence[batch], n, params.layer_offset)
         within += part_within
         windows.extend(part_windows)
     ref = ref_merge(windows, empty_done(), n)
@@ -153,7 +160,7 @@ class _Decomposition(TypedDict):
     rel_var_token: float
 
 
-def _decomposition(totals: np.ndarray, layer_var: np.ndarray, within_token: float) -> _Decomposition:
+def _decomposition(totals: np.ndarray, layer_var: np.ndarray, within_token: float, offset: float) -> _Decomposition:
     """Law of total variance under p(l, t, j) = a[l, t, j] / W.
 
     var_total = Var(L) = sum_l p(l) (l - E[L])^2; var_within_latent = E_J[Var(L|J)] = sum_j p(j) Var[L|j];
@@ -161,7 +168,7 @@ def _decomposition(totals: np.ndarray, layer_var: np.ndarray, within_token: floa
     """
     weight = totals.sum()
     p_layer = totals.sum(1) / weight
-    layer = np.arange(len(p_layer), dtype=np.float64)
+    layer = np.arange(len(p_layer), dtype=np.float64) + offset
     var_total = float((p_layer * (layer - p_layer @ layer) ** 2).sum())
     active = totals.sum(0) > 0
     p_latent = totals.sum(0)[active] / weight
@@ -198,51 +205,82 @@ def _finalize(part: _Partial, params: VarianceParams, layers: tuple[int, ...]) -
     n_active = (part.counts >= params.min_count).sum(0).astype(np.int64)
     active = part.totals.sum(0) > 0
     attrs = {"min_count": params.min_count, "include_untrainable": params.include_untrainable}
+    modes = window_summaries(part.ref, params.n_latents)
     summary = VarianceSummary(
-        **_decomposition(part.totals, dist.var, part.within_token),
+        **_decomposition(part.totals, dist.var, part.within_token, params.layer_offset),
         mean_layer_std=float(dist.std[active].mean()),
         frac_multi_layer=float((n_active[active] > 1).mean()),
         n_rows=part.n_tokens * part.totals.shape[0],
-        reference=reference_summary(part.ref, params.n_latents),
+        reference=modes["reference"],
+        window=modes["window"],
+        multi_layer=multi_layer_curve(part.totals, part.counts),
         min_count=params.min_count,
         include_untrainable=params.include_untrainable,
     )
     return VarianceOutput(variance_dataset(dist, part.counts, part.totals, n_active, layers, attrs), summary)
 
 
-class _LazyChunk:
-    """The (indices, values, trainable, sequence) sources of one token chunk (dask arrays or numpy).
+MULTI_LAYER_SHARES = (0.01, 0.05, 0.10, 0.25)
+MULTI_LAYER_ROWS = (1, 10, 100, 1000)
 
-    A plain class, so dask.delayed does not traverse it and the reads run inside the chunk task. Passing
-    dask blocks as task inputs instead would, with the "processes" scheduler, ship every block through the
-    parent unless dask fuses the reads, which it does not for a sliced store.
+
+def multi_layer_curve(totals: np.ndarray, counts: np.ndarray) -> dict[str, dict[str, float]]:
+    """The fraction of active latents active at two layers or more, as a layer counts from a share of the latent's
+    activation mass ("by_share") or a number of rows ("by_rows"). totals, counts: [L, n]."""
+    mass = totals.sum(0)
+    active = mass > 0
+    share = totals[:, active] / mass[active]
+    by_share = {f"{s:g}": float(((share >= s).sum(0) > 1).mean()) for s in MULTI_LAYER_SHARES}
+    by_rows = {str(r): float(((counts[:, active] >= r).sum(0) > 1).mean()) for r in MULTI_LAYER_ROWS}
+    return {"by_share": by_share, "by_rows": by_rows}
+
+
+class _LazyChunk:
+    """The (indices, values, trainable, sequence) sources of one token chunk: Delayed reads of its blocks, numpy
+    arrays, or (`store`) the path and token range of a latents store, which the task reads itself.
+
+    A plain class, so dask.delayed does not traverse it and the reads run inside the chunk task. Passing dask blocks
+    as task inputs instead would, with the "processes" scheduler, ship every block through the parent.
     """
 
-    __slots__ = ("arrays",)
+    __slots__ = ("arrays", "store")
 
-    def __init__(self, arrays: tuple[Any, ...]) -> None:
-        self.arrays = arrays
+    def __init__(self, arrays: tuple[Any, ...] = (), store: tuple[str, int, int] | None = None) -> None:
+        self.arrays, self.store = arrays, store
 
 
 def _chunk_task(chunk: _LazyChunk, params: VarianceParams) -> _Partial:
-    """Read one token chunk (a nested synchronous compute) and return its partial sums."""
+    """Read one token chunk (from its store, or by a nested synchronous compute) and return its partial sums."""
+    if chunk.store is not None:
+        path, start, stop = chunk.store
+        rows = Latents(path, require_complete=False).chunk(start, stop)
+        return _chunk_partial(rows.indices, rows.values, rows.tokens.trainable, rows.tokens.sequence, params)
     computed = dask.compute(*chunk.arrays, scheduler="sync")
     indices, values, trainable, sequence = (np.asarray(a) for a in computed)
     return _chunk_partial(indices, values, trainable, sequence, params)
 
 
 def _chunk_sources(data: Any, chunks: tuple[int, ...]) -> list[Any]:
-    """One source per token chunk: a dask array of that block alone (its graph optimised down to what the block
-    needs, so each task carries only its own reads), or a numpy view."""
+    """One source per token chunk: a Delayed read of that block (dask's public `to_delayed`, which optimises the
+    whole graph once), or a numpy view."""
     if not isinstance(data, da.Array):
         bounds = np.cumsum([0, *chunks]).tolist()
-        return [np.asarray(data)[lo:hi] for lo, hi in pairwise(bounds)]
+        return [np.asarray(data)[lo:hi] for lo, hi in itertools.pairwise(bounds)]
     arr = data.rechunk({0: chunks, **dict.fromkeys(range(1, data.ndim), -1)})
-    return [dask.optimize(arr.blocks[i])[0] for i in range(arr.numblocks[0])]
+    return list(arr.to_delayed(optimize_graph=False).ravel())
 
 
-def _token_partials(arrays: LatentArrays, params: VarianceParams) -> list[Delayed]:
-    """One lazy `_Partial` per token chunk of `indices` (DEFAULT_CHUNK_TOKENS when not dask-backed)."""
+def _token_partials(data: Latents | LatentArrays | Any, params: VarianceParams) -> list[Delayed]:
+    """One lazy `_Partial` per token chunk: per stored chunk of a latents store (each task reads its own rows from
+    the store's path, so workers anywhere need only the path), else per chunk of `indices` (DEFAULT_CHUNK_TOKENS
+    when not dask-backed)."""
+    if isinstance(data, Latents):
+        starts = range(0, data.n_tokens, data.chunk_tokens)
+        stores = [(str(data.path), a, min(a + data.chunk_tokens, data.n_tokens)) for a in starts] or [
+            (str(data.path), 0, 0)
+        ]
+        return [delayed(_chunk_task)(_LazyChunk(store=store), params) for store in stores]
+    arrays = latent_arrays(data)
     size = arrays.indices.shape[0]
     if isinstance(arrays.indices, da.Array):
         chunks = tuple(arrays.indices.chunks[0])
@@ -255,12 +293,12 @@ def _token_partials(arrays: LatentArrays, params: VarianceParams) -> list[Delaye
 
 def build_variance_graph(data: Latents | LatentArrays | Any, params: VarianceParams) -> Delayed:
     """Lazy graph whose result is compute_variance's `VarianceOutput`; building it reads no data."""
-    arrays = latent_arrays(data)
-    parts = _token_partials(arrays, params)
+    layers = data.layers if isinstance(data, Latents) else latent_arrays(data).layers
+    parts = _token_partials(data, params)
     while len(parts) > 1:
         groups = [parts[i : i + SPLIT_EVERY] for i in range(0, len(parts), SPLIT_EVERY)]
         parts = [delayed(_combine)(group, params) for group in groups]
-    return delayed(_finalize)(parts[0], params, arrays.layers)
+    return delayed(_finalize)(parts[0], params, layers)
 
 
 def compute_variance(
@@ -294,14 +332,17 @@ class VarianceConfig:
     min_count: int = 1
     include_untrainable: bool = False
     scheduler: str = "threads"
+    overwrite: bool = False
 
 
 def run_variance(cfg: VarianceConfig) -> VarianceOutput:
     """Compute the analysis of the latents store cfg.latents and write OUT/variance.zarr and OUT/summary.json."""
-    from mlsae_analyze.outputs import output_dir
+    from mlsae_cache.core.outputs import check_replaceable, output_dir
 
     latents = Latents(cfg.latents)
     params = VarianceParams(latents.n_latents, cfg.min_count, cfg.include_untrainable)
+    inputs = {"sae": latents.meta.sae_fingerprint, "cache": latents.meta.cache_fingerprint}
+    check_replaceable(Path(cfg.out), "variance", inputs, cfg.overwrite)
     result = compute_variance(latents, params, cfg.scheduler)
     meta = latents.meta
     summary = dataclasses.replace(
@@ -314,7 +355,7 @@ def run_variance(cfg: VarianceConfig) -> VarianceOutput:
         cache_fingerprint=meta.cache_fingerprint,
     )
     result = dataclasses.replace(result, summary=summary)
-    with output_dir(cfg.out, "variance") as tmp:
+    with output_dir(cfg.out, "variance", inputs, cfg.overwrite) as tmp:
         result.write(tmp)
     return dataclasses.replace(result, path=Path(cfg.out))
 
@@ -332,6 +373,12 @@ def format_summary(summary: VarianceSummary, keys: Sequence[str] = ()) -> str:
         "n_rows",
     )
     lines = [f"{k:<18} {getattr(summary, k):.6g}" for k in keys]
-    ref = summary.reference
-    lines.append("reference mode:   " + ", ".join(f"{k} {ref[k]:.4g}" for k in ("rel_var_f", "rel_var_t")))
+    for mode in ("window", "reference"):
+        numbers = getattr(summary, mode) or {}
+        if numbers:
+            shown = ", ".join(f"{k} {numbers[k]:.4g}" for k in ("rel_var_f", "rel_var_t"))
+            lines.append(f"{mode + ' mode:':<18} {shown}")
+    curve = (summary.multi_layer or {}).get("by_share", {})
+    if curve:
+        lines.append("multi-layer:       " + ", ".join(f"{float(s):.0%} of mass {v:.1%}" for s, v in curve.items()))
     return "\n".join(lines)

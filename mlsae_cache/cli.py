@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
 
 from mlsae_cache.config import HarvestConfig, parse_layers
-from mlsae_cache.core.cli import flags, mlsae_group, progress_bar, silence_library_progress
+from mlsae_cache.core.cli import COUNT, mlsae_group, progress, silence_library_progress
+from mlsae_cache.core.progress import duration
 from mlsae_cache.info import cache_info
 from mlsae_cache.store import verify
 
@@ -29,9 +31,13 @@ def main() -> None:
 @click.option("--text-column", default="text", show_default=True, help="Column holding the text.")
 @click.option("--streaming", is_flag=True, help="Stream the dataset instead of downloading it whole.")
 @click.option("--context-length", default=256, show_default=True, type=int, help="Tokens per window.")
-@click.option("--max-tokens", default=None, type=int, help="Stop after this many tokens (default: all the text).")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Windows per forward pass.")
-@click.option("--layers", "layers_text", default="all", show_default=True, help="all, or block indices like 0,2,5.")
+@click.option(
+    "--max-tokens", default=None, type=COUNT, help="Stop after this many tokens, e.g. 100k (default: all the text)."
+)
+@click.option(
+    "--batch-windows", "--batch-size", default=8, show_default=True, type=int, help="Windows per forward pass."
+)
+@click.option("--layers", "layers_text", default="all", show_default=True, help="all, or blocks like 0,2,5 or 0-29.")
 @click.option(
     "--dtype",
     default="float16",
@@ -48,7 +54,7 @@ def main() -> None:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
-@click.option("--chunk-tokens", default=4096, show_default=True, type=int, help="Token rows per stored chunk.")
+@click.option("--chunk-tokens", default=4096, show_default=True, type=COUNT, help="Token rows per stored chunk.")
 @click.option("--model-cache", default=None, type=click.Path(path_type=Path), help="Where embedded models convert to.")
 @click.option("--num-shards", default=1, show_default=True, type=int, help="Split the tokens between N workers.")
 @click.option("--shard-index", default=0, show_default=True, type=int, help="Which shard this worker writes (0..N-1).")
@@ -58,18 +64,23 @@ def main() -> None:
     show_default=True,
     help="Write full activation chunks with O_DIRECT where the file system allows (the same bytes either way).",
 )
+@click.option("--dry-run", is_flag=True, help="Print the plan (size, free space) and write nothing.")
 @click.pass_context
 def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) -> None:
-    """Store the residual stream after every selected block for the tokens of a text, in OUT."""
-    from mlsae_cache.harvest import run_harvest
+    """Store the residual stream after every selected block for the tokens of a text, in OUT. Re-running the same
+    command resumes an interrupted harvest, a larger --max-tokens extends a complete one."""
+    from mlsae_cache.harvest import gigabytes, run_harvest
+    from mlsae_cache.store import Cache
 
     silence_library_progress()
-
     cfg = HarvestConfig(out=out, layers=parse_layers(layers_text), **options)  # type: ignore[arg-type]
-    total = cfg.max_tokens and -(-cfg.max_tokens // cfg.num_shards)  # a shard: about its share
-    with progress_bar(total, "tok", flags(ctx)["quiet"], "harvest") as advance:
-        result = run_harvest(cfg, progress=advance)
+    started = time.monotonic()
+    with progress(ctx, "harvest", "tok") as advance:
+        result = run_harvest(cfg, advance, on_plan=lambda plan: click.echo(plan.describe()))
     click.echo(result.message)
+    if result.complete and not result.noop:
+        size = gigabytes(Cache(out).nbytes_stored())
+        click.echo(f"{size} in {duration(time.monotonic() - started)}; next: mlsae-train fit {out} SAE_DIR")
 
 
 @main.command(name="import")
@@ -78,7 +89,7 @@ def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) 
 @click.option("--token-ids", default=None, type=click.Path(path_type=Path), help="(token,) .npy of token ids.")
 @click.option("--context-length", default=None, type=int, help="Tokens per window (default: one window).")
 @click.option("--dtype", default=None, type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype.")
-@click.option("--chunk-tokens", default=4096, show_default=True, type=int, help="Token rows per stored chunk.")
+@click.option("--chunk-tokens", default=4096, show_default=True, type=COUNT, help="Token rows per stored chunk.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at OUT.")
 @click.pass_context
 def import_(ctx: click.Context, out: Path, **options: object) -> None:
@@ -86,9 +97,9 @@ def import_(ctx: click.Context, out: Path, **options: object) -> None:
     from mlsae_cache.importer import ImportConfig, import_array
 
     cfg = ImportConfig(out=out, **options)  # type: ignore[arg-type]
-    with progress_bar(None, "tok", flags(ctx)["quiet"], "import") as advance:
+    with progress(ctx, "import", "tok") as advance:
         meta = import_array(cfg, progress=advance)
-    click.echo(f"wrote {out}: {meta.n_tokens} tokens x {meta.n_layers} layers x {meta.d_model}")
+    click.echo(f"wrote {out}: {meta.n_tokens:,} tokens x {meta.n_layers} layers x {meta.d_model}")
 
 
 @main.command()

@@ -11,16 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
+
 from mlsae_cache.config import HarvestConfig, resolve_layers
-from mlsae_cache.core.errors import StoreError
-from mlsae_cache.core.zarrstore import StoreTransaction
+from mlsae_cache.core.errors import InputError, StoreError
+from mlsae_cache.core.progress import Progress, no_progress
+from mlsae_cache.core.zarrstore import StoreTransaction, interrupted
 from mlsae_cache.models import LoadedModel, ModelInfo, load_model
 from mlsae_cache.pipeline import HarvestResult, RowMaker, text_batches, write_rows
 from mlsae_cache.policy import HARVEST_POLICY
+from mlsae_cache.storage import STORAGE_DTYPES
 from mlsae_cache.store import CacheMeta, CacheWriter, create_store, existing_cache
 from mlsae_cache.text import TextSpec
 from mlsae_cache.workers import finish, harvest_shard, missing_shards, read_plan
@@ -59,7 +65,7 @@ def build_meta(cfg: HarvestConfig, info: ModelInfo, layers: tuple[int, ...]) -> 
         fingerprint=fingerprint(determining),
         chunk_tokens=cfg.chunk_tokens,
         max_tokens=cfg.max_tokens,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_windows,
         trainable_policy=HARVEST_POLICY.to_dict(),
         versions=library_versions(),
     )
@@ -107,21 +113,93 @@ def _load(cfg: HarvestConfig) -> LoadedModel:
 def _finished(out: Path, meta: CacheMeta) -> HarvestResult:
     note = " (the text ran out before --max-tokens)" if meta.exhausted and meta.max_tokens else ""
     n = meta.n_tokens
-    return HarvestResult(n, True, meta.exhausted, False, f"wrote {out}: {n} tokens x {meta.n_layers} layers{note}")
+    return HarvestResult(n, True, meta.exhausted, False, f"wrote {out}: {n:,} tokens x {meta.n_layers} layers{note}")
+
+
+@dataclass(frozen=True)
+class HarvestPlan:
+    """What a harvest is about to write: tokens (None: all the text, not known in advance), bytes per token, the
+    bytes still to write, and the free space where OUT is."""
+
+    tokens: int | None
+    tokens_done: int
+    bytes_per_token: int
+    free_bytes: int
+    where: Path
+
+    @property
+    def bytes_to_write(self) -> int | None:
+        return None if self.tokens is None else max(self.tokens - self.tokens_done, 0) * self.bytes_per_token
+
+    def describe(self) -> str:
+        per = f"{self.bytes_per_token:,} bytes per token"
+        if self.tokens is None:
+            size = f"all the text at {per} ({gigabytes(self.bytes_per_token * 100_000)} per 100k tokens)"
+        else:
+            done = f", {self.tokens_done:,} already written" if self.tokens_done else ""
+            size = f"{self.tokens:,} tokens at {per}{done}: {gigabytes(self.bytes_to_write or 0)} to write"
+        return f"plan: {size}; {gigabytes(self.free_bytes)} free on {self.where}"
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def plan_harvest(cfg: HarvestConfig, meta: CacheMeta, existing: CacheMeta | None) -> HarvestPlan:
+    """The size of what `cfg` writes: layers x d_model x the storage dtype's bytes per token, plus the token arrays
+    and checksums (measured: about 40 bytes per token more)."""
+    per_token = meta.n_layers * meta.d_model * np.dtype(STORAGE_DTYPES[meta.storage_dtype]).itemsize + 40
+    where = Path(cfg.out).absolute()
+    while not where.exists():
+        where = where.parent
+    done = existing.n_tokens if existing is not None and not cfg.overwrite else 0
+    tokens = None if cfg.max_tokens is None else -(-cfg.max_tokens // cfg.num_shards)  # a worker: its share
+    return HarvestPlan(tokens, min(done, tokens or done), per_token, shutil.disk_usage(where).free, where)
+
+
+def check_space(plan: HarvestPlan) -> None:
+    """Refuse a harvest the disk cannot hold, with the numbers."""
+    need = plan.bytes_to_write
+    if need is not None and need > plan.free_bytes:
+        raise InputError(
+            f"the harvest needs {gigabytes(need)} but {plan.where} has {gigabytes(plan.free_bytes)} free (free "
+            "space, lower --max-tokens, store fewer --layers, or choose OUT on another disk)"
+        )
+
+
+def check_context_length(cfg: HarvestConfig, loaded: LoadedModel) -> None:
+    """Refuse windows longer than the model's positions (their activations would be meaningless)."""
+    config = loaded.model.config.get_text_config()  # type: ignore[union-attr, operator]
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and cfg.context_length > limit:
+        raise InputError(
+            f"--context-length {cfg.context_length} is more than model {loaded.info.name}'s {limit} positions "
+            f"(use --context-length {limit} or less)"
+        )
 
 
 def run_harvest(
-    cfg: HarvestConfig, progress: Callable[[int], None] = lambda n: None, loaded: LoadedModel | None = None
+    cfg: HarvestConfig,
+    progress: Progress = no_progress,
+    loaded: LoadedModel | None = None,
+    on_plan: Callable[[HarvestPlan], None] = lambda plan: None,
 ) -> HarvestResult:
-    """Create, resume or extend the cache at `cfg.out` (or one shard of it, with cfg.num_shards > 1).
-    Validates every input before touching the disk."""
+    """Create, resume or extend the cache at `cfg.out` (or one shard of it, with cfg.num_shards > 1). Validates
+    every input before touching the disk; `on_plan` sees the plan (size, free space) before anything is written,
+    and with cfg.dry_run nothing is."""
     out = Path(cfg.out)
     existing = existing_cache(out)
     loaded = loaded or _load(cfg)
+    check_context_length(cfg, loaded)
     meta = build_meta(cfg, loaded.info, resolve_layers(cfg.layers, loaded.info.n_layers))
     done = _check_existing(cfg, out, existing, meta)
     if done is not None:
         return done
+    plan = plan_harvest(cfg, meta, existing)
+    on_plan(plan)
+    if cfg.dry_run:
+        return HarvestResult(existing.n_tokens if existing else 0, False, False, True, "dry run: nothing written")
+    check_space(plan)
     if cfg.num_shards > 1:
         return harvest_shard(cfg, out, meta, loaded, progress)
     return _harvest_here(cfg, existing, meta, loaded, progress)
@@ -132,7 +210,7 @@ def _harvest_here(
     existing: CacheMeta | None,
     meta: CacheMeta,
     loaded: LoadedModel,
-    progress: Callable[[int], None],
+    progress: Progress,
 ) -> HarvestResult:
     """The single-process harvest: create, resume or extend OUT, or complete a parallel harvest whose workers
     are all done."""
@@ -140,11 +218,11 @@ def _harvest_here(
     # A store with no committed row (a creation cut short, say) is made afresh: nothing in it can be lost.
     fresh = existing is None or cfg.overwrite or existing.n_tokens == 0
     batch_size = meta.batch_size if fresh or existing is None else existing.batch_size
-    if batch_size != cfg.batch_size:
+    if batch_size != cfg.batch_windows:
         log.warning(
             "continuing with the cache's batch size %d (not %d) so rows match an uninterrupted run",
             batch_size,
-            cfg.batch_size,
+            cfg.batch_windows,
         )
     batches = text_batches(cfg, loaded.tokenizer, batch_size)
     with StoreTransaction(out) as tx:
@@ -162,6 +240,10 @@ def _harvest_here(
         writer = CacheWriter(out, cfg.direct_io)
         writer.set_meta(max_tokens=cfg.max_tokens, complete=False, versions=meta.versions)
         maker = RowMaker(loaded, writer.meta)
-        exhausted = write_rows(writer.commit, batches, maker, progress, writer.resume_token, cfg.max_tokens)
+        progress(0, total=cfg.max_tokens, resumed_at=writer.resume_token)
+        try:
+            exhausted = write_rows(writer.commit, batches, maker, progress, writer.resume_token, cfg.max_tokens)
+        except KeyboardInterrupt:
+            raise interrupted(out, writer.meta.n_tokens, "tokens") from None
         writer.set_meta(complete=True, exhausted=exhausted)
     return _finished(out, writer.meta)

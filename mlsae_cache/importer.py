@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlsae_cache.core.errors import InputError, NotFoundError
+from mlsae_cache.core.errors import InputError, Interrupted, NotFoundError
+from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.core.zarrstore import StoreTransaction
 from mlsae_cache.harvest import library_versions
 from mlsae_cache.policy import IMPORT_POLICY
@@ -76,7 +76,7 @@ def _rows(acts: np.ndarray, ids: np.ndarray | None, start: int, stop: int, ctx: 
     return Rows(to_storage(x, dtype), tokens)
 
 
-def import_array(cfg: ImportConfig, progress: Callable[[int], None] = lambda n: None) -> CacheMeta:
+def import_array(cfg: ImportConfig, progress: Progress = no_progress) -> CacheMeta:
     """Write `cfg.activations` [token, layer, d_model] as a complete cache; every row is trainable."""
     acts = _load(cfg.activations, "--activations")
     if acts.ndim != 3 or 0 in acts.shape:
@@ -92,12 +92,16 @@ def import_array(cfg: ImportConfig, progress: Callable[[int], None] = lambda n: 
     if existing_cache(out) is not None and not cfg.overwrite:
         raise InputError(f"{out} already holds a cache (use --overwrite to replace it)")
     meta = _meta(cfg, acts, ctx, dtype)
-    with StoreTransaction(out) as tx:
-        tx.create(lambda path: create_store(path, meta))
-        writer = CacheWriter(out)
-        for start in range(0, acts.shape[0], cfg.chunk_tokens):
-            stop = min(start + cfg.chunk_tokens, acts.shape[0])
-            writer.commit(start, _rows(acts, ids, start, stop, ctx, dtype))
-            progress(stop - start)
-        writer.set_meta(complete=True, exhausted=True)
+    progress(0, total=acts.shape[0])
+    try:
+        with StoreTransaction(out, keep_on_interrupt=False) as tx:
+            tx.create(lambda path: create_store(path, meta))
+            writer = CacheWriter(out)
+            for start in range(0, acts.shape[0], cfg.chunk_tokens):
+                stop = min(start + cfg.chunk_tokens, acts.shape[0])
+                writer.commit(start, _rows(acts, ids, start, stop, ctx, dtype))
+                progress(stop - start)
+            writer.set_meta(complete=True, exhausted=True)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the partial cache was removed from {out}: re-run the same command") from None
     return writer.meta

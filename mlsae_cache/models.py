@@ -215,7 +215,7 @@ def load_cache_model(
 ) -> LoadedModel:
     """Reload the model a cache was harvested from (its `model` attribute), in its compute dtype, or `override`."""
     if override is None and model_meta.get("name") in (None, "imported"):
-        raise InputError("this cache was imported from an array and names no model (pass --model)")
+        raise InputError("this cache was imported from an array and names no model (give the model with --model)")
     return load_model(
         override or model_meta["name"],
         gguf_file=None if override else model_meta.get("gguf_file"),
@@ -235,7 +235,7 @@ def load_cache_tokenizer(
 
     spec = override or model_meta.get("name")
     if spec in (None, "imported"):
-        raise InputError("this cache was imported from an array and names no model (pass --model)")
+        raise InputError("this cache was imported from an array and names no model (give the model with --model)")
     source, kwargs = _source(spec, model_meta if override is None else {}, model_cache)
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mlsae_cache.config import HarvestConfig
+from mlsae_cache.core.progress import Progress
 from mlsae_cache.hooks import ResidCapture
 from mlsae_cache.models import LoadedModel, base_model, find_blocks
 from mlsae_cache.rawchunks import aligned_empty
@@ -186,7 +187,7 @@ def write_rows(
     commit_chunk: Callable[[int, Rows], None],
     batches: Iterable[np.ndarray],
     make_rows: RowMaker,
-    progress: Callable[[int], None],
+    progress: Progress,
     start: int,
     stop: int | None,
 ) -> bool:

@@ -40,6 +40,7 @@ import numpy as np
 import zarr
 
 from mlsae_cache.core.errors import InputError, StoreError
+from mlsae_cache.core.paths import STORE_KINDS, what_is
 from mlsae_cache.core.records import check_format
 from mlsae_cache.core.zarrstore import (
     ATTR,
@@ -50,6 +51,7 @@ from mlsae_cache.core.zarrstore import (
     read_array,
     read_root_attribute,
     set_root_attribute,
+    unfinished,
     verify_group,
     writable,
     write_rows_at,
@@ -160,16 +162,12 @@ def existing_cache(out: Path) -> CacheMeta | None:
 
     Anything else (a file, a foreign or damaged directory) is refused, and left untouched.
     """
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"OUT {out} is a file, not a cache directory (choose another path)")
-    if holds_nothing(out):
+    if holds_nothing(out) and not (out.exists() and not out.is_dir()):
         return None
-    try:
-        return read_meta(out)
-    except StoreError as e:
-        raise StoreError(
-            f"OUT {out} is a non-empty directory that is not an mlsae cache ({e}); choose a new or empty directory"
-        ) from e
+    found = what_is(out)
+    if found != STORE_KINDS[FORMAT]:
+        raise StoreError(f"OUT {out} is {found}, not a cache to write (choose a new or empty directory for OUT)")
+    return read_meta(out)
 
 
 def create_store(path: Path, meta: CacheMeta) -> None:
@@ -459,10 +457,7 @@ def open_cache(path: Path | str, require_complete: bool = True) -> Cache:
     """The cache at `path` for reading; refuses one whose harvest has not finished (unless asked)."""
     cache = Cache(path)
     if require_complete and not cache.meta.complete:
-        raise StoreError(
-            f"cache {path} is incomplete ({cache.n_tokens} tokens committed); finish it first by re-running "
-            "the same `mlsae-cache harvest` command"
-        )
+        raise unfinished(path, cache.n_tokens, cache.meta.max_tokens, "tokens", "mlsae-cache harvest")
     return cache
 
 

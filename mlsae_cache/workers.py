@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
@@ -36,6 +36,7 @@ import zarr
 from mlsae_cache.config import HarvestConfig
 from mlsae_cache.core.errors import InputError, LockedError, StoreError
 from mlsae_cache.core.lock import StoreLock
+from mlsae_cache.core.progress import Progress
 from mlsae_cache.core.records import Record
 from mlsae_cache.core.zarrstore import clear_store, remove_partials
 from mlsae_cache.models import LoadedModel
@@ -265,7 +266,7 @@ def _write_shard(
     plan: WorkerPlan,
     loaded: LoadedModel,
     batches: tuple[int, Iterator[np.ndarray]],
-    progress: Callable[[int], None],
+    progress: Progress,
 ) -> None:
     """Write this worker's shard (holding its directory's lock), resuming where it stopped. `batches`: the
     window batches drawn for a batch size, redrawn if the store was made meanwhile with another."""
@@ -296,18 +297,18 @@ def _complete(out: Path, plan: WorkerPlan, index: int) -> HarvestResult:
             final = finish(out, plan)
     except LockedError:
         return HarvestResult(0, False, False, False, f"{done}; the last shard to finish completes {out}")
-    message = f"{done}; wrote {out}: {final.n_tokens} tokens x {final.n_layers} layers from {plan.num_shards} shards"
+    message = f"{done}; wrote {out}: {final.n_tokens:,} tokens x {final.n_layers} layers from {plan.num_shards} shards"
     return HarvestResult(final.n_tokens, True, final.exhausted, False, message)
 
 
 def harvest_shard(
-    cfg: HarvestConfig, out: Path, meta: CacheMeta, loaded: LoadedModel, progress: Callable[[int], None]
+    cfg: HarvestConfig, out: Path, meta: CacheMeta, loaded: LoadedModel, progress: Progress
 ) -> HarvestResult:
     """Write shard cfg.shard_index of the cache at `out`, then complete the cache if it was the last."""
     existing = existing_cache(out)
     if existing is None or read_plan(out) is None:  # refuse an impossible plan before writing anything
         _plan(cfg, existing if existing is not None and existing.n_tokens else meta)
-    batch_size = existing.batch_size if existing is not None and existing.n_tokens else cfg.batch_size
+    batch_size = existing.batch_size if existing is not None and existing.n_tokens else cfg.batch_windows
     batches = text_batches(cfg, loaded.tokenizer, batch_size)  # bad or too-short text fails before any write
     out.mkdir(parents=True, exist_ok=True)
     shared, plan = _join(cfg, out, meta)

@@ -29,7 +29,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mlsae_cache.core.errors import CorruptError, InputError, NotFoundError, StoreError
+from mlsae_cache.core.errors import CorruptError, InputError, LockedError, NotFoundError, StoreError
+from mlsae_cache.core.lock import StoreLock
+from mlsae_cache.core.outputs import follow_umask
+from mlsae_cache.core.paths import SWAPPED, is_mlsae, what_is
 from mlsae_train.sae import SaeConfig, TopKSAE
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ FORMAT = "mlsae-sae"
 VERSION = 1
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
+FOREIGN = "give the OUT of `mlsae-train fit`, or convert a reference checkpoint with `mlsae-train convert-reference`"
 _CORE_KEYS = ("format", "version", "d_model", "n_latents", "k", "standardize", "save_id")
 
 
@@ -64,6 +68,7 @@ def _replace_atomically(final: Path, write: Callable[[Path], object]) -> None:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
+        follow_umask(tmp)  # safetensors creates its files 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -118,21 +123,20 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, extra_cfg: dict[str, Any] | None
 
 def _read_cfg(path: Path) -> dict[str, Any]:
     """Parse and check cfg.json of checkpoint directory `path`."""
-    if not path.is_dir():
-        raise NotFoundError(f"SAE checkpoint directory {path} does not exist (pass a directory written by save_sae)")
+    if not path.exists():
+        raise NotFoundError(f"SAE checkpoint {path} does not exist (give the OUT of `mlsae-train fit`)")
     cfg_path = path / CFG_NAME
-    if not cfg_path.is_file():
-        raise StoreError(f"{path} has no {CFG_NAME}: not an SAE checkpoint, or its save was interrupted (save again)")
+    if not path.is_dir() or not cfg_path.is_file():
+        found = what_is(path)
+        advice = SWAPPED if is_mlsae(found) else FOREIGN
+        raise StoreError(f"{path} is {found}, not an SAE checkpoint ({advice})")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{cfg_path} is not valid JSON: {e} (save the checkpoint again)") from e
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
-        raise StoreError(
-            f"{cfg_path} has format {got!r}, expected {FORMAT!r} "
-            "(for a published reference checkpoint run convert_reference first)"
-        )
+        raise StoreError(f"{cfg_path} has format {got!r}, expected {FORMAT!r} ({FOREIGN})")
     if cfg.get("version") != VERSION:
         raise StoreError(
             f"{cfg_path} has version {cfg.get('version')!r}; this mlsae reads version {VERSION} "
@@ -179,10 +183,29 @@ def _read_tensors(path: Path, save_id: str, shapes: dict[str, tuple[int, ...]]) 
     return tensors
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
-    """Load a checkpoint directory written by `save_sae`: (the SAE on `device`, the cfg.json dict)."""
+def check_finished(path: Path, cfg: dict[str, Any]) -> None:
+    """Refuse an intermediate checkpoint of a fit that has not reached its target, saying whether the fit is still
+    training it (it holds the directory's lock) or stopped. Checkpoints without the flag count as finished."""
+    if cfg.get("finished", True):
+        return
+    done = f"{cfg.get('rows_trained', 0):,} of {cfg.get('max_rows') or 'one epoch of'} rows"
+    try:
+        with StoreLock(path):
+            state = f"its fit stopped after {done}: re-run that fit to finish it"
+    except LockedError:
+        state = f"a fit is training it now ({done} so far): wait for it to finish"
+    raise StoreError(f"SAE {path} is an unfinished checkpoint; {state} (or pass --allow-unfinished to use it as it is)")
+
+
+def load_sae(
+    path: str | Path, device: str | torch.device = "cpu", allow_unfinished: bool = False
+) -> tuple[TopKSAE, dict[str, Any]]:
+    """Load a checkpoint directory written by `save_sae`: (the SAE on `device`, the cfg.json dict). An unfinished
+    checkpoint (a fit still training, or stopped before its target) is refused unless `allow_unfinished`."""
     path = Path(path)
     cfg = _read_cfg(path)
+    if not allow_unfinished:
+        check_finished(path, cfg)
     sae_cfg = _sae_config(cfg, path / CFG_NAME)
     tensors = _read_tensors(path, cfg["save_id"], expected_shapes(sae_cfg))
     sae = TopKSAE(sae_cfg)
@@ -208,6 +231,11 @@ def _read_reference_config(src: Path) -> tuple[SaeConfig, dict[str, Any]]:
     missing = [key for key in ("n_inputs", "n_latents", "k") if not isinstance(ref, dict) or key not in ref]
     if missing:
         raise StoreError(f"{cfg_path} lacks {', '.join(missing)} (is this a tim-lawson/mlsae checkpoint?)")
+    if ref.get("lens") or src.name.endswith("-lens"):
+        raise StoreError(
+            f"{src} is a reference checkpoint trained on lens-transformed residuals ('lens' in its config, or a "
+            "-lens name), whose translators mlsae does not apply yet (convert a checkpoint without -lens)"
+        )
     if "standardize" not in ref:
         log.warning("%s has no 'standardize'; using the reference default True", cfg_path)
     sae_cfg = _sae_config({**ref, "d_model": ref["n_inputs"], "standardize": ref.get("standardize", True)}, cfg_path)
@@ -224,6 +252,12 @@ def _read_reference_tensors(src: Path, cfg: SaeConfig) -> dict[str, torch.Tensor
             ref = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iter
     except Exception as e:  # missing, truncated or foreign file
         raise StoreError(f"cannot read {path}: {e} (pass a bare reference checkpoint directory)") from e
+    lens = sorted(name for name in ref if "lens" in name)
+    if lens:
+        raise StoreError(
+            f"{path} holds lens translators ({', '.join(lens[:2])}, ...), which mlsae does not apply yet (convert a "
+            "checkpoint without -lens)"
+        )
     for name, shape in want.items():
         if name not in ref or tuple(ref[name].shape) != shape:
             got = tuple(ref[name].shape) if name in ref else "missing"

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from mlsae_cache.config import parse_layers
-from mlsae_cache.core.cli import flags, mlsae_group, progress_bar, silence_library_progress
+from mlsae_cache.core.cli import COUNT, mlsae_group, progress, silence_library_progress, stages
+from mlsae_cache.core.progress import duration, no_progress
 from mlsae_train.results import CompareResult, EvalResult
+
+if TYPE_CHECKING:
+    from mlsae_train.config import TrainConfig
+    from mlsae_train.trainer import FitResult
 
 
 @mlsae_group
@@ -23,15 +30,22 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--expansion-factor", default=64, show_default=True, type=int, help="n_latents = R * d_model.")
 @click.option("--k", default=32, show_default=True, type=int, help="Latents kept per row.")
-@click.option("--batch-rows", default=4096, show_default=True, type=int, help="(token, layer) rows per step.")
+@click.option("--batch-rows", default=4096, show_default=True, type=COUNT, help="(token, layer) rows per step.")
 @click.option("--lr", default=1e-4, show_default=True, type=float, help="Adam learning rate.")
-@click.option("--max-rows", default=None, type=int, help="Rows to train on (default: one epoch).")
-@click.option("--layers", "layers_text", default="all", show_default=True, help="all, or block indices like 0,2,5.")
+@click.option("--max-rows", default=None, type=COUNT, help="Rows to train on, e.g. 2M (default: one epoch).")
+@click.option("--layers", "layers_text", default="all", show_default=True, help="all, or blocks like 0,2,5 or 0-29.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initial weights and the row order.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in OUT with its own settings (only --max-rows and the intervals may change).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a run of other settings in OUT.")
 @click.option("--no-standardize", "standardize", flag_value=False, default=True, help="Skip per-row standardisation.")
-@click.option("--dead-after-rows", default=10_000_000, show_default=True, type=int, help="Rows inactive = dead.")
+@click.option(
+    "--dead-after-rows", default=10_000_000, show_default=True, type=COUNT, help="Rows without firing = dead."
+)
 @click.option("--k-aux", default=256, show_default=True, type=int, help="AuxK latents (0 turns AuxK off).")
 @click.option(
     "--autocast",
@@ -48,11 +62,18 @@ def main() -> None:
     help="Sparse decoder: auto is Triton on CUDA when installed, eager otherwise.",
 )
 @click.option(
-    "--checkpoint-every-rows", default=1_000_000, show_default=True, type=int, help="Rows between checkpoints."
+    "--checkpoint-every-rows", default=1_000_000, show_default=True, type=COUNT, help="Rows between checkpoints."
 )
 @click.option("--log-every-steps", default=10, show_default=True, type=int, help="Steps between metrics lines.")
 @click.option("--block-units", default=32, show_default=True, type=int, help="Stored chunks shuffled together.")
-@click.option("--train-tokens", default=None, type=int, help="Train on the first N tokens only (hold out the rest).")
+@click.option("--train-tokens", default=None, type=COUNT, help="Train on the first N tokens only (hold out the rest).")
+@click.option(
+    "--loss-space",
+    default="standardized",
+    show_default=True,
+    type=click.Choice(["standardized", "raw"]),
+    help="Where the FVU loss is computed: on standardised rows, or in raw units (what eval reports).",
+)
 @click.option(
     "--reuse-buffers/--no-reuse-buffers",
     default=True,
@@ -60,48 +81,77 @@ def main() -> None:
     help="Refill the loader's block buffers instead of allocating fresh ones (the same batches either way).",
 )
 @click.pass_context
-def fit(ctx: click.Context, cache: Path, out: Path, layers_text: str, **options: Any) -> None:
-    """Train an SAE on the rows of CACHE; write cfg.json, sae.safetensors, metrics.jsonl in OUT.
+def fit(ctx: click.Context, layers_text: str, **options: Any) -> None:
+    """Train an SAE on the rows of CACHE; write cfg.json, sae.safetensors, metrics.jsonl in OUT. Re-running the
+    same command continues an unfinished run (a checkpoint is saved on Ctrl-C) and does nothing for a finished one.
 
     Under `torchrun --nproc_per_node N`, trains data-parallel on N processes (--batch-rows stays the global batch).
     """
     from mlsae_train.config import TrainConfig
     from mlsae_train.distributed import is_main_process
+    from mlsae_train.outdir import resume_config
     from mlsae_train.trainer import fit as run_fit
 
-    cfg = TrainConfig(cache=cache, out=out, layers=parse_layers(layers_text), **options)
+    cfg = TrainConfig(layers=parse_layers(layers_text), **options)
+    if cfg.resume:
+        cfg = resume_config(cfg, given_options(ctx, {"layers_text": "layers"}))
     reports = is_main_process()  # under torchrun, rank 0 alone shows progress and the summary
-    with progress_bar(None, "row", flags(ctx)["quiet"] or not reports, "fit") as advance:
-        result = run_fit(cfg, progress=lambda n, line: advance(n))
-    if not reports:
-        return
+    started = time.monotonic()
+    with progress(ctx, "fit", "row") as advance:
+        result = run_fit(cfg, progress=advance if reports else no_progress)
+    if reports:
+        click.echo(fit_summary(cfg, result, time.monotonic() - started))
+
+
+def given_options(ctx: click.Context, renamed: dict[str, str]) -> set[str]:
+    """The config fields set on the command line or by a preset (not left at their defaults)."""
+    given = {ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP}
+    return {renamed.get(name, name) for name in ctx.params if ctx.get_parameter_source(name) in given}
+
+
+def fit_summary(cfg: TrainConfig, result: FitResult, seconds: float) -> str:
+    """The final line of `fit`: what was written, how good it looks, how long it took, what to run next; flags
+    numbers that cannot mean what they seem to."""
+    out = cfg.out
+    if result.noop:
+        return f"{out} is already trained ({result.steps:,} steps, {result.rows:,} rows); nothing to do"
     final = result.final
-    if not final:  # a resumed run that had already reached its target took no step
-        click.echo(f"{out} is already trained ({result.steps} steps, {result.rows} rows); nothing to do")
-        return
-    click.echo(
-        f"wrote {out}: {result.steps} steps, {result.rows} rows; FVU {final.get('fvu', float('nan')):.4f}, "
-        f"L0 {final.get('l0', float('nan')):.1f}, dead {final.get('dead_fraction', float('nan')):.3f}"
-    )
+    fvu, l0, dead = (final.get(k, float("nan")) for k in ("fvu", "l0", "dead_fraction"))
+    notes = []
+    if fvu > 1:
+        notes.append(f"FVU {fvu:.3g} > 1: worse than predicting each layer's mean; train longer or lower --lr")
+    if result.rows < cfg.dead_after_rows:
+        notes.append(
+            f"dead fraction not measurable: {result.rows:,} rows trained < --dead-after-rows {cfg.dead_after_rows:,} "
+            "(no latent can be dead yet, so AuxK never acted; lower --dead-after-rows to fit the run)"
+        )
+    lines = [
+        f"wrote {out}: {result.steps:,} steps, {result.rows:,} rows in {duration(seconds)}; FVU {fvu:.4f} (last "
+        f"batch, raw units), L0 {l0:.1f}, dead {dead:.3f}",
+        *(f"note: {n}" for n in notes),
+        f"next: mlsae-train eval {out} {cfg.cache}  (held-out FVU), or mlsae-analyze encode {out} {cfg.cache} LATENTS",
+    ]
+    return "\n".join(lines)
 
 
 def format_eval(result: EvalResult) -> str:
-    """The per-layer table of `eval`, with delta CE and KL columns when the result has them (--splice)."""
+    """The per-layer table of `eval`, with delta CE and both KL columns when the result has them (--splice)."""
     n = len(result.layer)
-    delta_ce: Sequence[float | None] = result.delta_ce or [None] * n
-    kl: Sequence[float | None] = result.kl or [None] * n
+    spliced = [result.delta_ce, result.kl, result.kl_spliced_clean]
+    columns: list[Sequence[float | None]] = [c or [None] * n for c in spliced]
     header = f"{'layer':>5}  {'FVU':>8}  {'MSE':>10}  {'L0':>6}  {'rows':>8}"
-    lines = [header + ("  dCE(nats)  KL(nats)" if result.spliced else "")]
-    for i, (layer, mse, l0, rows, dce, div) in enumerate(
-        zip(result.layer, result.mse, result.l0, result.n_rows, delta_ce, kl, strict=True)
+    lines = [header + ("  dCE(nats)  KL(c||s)  KL(s||c)" if result.spliced else "")]
+    for i, (layer, mse, l0, rows, dce, kl, reverse) in enumerate(
+        zip(result.layer, result.mse, result.l0, result.n_rows, *columns, strict=True)
     ):
         line = f"{layer:>5}  {result.fvu_value(i):>8.4f}  {mse:>10.4g}  {l0:>6.1f}  {rows:>8}"
-        lines.append(line + (f"  {dce:>9.4f}  {div:>8.4f}" if result.spliced else ""))
-    lines.append(f"mean FVU {result.fvu_mean:.4f}; dead fraction {result.dead_fraction:.4f}")
+        lines.append(line + (f"  {dce:>9.4f}  {kl:>8.4f}  {reverse or 0.0:>8.4f}" if result.spliced else ""))
+    lines.append(f"mean FVU {result.fvu_mean:.4f}; dead fraction {result.dead_fraction:.4f}; {result.token_range()}")
     if result.spliced:
         lines.append(
-            f"clean CE {result.clean_ce:.4f} nats/token; mean delta CE {result.delta_ce_mean:.4f}, "
-            f"mean KL {result.kl_mean:.4f} over {result.n_predicted} predictions in {result.n_windows} windows"
+            f"clean CE {result.clean_ce:.4f} nats/token; mean delta CE {result.delta_ce_mean:.4f}, mean KL(clean || "
+            f"spliced) {result.kl_mean:.4f}, mean KL(spliced || clean) {result.kl_spliced_clean_mean or 0.0:.4f}, per "
+            f"token over {result.n_predicted} predictions in {result.n_windows} windows"
         )
     return "\n".join(lines)
 
@@ -135,12 +185,15 @@ def splice_options(func: Any) -> Any:
 @click.argument("sae", type=click.Path(path_type=Path))
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", default=None, type=click.Path(path_type=Path), help="Write the metrics as JSON.")
-@click.option("--start", default=0, show_default=True, type=int, help="First token of the evaluated range.")
-@click.option("--stop", default=None, type=int, help="End of the evaluated token range (default: all).")
+@click.option(
+    "--start", default=None, type=COUNT, help="First token evaluated (default: the first one the fit held out)."
+)
+@click.option("--stop", default=None, type=COUNT, help="End of the evaluated token range (default: all).")
 @click.option("--layers", "layers_text", default="all", show_default=True, help="Layers (default: the SAE's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--splice", "--model-splice", "splice", is_flag=True, help="Also delta CE and KL by splicing.")
 @splice_options
+@click.option("--allow-unfinished", is_flag=True, help="Use an SAE checkpoint whose fit has not finished.")
 @click.pass_context
 def eval_(ctx: click.Context, layers_text: str, **options: Any) -> None:
     """Per-layer FVU, MSE, L0 and the dead fraction of SAE on the trainable rows of CACHE; with --splice, also
@@ -150,12 +203,8 @@ def eval_(ctx: click.Context, layers_text: str, **options: Any) -> None:
     cfg = EvalConfig(layers=parse_layers(layers_text), **options)
     if cfg.splice:
         silence_library_progress()
-    quiet = flags(ctx)["quiet"]
-    with (
-        progress_bar(cfg.stop, "tok", quiet, "eval") as advance,
-        progress_bar(cfg.max_windows, "window", quiet or not cfg.splice, "splice") as advance_windows,
-    ):
-        result = run_eval(cfg, progress=advance, splice_progress=advance_windows)
+    with stages(ctx) as shown:
+        result = run_eval(cfg, shown.stage("eval", "tok"), shown.stage("splice", "window", cfg.max_windows))
     click.echo(format_eval(result))
     if cfg.out is not None:
         click.echo(f"wrote {cfg.out}")
@@ -182,6 +231,8 @@ def convert_reference_(src: Path, out: Path) -> None:
 @click.option("--stop", default=None, type=int, help="End of the evaluated token range (default: all).")
 @splice_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--allow-unfinished", is_flag=True, help="Use an SAE checkpoint whose fit has not finished.")
+@click.option("--overwrite", is_flag=True, help="Replace a comparison made from other inputs.")
 @click.pass_context
 def compare(ctx: click.Context, mlsae: Path, out: Path, singles: tuple[str, ...], **options: Any) -> None:
     """Put the MLSAE beside single-layer SAEs, per layer (FVU, delta CE, KL, dead fraction); write
@@ -190,7 +241,7 @@ def compare(ctx: click.Context, mlsae: Path, out: Path, singles: tuple[str, ...]
 
     cfg = CompareConfig(mlsae=mlsae, out=out, singles=tuple(parse_single(s) for s in singles), **options)
     silence_library_progress()
-    with progress_bar(cfg.max_windows, "window", flags(ctx)["quiet"], "compare") as advance:
+    with progress(ctx, "compare", "window", cfg.max_windows) as advance:
         result = run_compare(cfg, progress=advance)
     click.echo(format_compare(result))
     click.echo(f"wrote {out}/compare.json")

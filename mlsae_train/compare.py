@@ -14,14 +14,16 @@ Output: OUT/compare.json, a `CompareResult` record (results.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import InputError
+from mlsae_cache.core.outputs import check_replaceable, output_dir
+from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.evaluate import evaluate
@@ -59,8 +61,11 @@ class CompareConfig:
     max_windows: int | None = None
     batch_windows: int = 8
     device: str = "auto"
+    allow_unfinished: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)  # a device that cannot be used is refused before any work
         layers = [layer for layer, _ in self.singles]
         if len(set(layers)) != len(layers):
             raise InputError(f"--single names layers {layers}; give each layer at most once")
@@ -78,7 +83,7 @@ def load_singles(
     for layer, path in cfg.singles:
         if layer not in layers:
             raise InputError(f"--single {layer}={path}: layer {layer} is not one of the MLSAE's layers {list(layers)}")
-        sae, sae_cfg = load_sae(path, device)
+        sae, sae_cfg = load_sae(path, device, cfg.allow_unfinished)
         trained = sae_cfg.get("layers")
         if trained is not None and list(trained) != [layer]:
             raise InputError(f"--single {layer}={path} was trained on layers {trained}, not [{layer}] (fit --layers)")
@@ -103,11 +108,12 @@ def _fvu_dead(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], cfg: CompareC
     }
 
 
-def run_compare(cfg: CompareConfig, progress: Callable[[int], None] = lambda n: None) -> CompareResult:
+def run_compare(cfg: CompareConfig, progress: Progress = no_progress) -> CompareResult:
     """Compute the comparison and write it to cfg.out/compare.json (`mlsae-analyze report --compare` and
     `mlsae-analyze heatmap --compare` draw its table and figure)."""
+    check_replaceable(Path(cfg.out), "compare", _inputs(cfg), cfg.overwrite)  # before any work
     device = resolve_device(cfg.device)
-    mlsae, mlsae_cfg = load_sae(cfg.mlsae, device)
+    mlsae, mlsae_cfg = load_sae(cfg.mlsae, device, cfg.allow_unfinished)
     cache = Cache(cfg.cache)
     layers = tuple(mlsae_cfg.get("layers") or cache.layers)
     singles = load_singles(cfg, mlsae, layers, device)
@@ -119,17 +125,24 @@ def run_compare(cfg: CompareConfig, progress: Callable[[int], None] = lambda n: 
         keys = [("mlsae", layer) for layer in layers] + [("single", layer) for layer in singles]
         targets = [SpliceTarget(layer, mlsae if kind == "mlsae" else singles[layer]) for kind, layer in keys]
         spliced = splice_targets(cache, targets, cfg.splice_config(), device, progress=progress)
-        for (kind, layer), dce, kl in zip(keys, spliced.delta_ce, spliced.kl, strict=True):
-            metrics[kind][layer].update({"delta_ce": dce, "kl": kl})
+        columns = zip(keys, spliced.delta_ce, spliced.kl, spliced.kl_spliced_clean, strict=True)
+        for (kind, layer), dce, kl, reverse in columns:
+            metrics[kind][layer].update({"delta_ce": dce, "kl": kl, "kl_spliced_clean": reverse})
         clean_ce, n_windows = spliced.clean_ce, spliced.n_windows
     rows = [
         {"layer": layer, "mlsae": metrics["mlsae"][layer], "single": metrics["single"].get(layer)} for layer in layers
     ]
     sources = {"mlsae": str(cfg.mlsae), "single": {str(k): str(v) for k, v in cfg.singles}, "cache": str(cfg.cache)}
     result = CompareResult(rows, clean_ce, n_windows, sources)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"OUT {out} is a file (choose a directory)")
-    out.mkdir(parents=True, exist_ok=True)
-    result.write(out / COMPARE_JSON)
+    with output_dir(Path(cfg.out), "compare", _inputs(cfg), cfg.overwrite) as tmp:
+        result.write(tmp / COMPARE_JSON)
     return result
+
+
+def _inputs(cfg: CompareConfig) -> dict[str, Any]:
+    """What a comparison is made from: the SAEs and the cache (resolved paths)."""
+    return {
+        "mlsae": str(Path(cfg.mlsae).resolve()),
+        "cache": str(Path(cfg.cache).resolve()),
+        "singles": [[layer, str(Path(path).resolve())] for layer, path in cfg.singles],
+    }

@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import InputError
 from mlsae_train.kernels import DECODER_KERNELS, DecoderKernel
 
 AUTOCAST = ("none", "bf16")
+LOSS_SPACES = ("standardized", "raw")
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,11 @@ class TrainConfig:
     block_units: int = 32
     train_tokens: int | None = None
     reuse_buffers: bool = True
+    overwrite: bool = False
+    loss_space: str = "standardized"
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)  # a device that cannot be used is refused before any work
         positive = (
             "expansion_factor",
             "k",
@@ -63,6 +68,8 @@ class TrainConfig:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.k_aux < 0:
             raise InputError(f"--k-aux must be at least 0, got {self.k_aux}")
+        if self.loss_space not in LOSS_SPACES:
+            raise InputError(f"--loss-space {self.loss_space!r} is not one of {', '.join(LOSS_SPACES)}")
         if self.autocast not in AUTOCAST:
             raise InputError(f"--autocast {self.autocast!r} is not one of {', '.join(AUTOCAST)}")
         if self.decoder_kernel not in DECODER_KERNELS:
@@ -71,7 +78,15 @@ class TrainConfig:
     def hyperparameters(self) -> dict[str, Any]:
         """What determines the trained weights (not paths, device, decoder kernel, logging); compared on resume."""
         d = asdict(self)
-        how = ("device", "decoder_kernel", "reuse_buffers", "resume", "checkpoint_every_rows", "log_every_steps")
+        how = (
+            "device",
+            "decoder_kernel",
+            "reuse_buffers",
+            "resume",
+            "overwrite",
+            "checkpoint_every_rows",
+            "log_every_steps",
+        )
         for name in ("cache", "out", *how):
             d.pop(name)
         d["layers"] = list(self.layers) if self.layers is not None else None

@@ -6,7 +6,7 @@ per-dimension mean of that layer's evaluated rows (accumulated in float64 as sum
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
@@ -16,11 +16,14 @@ import torch
 
 from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import InputError
+from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.results import EvalResult
 from mlsae_train.sae import TopKSAE
 from mlsae_train.splice import SpliceConfig, splice_evaluate
+
+log = logging.getLogger(__name__)
 
 
 class _LayerSums:
@@ -45,7 +48,7 @@ def check_compatible(sae: TopKSAE, cache: Cache, layers: tuple[int, ...]) -> Non
     if sae.cfg.d_model != cache.d_model:
         raise InputError(
             f"the SAE has d_model {sae.cfg.d_model} but cache {cache.path} has {cache.d_model} "
-            "(evaluate on a cache of the model it was trained on)"
+            "(use a cache of the model the SAE was trained on)"
         )
     missing = [layer for layer in layers if layer not in cache.layers]
     if missing:
@@ -60,7 +63,7 @@ def evaluate(
     start: int = 0,
     stop: int | None = None,
     batch_tokens: int = 4096,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Progress = no_progress,
 ) -> EvalResult:
     """Metrics of `sae` on the trainable rows of tokens [start, stop) at `layers`."""
     check_compatible(sae, cache, layers)
@@ -101,17 +104,19 @@ class EvalConfig:
     """Everything `mlsae-train eval` takes; CLI options map one-to-one onto these fields.
 
     sae, cache: the checkpoint and the cache of the rows; out: write the result as JSON there (None: do not);
-    start, stop: the token range; layers: the layers to evaluate (None: the SAE's); splice: also delta CE and KL
-    by splicing (model, dataset, max_windows, batch_windows: see SpliceConfig).
+    start, stop: the token range (start None: the first token the SAE's fit held out, `--train-tokens`, else 0);
+    layers: the layers to evaluate (None: the SAE's); splice: also delta CE and KL by splicing (model, dataset,
+    max_windows, batch_windows: see SpliceConfig).
     """
 
     sae: Path
     cache: Path
     out: Path | None = None
-    start: int = 0
+    start: int | None = None
     stop: int | None = None
     layers: tuple[int, ...] | None = None
     device: str = "auto"
+    allow_unfinished: bool = False
     splice: bool = False
     model: str | None = None
     dataset: str | None = None
@@ -119,26 +124,35 @@ class EvalConfig:
     batch_windows: int = 8
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)  # a device that cannot be used is refused before any work
         self.splice_config().check_used(self.splice)  # also validates the range and window options
 
-    def splice_config(self) -> SpliceConfig:
-        return SpliceConfig(self.model, self.dataset, self.start, self.stop, self.max_windows, self.batch_windows)
+    def splice_config(self, start: int | None = None) -> SpliceConfig:
+        """The splice settings, from token `start` (default: cfg.start, or 0 when that is left to the SAE)."""
+        first = start if start is not None else self.start or 0
+        return SpliceConfig(self.model, self.dataset, first, self.stop, self.max_windows, self.batch_windows)
 
 
 def run_eval(
     cfg: EvalConfig,
-    progress: Callable[[int], None] = lambda n: None,
-    splice_progress: Callable[[int], None] = lambda n: None,
+    progress: Progress = no_progress,
+    splice_progress: Progress = no_progress,
 ) -> EvalResult:
     """Evaluate cfg.sae on cfg.cache (tokens done go to `progress`, windows spliced to `splice_progress`) and
     write the result to cfg.out when given."""
-    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device))
+    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device), cfg.allow_unfinished)
     cache = Cache(cfg.cache)
     layers = cfg.layers or tuple(sae_cfg.get("layers") or cache.layers)
-    result = evaluate(sae, cache, layers, cfg.start, cfg.stop, progress=progress)
+    held_out = sae_cfg.get("train_tokens") if sae_cfg.get("cache_fingerprint") == cache.meta.fingerprint else None
+    start = cfg.start if cfg.start is not None else held_out or 0
+    if held_out and start < held_out:
+        log.warning("tokens [%d, %d) were used to train the SAE: the evaluation includes them", start, held_out)
+    result = evaluate(sae, cache, layers, start, cfg.stop, progress=progress)
     if cfg.splice:
-        result = result.with_splice(splice_evaluate(sae, cache, layers, cfg.splice_config(), progress=splice_progress))
-    result = replace(result, sae=str(cfg.sae), cache=str(cfg.cache), start=cfg.start, stop=cfg.stop)
+        spliced = splice_evaluate(sae, cache, layers, cfg.splice_config(start), progress=splice_progress)
+        result = result.with_splice(spliced)
+    stop = cache.n_tokens if cfg.stop is None else min(cfg.stop, cache.n_tokens)
+    result = replace(result, sae=str(cfg.sae), cache=str(cfg.cache), start=start, stop=stop, held_out=held_out)
     if cfg.out is not None:
         result.write(cfg.out)
     return result

@@ -14,7 +14,7 @@ COMPARE_JSON = "compare.json"
 """The file `mlsae-train compare` writes in its OUT."""
 
 PER_LAYER = ("fvu", "mse", "l0", "n_rows")
-SPLICED_PER_LAYER = ("delta_ce", "kl")
+SPLICED_PER_LAYER = ("delta_ce", "kl", "kl_clean_spliced", "kl_spliced_clean")
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,12 @@ class SpliceMetrics:
     layer: list[int]
     delta_ce: list[float]
     kl: list[float]
+    kl_clean_spliced: list[float]
+    kl_spliced_clean: list[float]
     clean_ce: float
     delta_ce_mean: float
     kl_mean: float
+    kl_spliced_clean_mean: float
     n_windows: int
     n_predicted: int
 
@@ -34,7 +37,9 @@ class SpliceMetrics:
 @dataclass(frozen=True)
 class EvalResult(Record):
     """Per-layer metrics of an SAE on cache rows: FVU (raw units, dataset-level), MSE, L0 and rows per layer;
-    the dead fraction over all layers; with splicing, delta CE and KL per layer and their means."""
+    the dead fraction over all layers; with splicing, delta CE and KL per layer and their means. `kl` is
+    KL(p_clean || p_spliced), also named `kl_clean_spliced`; `kl_spliced_clean` is the other direction (the one the
+    reference code computes, there summed over a sequence)."""
 
     FORMAT: ClassVar[str] = "mlsae-eval"
     VERSION: ClassVar[int] = 1
@@ -50,15 +55,19 @@ class EvalResult(Record):
     fvu_mean: float
     delta_ce: list[float] | None = None
     kl: list[float] | None = None
+    kl_clean_spliced: list[float] | None = None
+    kl_spliced_clean: list[float] | None = None
     clean_ce: float | None = None
     delta_ce_mean: float | None = None
     kl_mean: float | None = None
+    kl_spliced_clean_mean: float | None = None
     n_windows: int | None = None
     n_predicted: int | None = None
     sae: str | None = None
     cache: str | None = None
     start: int | None = None
     stop: int | None = None
+    held_out: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.layer)
@@ -78,14 +87,24 @@ class EvalResult(Record):
         fields = {k: v for k, v in spliced.__dict__.items() if k != "layer"}
         return replace(self, **fields)
 
+    def token_range(self) -> str:
+        """'tokens [a, b)', and whether they were held out from training (when the result knows)."""
+        text = (
+            f"tokens [{self.start:,}, {self.stop:,})" if self.start is not None and self.stop is not None else "tokens"
+        )
+        if self.held_out and self.start is not None:
+            text += " (held out from training)" if self.start >= self.held_out else " (including training tokens)"
+        return text
+
     def fvu_value(self, i: int) -> float:
         """The FVU of layer position i as a float (NaN for a layer without variance)."""
         value = self.fvu[i]
         return math.nan if value is None else float(value)
 
 
-COMPARE_METRICS = ("fvu", "delta_ce", "kl", "dead_fraction")
+COMPARE_METRICS = ("fvu", "delta_ce", "kl", "kl_spliced_clean", "dead_fraction")
 COMPARE_KINDS = ("mlsae", "single")
+SHORT = {"fvu": "FVU", "delta_ce": "dCE", "kl": "KL", "kl_spliced_clean": "rKL", "dead_fraction": "dead"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +132,13 @@ class CompareResult(Record):
 
     def table(self, short: dict[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
         """Header and cells: per layer, each metric for the MLSAE then the single-layer SAE ('-' when absent)."""
-        short = short or {"fvu": "FVU", "delta_ce": "dCE", "kl": "KL", "dead_fraction": "dead"}
+        short = short or {
+            "fvu": "FVU",
+            "delta_ce": "dCE",
+            "kl": "KL",
+            "kl_spliced_clean": "rKL",
+            "dead_fraction": "dead",
+        }
         columns = self.columns()
         header = ["layer"] + [f"{short[m]} {kind}" for m in columns for kind in COMPARE_KINDS]
         cells = []

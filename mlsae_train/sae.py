@@ -58,14 +58,15 @@ class SaeConfig:
         for name in ("d_model", "n_latents", "k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"SaeConfig.{name} must be a positive integer, got {value!r} (pass {name} >= 1)")
+                flag = {"n_latents": "--expansion-factor", "d_model": "d_model", "k": "--k"}[name]
+                raise InputError(f"{flag} must give a positive integer {name}, got {value!r}")
         if self.k > self.n_latents:
             raise InputError(
-                f"SaeConfig.k = {self.k} exceeds n_latents = {self.n_latents} "
+                f"--k {self.k} exceeds the SAE's {self.n_latents} latents "
                 "(choose k <= n_latents, or a larger expansion factor)"
             )
         if not isinstance(self.standardize, bool):
-            raise InputError(f"SaeConfig.standardize must be a bool, got {self.standardize!r}")
+            raise InputError(f"standardize must be true or false, got {self.standardize!r}")
         if self.standardize and self.d_model < 2:
             raise InputError("standardize=True needs d_model >= 2 (a std over one value is undefined)")
 

@@ -7,10 +7,12 @@ blocks, the final norm, the LM head. Per layer, over the evaluated predictions i
 
     clean_ce   = mean_i -log p_clean(y_i)
     delta_ce   = mean_i [-log p_spliced(y_i) + log p_clean(y_i)]                    (nats per token)
-    kl         = mean_i sum_v p_clean(v) [log p_clean(v) - log p_spliced(v)]        (nats per token)
+    kl_clean_spliced = mean_i sum_v p_clean(v) [log p_clean(v) - log p_spliced(v)]  (nats per token; also `kl`)
+    kl_spliced_clean = mean_i sum_v p_spliced(v) [log p_spliced(v) - log p_clean(v)] (nats per token)
 
 where prediction i is made at window position t from the input tokens up to t, and y_i is the token at t + 1.
-KL is averaged over tokens, never summed over a sequence (the reference code's bug).
+Both KL directions are averaged over tokens, never summed over a sequence (the reference code sums its KL, which
+is KL(p_spliced || p_clean), over the sequence).
 
 Special tokens and position 0 follow the cache's trainable policy, in one rule used for both where to splice
 and what to average. The SAE was trained only on trainable rows (by default: not a special token such as the
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from mlsae_cache.core.errors import InputError
+from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.hooks import block_output
 from mlsae_cache.models import LoadedModel, find_blocks, load_cache_model
 from mlsae_cache.policy import TrainablePolicy
@@ -195,15 +198,16 @@ def spliced(block: nn.Module, sae: TopKSAE, mask: Tensor, batch_rows: int = SAE_
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def token_metrics(clean: Tensor, spliced_: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-prediction clean CE, spliced CE and KL(p_clean || p_spliced), all in nats.
+def token_metrics(clean: Tensor, spliced_: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-prediction clean CE, spliced CE, KL(p_clean || p_spliced) and KL(p_spliced || p_clean), all in nats.
 
-    Shapes: clean, spliced_ [N, V] log-probabilities, target [N] int64 -> three [N] tensors.
+    Shapes: clean, spliced_ [N, V] log-probabilities, target [N] int64 -> four [N] tensors.
     """
     ce_clean = -clean.gather(1, target[:, None]).squeeze(1)
     ce_spliced = -spliced_.gather(1, target[:, None]).squeeze(1)
-    kl = (clean.exp() * (clean - spliced_)).sum(1)
-    return ce_clean, ce_spliced, kl
+    kl_clean_spliced = (clean.exp() * (clean - spliced_)).sum(1)
+    kl_spliced_clean = (spliced_.exp() * (spliced_ - clean)).sum(1)
+    return ce_clean, ce_spliced, kl_clean_spliced, kl_spliced_clean
 
 
 def _log_probs(model: nn.Module, token_ids: Tensor, predicted: Tensor) -> Tensor:
@@ -217,19 +221,22 @@ class _Sums:
 
     def __init__(self, n_targets: int) -> None:
         self.n, self.n_windows, self.clean = 0, 0, 0.0
-        self.delta, self.kl = np.zeros(n_targets), np.zeros(n_targets)
+        self.delta, self.kl, self.kl_reverse = np.zeros(n_targets), np.zeros(n_targets), np.zeros(n_targets)
 
     def result(self, targets: Sequence[SpliceTarget]) -> SpliceMetrics:
         if self.n == 0:
             raise InputError("no prediction was made at a trainable position (give more text or longer windows)")
-        delta, kl = (self.delta / self.n).tolist(), (self.kl / self.n).tolist()
+        delta, kl, reverse = ((a / self.n).tolist() for a in (self.delta, self.kl, self.kl_reverse))
         return SpliceMetrics(
             layer=[t.layer for t in targets],
             delta_ce=delta,
             kl=kl,
+            kl_clean_spliced=kl,
+            kl_spliced_clean=reverse,
             clean_ce=self.clean / self.n,
             delta_ce_mean=float(np.mean(delta)),
             kl_mean=float(np.mean(kl)),
+            kl_spliced_clean_mean=float(np.mean(reverse)),
             n_windows=self.n_windows,
             n_predicted=self.n,
         )
@@ -241,7 +248,7 @@ def splice_metrics(
     targets: Sequence[SpliceTarget],
     batches: Iterator[WindowBatch],
     sae_batch_rows: int = SAE_BATCH_ROWS,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Progress = no_progress,
 ) -> SpliceMetrics:
     """Delta CE and KL of every target (an SAE at a layer) over `batches`; see the module docstring.
 
@@ -259,9 +266,11 @@ def splice_metrics(
         clean = _log_probs(model, token_ids, predicted)
         for i, t in enumerate(targets):
             with spliced(blocks[t.layer], t.sae, mask, sae_batch_rows):
-                ce_clean, ce_spliced, kl = token_metrics(clean, _log_probs(model, token_ids, predicted), target)
+                after = _log_probs(model, token_ids, predicted)
+            ce_clean, ce_spliced, kl, kl_reverse = token_metrics(clean, after, target)
             sums.delta[i] += float((ce_spliced.double() - ce_clean.double()).sum())
             sums.kl[i] += float(kl.double().sum())
+            sums.kl_reverse[i] += float(kl_reverse.double().sum())
         sums.clean += float(-clean.gather(1, target[:, None]).double().sum())
         sums.n += int(target.numel())
         sums.n_windows += len(batch.token_ids)
@@ -305,7 +314,7 @@ def splice_targets(
     cfg: SpliceConfig,
     device: torch.device,
     loaded: LoadedModel | None = None,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Progress = no_progress,
 ) -> SpliceMetrics:
     """Delta CE and KL of every target on the model of `cache` (cfg.model, or `loaded`, instead) on `device`."""
     loaded = loaded or load_cache_model(cache.meta.model, device=str(device), override=cfg.model)
@@ -320,7 +329,7 @@ def splice_evaluate(
     layers: Sequence[int],
     cfg: SpliceConfig,
     loaded: LoadedModel | None = None,
-    progress: Callable[[int], None] = lambda n: None,
+    progress: Progress = no_progress,
 ) -> SpliceMetrics:
     """Delta CE and KL of `sae` spliced in at each of `layers` (the model loads on the SAE's device)."""
     targets = [SpliceTarget(layer, sae) for layer in layers]

@@ -15,8 +15,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
@@ -24,7 +24,9 @@ from typing import Any, NamedTuple, TypedDict
 import torch
 from torch import nn
 
-from mlsae_cache.core.errors import InputError
+from mlsae_cache.core.errors import Interrupted
+from mlsae_cache.core.lock import StoreLock
+from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import Cache, open_cache
 from mlsae_train.checkpoint import save_sae
 from mlsae_train.config import TrainConfig
@@ -32,8 +34,9 @@ from mlsae_train.distributed import ONE_PROCESS, World, process_group
 from mlsae_train.kernels import resolve_decoder_kernel
 from mlsae_train.loader import Batch, LoaderConfig, RowLoader
 from mlsae_train.loss import DeadLatentTracker, active_mask, auxk_loss, fvu_per_layer, l0, total_loss
+from mlsae_train.outdir import clear_out, plan_out, resume_config
 from mlsae_train.sae import SaeConfig, TopKSAE
-from mlsae_train.state import METRICS_NAME, load_state, save_state, state_exists, truncate_metrics
+from mlsae_train.state import METRICS_NAME, save_state, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,15 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float) -> torch.opt
 
 
 class StepMetrics(NamedTuple):
+    """One step's metrics: FVU in raw units (mean over the layers in the batch, and per layer), L0, the dead
+    fraction, the AuxK loss, and the FVU loss in the loss's own space."""
+
     fvu: float
     fvu_per_layer: list[float]
     l0: float
     dead_fraction: float
     auxk: float
+    loss_fvu: float
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Run:
     rows: int = 0
     step: int = 0
     resumed: bool = False  # from a saved trainer state
+    clear_out: bool = False  # OUT holds files to remove before the first write
+    saved_step: int = 0  # the step of the last checkpoint
 
     @property
     def target_rows(self) -> int:
@@ -87,10 +96,14 @@ class Run:
 
 @dataclass(frozen=True)
 class FitResult:
+    """Where the SAE is, the rows and steps trained in all, the last metrics line, and whether there was nothing
+    left to do (a finished run)."""
+
     out: Path
     rows: int
     steps: int
     final: dict[str, Any]
+    noop: bool = False
 
 
 def _open_cache(cfg: TrainConfig) -> tuple[Cache, tuple[int, ...]]:
@@ -113,32 +126,6 @@ def run_record(cfg: TrainConfig, cache: Cache, layers: tuple[int, ...], sae_cfg:
     }
 
 
-def check_out(cfg: TrainConfig, record: dict[str, Any]) -> dict[str, Any] | None:
-    """OUT must be new, empty, or (with --resume) a run of the same cache and hyperparameters, whose saved
-    trainer state is returned (None when there is none to continue from)."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"OUT {out} is a file (choose a directory)")
-    busy = out.is_dir() and any(out.iterdir())
-    if not cfg.resume or not state_exists(out):
-        # --resume of a run killed before its first checkpoint starts it again; only its log can be there
-        only_log = cfg.resume and all(p.name == METRICS_NAME for p in out.iterdir()) if busy else True
-        if busy and not only_log:
-            raise InputError(
-                f"OUT {out} already holds files of another run (use --resume to continue it, or choose a new OUT)"
-            )
-        return None
-    state = load_state(out)
-    saved = state["record"]
-    diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in record.items() if k != "cache_path" and saved.get(k) != v]
-    if diffs:
-        raise InputError(
-            f"--resume: {out} was trained with other settings ({'; '.join(diffs)}); resume with the "
-            "same cache and options, or choose a new OUT"
-        )
-    return state
-
-
 def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str, Any]]:
     """The run, fresh or resumed from OUT's trainer state (which every rank reads). Reads, validates, writes
     nothing and waits for no other rank, so bad input fails alike on every rank before any collective."""
@@ -156,12 +143,12 @@ def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str
     )
     loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
     record = run_record(cfg, cache, layers, sae_cfg)
-    state = check_out(cfg, record)
+    state, clear = plan_out(cfg, record)
     autocast = torch.bfloat16 if cfg.autocast == "bf16" else None
     sae = TopKSAE(sae_cfg, torch.Generator().manual_seed(cfg.seed), autocast, cfg.decoder_kernel).to(device)
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     tracker = DeadLatentTracker(sae_cfg.n_latents, device)
-    run = Run(cfg, cache, layers, sae, optimizer, tracker, loader, world)
+    run = Run(cfg, cache, layers, sae, optimizer, tracker, loader, world, clear_out=clear)
     if state is not None:
         sae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -170,15 +157,32 @@ def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str
     return run, record
 
 
-def start_log(run: Run) -> None:
-    """Rank 0 makes OUT and drops log lines written after the checkpoint that the run resumes from."""
+def start_out(run: Run, stack: ExitStack) -> None:
+    """Rank 0 makes OUT, holds its writer lock until the run ends (a second fit into it is refused, and readers can
+    tell an unfinished checkpoint that is being trained), empties it when the plan says so, and drops log lines
+    written after the checkpoint that the run continues from."""
     if not run.world.is_main:
         return
-    Path(run.cfg.out).mkdir(parents=True, exist_ok=True)
-    if run.cfg.resume and not run.resumed:
-        log.warning("%s holds no checkpoint yet: starting the run from the beginning", run.cfg.out)
-    if run.cfg.resume:
-        truncate_metrics(Path(run.cfg.out) / METRICS_NAME, run.step)
+    out = Path(run.cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(StoreLock(out))
+    if run.clear_out:
+        clear_out(out)
+    if run.resumed:
+        log.info("continuing the run in %s at %d rows", out, run.rows)
+        truncate_metrics(out / METRICS_NAME, run.step)
+
+
+class StepLoss(NamedTuple):
+    """The losses of one step. fvu_loss: per-layer FVU [n_layers] in the loss's space (standardised or raw);
+    fvu_raw: per-layer FVU in raw units, what `eval` reports (detached); l_fvu: their mean in the loss's space;
+    l_aux: the AuxK loss; out: the SAE's ForwardOutput. In a data-parallel run, this rank's shares."""
+
+    fvu_loss: torch.Tensor
+    fvu_raw: torch.Tensor
+    l_fvu: torch.Tensor
+    l_aux: torch.Tensor
+    out: Any
 
 
 def optimise(
@@ -192,19 +196,21 @@ def optimise(
     k_aux: int,
     world: World = ONE_PROCESS,
     model: nn.Module | None = None,
+    loss_space: str = "standardized",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimiser step (METHOD.md sections 3-4) on rows x [B, d] of layers `layer` [B], with dead latents
-    `dead` [n]. Returns (per-layer FVU [n_layers], L_fvu, L_aux, values [B, k]), detached; in a data-parallel
-    run x is this rank's slice of the batch, `model` wraps `sae`, and the losses are this rank's shares."""
-    per_layer, l_fvu, l_aux, out = step_loss(sae, x, layer, n_layers, dead, k_aux, world, model)
-    total_loss(l_fvu, l_aux).backward()  # in a data-parallel run, returns with gradients summed over ranks
+    """One optimiser step (docs/METHOD.md, sections 3-4) on rows x [B, d] of layers `layer` [B], with dead latents
+    `dead` [n]. Returns (per-layer FVU in raw units [n_layers], L_fvu, L_aux, values [B, k]), detached; in a
+    data-parallel run x is this rank's slice of the batch, `model` wraps `sae`, and the losses are this rank's
+    shares."""
+    loss = step_loss(sae, x, layer, n_layers, dead, k_aux, world, model, loss_space)
+    total_loss(loss.l_fvu, loss.l_aux).backward()  # in a data-parallel run, returns with gradients summed over ranks
     sae.remove_gradient_parallel_to_decoder_()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sae.set_decoder_norm_()
-    fired = world.any_(active_mask(out.indices, sae.cfg.n_latents, out.values))
+    fired = world.any_(active_mask(loss.out.indices, sae.cfg.n_latents, loss.out.values))
     tracker.advance_(x.shape[0] * world.world_size, fired)
-    return per_layer.detach(), l_fvu.detach(), l_aux.detach(), out.values.detach()
+    return loss.fvu_raw, loss.l_fvu.detach(), loss.l_aux.detach(), loss.out.values.detach()
 
 
 def step_loss(
@@ -216,13 +222,22 @@ def step_loss(
     k_aux: int,
     world: World = ONE_PROCESS,
     model: nn.Module | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-    """Forward and losses of one step: (per-layer FVU [n_layers], L_fvu, L_aux, the SAE's ForwardOutput), each
-    loss this rank's share of the global batch's (the whole loss in one process)."""
+    loss_space: str = "standardized",
+) -> StepLoss:
+    """Forward and losses of one step, each loss this rank's share of the global batch's (the whole loss in one
+    process). The FVU loss is computed in `loss_space`; the raw-unit FVU is always returned beside it."""
     out = (sae if model is None else model)(x)
-    per_layer = fvu_per_layer(out.x_std, out.x_hat_std, layer, n_layers, all_reduce=world.all_reduce)
-    l_fvu = per_layer[~per_layer.isnan()].mean()
-    # AuxK: dead latents regress the residual, in the same standardised space (METHOD.md section 4).
+    reduce = world.all_reduce
+    raw_x = x.to(out.x_hat.dtype)
+    if loss_space == "raw":
+        fvu_loss = fvu_per_layer(raw_x, out.x_hat, layer, n_layers, all_reduce=reduce)
+        fvu_raw = fvu_loss.detach()
+    else:
+        fvu_loss = fvu_per_layer(out.x_std, out.x_hat_std, layer, n_layers, all_reduce=reduce)
+        with torch.no_grad():
+            fvu_raw = fvu_per_layer(raw_x, out.x_hat, layer, n_layers, all_reduce=reduce)
+    l_fvu = fvu_loss[~fvu_loss.isnan()].mean()
+    # AuxK: dead latents regress the residual, in the standardised space (docs/METHOD.md, section 4).
     l_aux = (
         auxk_loss(
             out.x_std - out.x_hat_std,
@@ -230,19 +245,19 @@ def step_loss(
             dead,
             sae.W_dec,
             k_aux,
-            all_reduce=world.all_reduce,
+            all_reduce=reduce,
             decoder_kernel=sae.decoder_kernel,
         )
         if k_aux
         else l_fvu.new_zeros(())
     )
-    return per_layer, l_fvu, l_aux, out
+    return StepLoss(fvu_loss, fvu_raw, l_fvu, l_aux, out)
 
 
 def train_step(run: Run, batch: Batch) -> StepMetrics:
     """One optimiser step on a batch; returns its metrics (floats: a CPU-GPU sync point)."""
     dead = run.tracker.dead_mask(run.cfg.dead_after_rows)
-    per_layer, l_fvu, l_aux, values = optimise(
+    fvu_raw, l_fvu, l_aux, values = optimise(
         run.sae,
         run.optimizer,
         run.tracker,
@@ -253,14 +268,18 @@ def train_step(run: Run, batch: Batch) -> StepMetrics:
         run.cfg.k_aux,
         run.world,
         run.model,
+        run.cfg.loss_space,
     )
     run.rows += run.cfg.batch_rows
     run.step += 1
     # global values: each rank holds its share of the losses, and l0 over an equal slice of the rows
-    shares = [per_layer, l_fvu[None], l_aux[None], l0(values)[None] / run.world.world_size]
+    shares = [fvu_raw, l_fvu[None], l_aux[None], l0(values)[None] / run.world.world_size]
     summed = run.world.sum_(torch.cat([t.float() for t in shares])).cpu().tolist()
     n = len(run.layers)
-    return StepMetrics(summed[n], summed[:n], summed[n + 2], float(dead.float().mean()), summed[n + 1])
+    per_layer = summed[:n]
+    present = [v for v in per_layer if not math.isnan(v)]
+    fvu = sum(present) / len(present) if present else math.nan
+    return StepMetrics(fvu, per_layer, summed[n + 2], float(dead.float().mean()), summed[n + 1], summed[n])
 
 
 def init_b_dec(run: Run, x: torch.Tensor) -> None:
@@ -271,8 +290,8 @@ def init_b_dec(run: Run, x: torch.Tensor) -> None:
 
 
 def checkpoint(run: Run, record: dict[str, Any]) -> None:
-    """Trainer state first (weights, optimiser, counters, cursor), then the exported SAE; rank 0 only (every rank
-    holds the same state)."""
+    """Trainer state first (weights, optimiser, counters, cursor), then the exported SAE, marked finished once the
+    run has reached its target; rank 0 only (every rank holds the same state)."""
     if not run.world.is_main:
         return
     save_state(
@@ -286,7 +305,9 @@ def checkpoint(run: Run, record: dict[str, Any]) -> None:
             "tracker": run.tracker.state_dict(),
         },
     )
-    save_sae(run.sae, run.cfg.out, {**record, "rows_trained": run.rows, "steps": run.step})
+    finished = run.rows >= run.target_rows
+    save_sae(run.sae, run.cfg.out, {**record, "rows_trained": run.rows, "steps": run.step, "finished": finished})
+    run.saved_step = run.step
 
 
 def _log_line(run: Run, m: StepMetrics, rows_per_s: float) -> dict[str, Any]:
@@ -301,21 +322,29 @@ def _log_line(run: Run, m: StepMetrics, rows_per_s: float) -> dict[str, Any]:
         "l0": m.l0,
         "dead_fraction": m.dead_fraction,
         "auxk": m.auxk,
+        "loss_fvu": m.loss_fvu,
         "rows_per_s": rows_per_s,
     }
 
 
-def fit(cfg: TrainConfig, progress: Callable[[int, dict[str, Any]], None] = lambda n, m: None) -> FitResult:
-    """Train (or resume) to `max_rows` rows (default one epoch of the cache's selected rows); under torchrun, as one
-    rank of a data-parallel run (`progress` is called on every rank, with the global rows of each step)."""
+def fit(cfg: TrainConfig, progress: Progress = no_progress) -> FitResult:
+    """Train (or continue) to `max_rows` rows (default one epoch of the cache's selected rows); under torchrun, as
+    one rank of a data-parallel run (`progress` is called on every rank, with the global rows of each step).
+
+    `progress(0, total=..., resumed_at=...)` comes first, then the rows of each step with its FVU, L0 and dead
+    fraction. Ctrl-C saves a checkpoint of the last step
+    and raises `Interrupted` saying so; the same command continues from it."""
+    if cfg.resume:
+        cfg = resume_config(cfg, given=())
     world = World.from_env()
     run, record = prepare(cfg, world)
-    with process_group(world, run.sae.b_dec.device):
+    progress(0, total=run.target_rows, resumed_at=run.rows)
+    with ExitStack() as stack, process_group(world, run.sae.b_dec.device):
         run.model = world.data_parallel(run.sae)  # rank 0's weights on every rank
-        world.barrier()  # every rank has read OUT (check_out, resume state) before rank 0 writes into it
-        start_log(run)
-        step_at_start = run.step
-        line = train(run, record, progress)
+        world.barrier()  # every rank has read OUT (plan_out, resume state) before rank 0 writes into it
+        start_out(run, stack)
+        step_at_start = run.saved_step = run.step
+        line = _train_saving_on_interrupt(run, record, progress)
         if not math.isfinite(line.get("fvu", 0.0)) and world.is_main:
             log.warning("the final FVU is not finite; try a lower --lr")
         # a resumed run that had nothing left to do keeps its files as they are: a re-save would give the same
@@ -324,10 +353,25 @@ def fit(cfg: TrainConfig, progress: Callable[[int, dict[str, Any]], None] = lamb
             checkpoint(run, record)
         world.barrier()  # no rank returns before the final checkpoint is written
         run.model = None  # free the wrapper before the process group (distributed.process_group says why)
-    return FitResult(Path(cfg.out), run.rows, run.step, line)
+    return FitResult(Path(cfg.out), run.rows, run.step, line, run.resumed and run.step == step_at_start)
 
 
-def train(run: Run, record: dict[str, Any], progress: Callable[[int, dict[str, Any]], None]) -> dict[str, Any]:
+def _train_saving_on_interrupt(run: Run, record: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """`train`, saving a checkpoint of the last step taken when Ctrl-C stops it."""
+    try:
+        return train(run, record, progress)
+    except KeyboardInterrupt:
+        if run.step == 0:
+            raise Interrupted("interrupted before the first step; nothing was saved") from None
+        if run.step != run.saved_step:
+            checkpoint(run, record)
+        raise Interrupted(
+            f"interrupted at {run.rows:,} of {run.target_rows:,} rows; the checkpoint of step {run.step} is saved in "
+            f"{run.cfg.out}: re-run the same command to continue"
+        ) from None
+
+
+def train(run: Run, record: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """The loop: steps to the target rows, logging and checkpointing at intervals; returns the last log line."""
     cfg = run.cfg
     next_checkpoint = (run.rows // cfg.checkpoint_every_rows + 1) * cfg.checkpoint_every_rows
@@ -352,5 +396,5 @@ def train(run: Run, record: dict[str, Any], progress: Callable[[int, dict[str, A
             if run.rows >= next_checkpoint:
                 checkpoint(run, record)
                 next_checkpoint += cfg.checkpoint_every_rows
-            progress(cfg.batch_rows, line)
+            progress(cfg.batch_rows, fvu=m.fvu, l0=m.l0, dead=m.dead_fraction)
     return line

@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny random models with a tokenizer the tests build themselves, small text files."""
+"""Shared fixtures: tiny random models with a tokenizer the tests build themselves, small text files, a small
+random cache."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from mlsae_cache.importer import ImportConfig, import_array
 from tests.helpers import make_tiny_model, tokenizer_corpus
 
 
@@ -48,3 +51,16 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     docs = tokenizer_corpus()
     path.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)) + "\n")
     return path
+
+
+def import_npy(root: Path, x: np.ndarray, name: str = "cache", chunk_tokens: int = 256) -> Path:
+    np.save(root / f"{name}.npy", x)
+    import_array(ImportConfig(out=root / name, activations=root / f"{name}.npy", chunk_tokens=chunk_tokens))
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def random_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2,000 tokens x 3 layers x 16 of Gaussian rows with layer scales 1, 3, 10."""
+    x = np.random.default_rng(0).normal(size=(2000, 3, 16)) * np.array([1.0, 3.0, 10.0])[None, :, None]
+    return import_npy(tmp_path_factory.mktemp("random"), x.astype(np.float32))

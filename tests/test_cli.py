@@ -45,7 +45,7 @@ CONFIGS = {
     "report": ReportConfig,
 }
 PATH_ONLY = {"info", "verify", "convert-reference"}  # a path or two in, nothing to configure
-COMMON = {"debug", "quiet", "config", "version", "help"}
+COMMON = {"debug", "quiet", "log_interval", "config", "version", "help"}
 RENAMED = {"layers_text": "layers"}  # options parsed from text into a config field of another name
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "data" / "presets").glob("*.toml"))
 

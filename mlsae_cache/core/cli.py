@@ -7,14 +7,12 @@ import errno
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import click
-from tqdm import tqdm
 
-from mlsae_cache.core.errors import MlsaeError
+from mlsae_cache.core.errors import Interrupted, MlsaeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,7 +21,7 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-INTERRUPTED = "interrupted (committed work is kept: re-run the same command to resume)"
+INTERRUPTED = "interrupted before anything was written"
 
 
 def _fail(message: str, code: int) -> None:
@@ -40,10 +38,10 @@ def run_reporting_errors(call: Callable[[], Any], debug: Callable[[], bool], int
         if debug():
             raise
         _fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug():
             raise
-        _fail(interrupted, 130)
+        _fail(str(e) if isinstance(e, Interrupted) else interrupted, 130)
     except OSError as e:
         if debug() or e.errno != errno.ENOSPC:
             raise
@@ -62,12 +60,39 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def flags(ctx: click.Context) -> dict[str, bool]:
-    """The --quiet and --debug flags of this invocation (given before or after the command's name)."""
+def flags(ctx: click.Context) -> dict[str, Any]:
+    """The --quiet, --debug and --log-interval of this invocation (given before or after the command's name)."""
     root = ctx.find_root()
     if root.obj is None:
-        root.obj = {"quiet": False, "debug": False}
+        root.obj = {"quiet": False, "debug": False, "interval": LOG_INTERVAL_S}
     return root.obj  # type: ignore[no-any-return]
+
+
+LOG_INTERVAL_S = 30.0
+"""Seconds between progress lines off a terminal."""
+
+
+def progress(ctx: click.Context, desc: str, unit: str, total: float | None = None) -> Any:
+    """The command's progress display (core.progress.progress_bar) with this invocation's flags."""
+    from mlsae_cache.core.progress import progress_bar
+
+    f = flags(ctx)
+    return progress_bar(desc, unit, f["quiet"], total, f["interval"])
+
+
+def stages(ctx: click.Context) -> Any:
+    """Displays for a command that works in stages (core.progress.Stages), with this invocation's flags."""
+    from mlsae_cache.core.progress import Stages
+
+    f = flags(ctx)
+    return Stages(f["quiet"], f["interval"])
+
+
+def _set_interval(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    if value is not None:
+        if value <= 0:
+            raise click.BadParameter("must be positive", ctx, param)
+        flags(ctx)["interval"] = value
 
 
 def _set_flag(name: str) -> Callable[[click.Context, click.Parameter, bool], None]:
@@ -88,6 +113,8 @@ def _common_options() -> list[click.Option]:
                      help="Show tracebacks and debug logs."),
         click.Option(["--quiet"], is_flag=True, expose_value=False, callback=_set_flag("quiet"),
                      help="No progress bars or info logs."),
+        click.Option(["--log-interval"], type=float, default=None, expose_value=False, callback=_set_interval,
+                     metavar="SECONDS", help=f"Seconds between progress lines off a terminal [{LOG_INTERVAL_S:g}]."),
         config_option(),
     ]  # fmt: skip
 
@@ -122,7 +149,9 @@ def mlsae_group(func: Callable[[], None]) -> click.Group:
 
 def setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # off a terminal (a log file) each line says when
+    fmt = "%(levelname)s %(name)s: %(message)s" if sys.stderr.isatty() else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     logging.getLogger().setLevel(level)  # a flag given after the command's name changes it again
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.DEBUG)
@@ -137,32 +166,25 @@ def silence_library_progress() -> None:
     datasets.disable_progress_bars()
 
 
-def show_progress(quiet: bool) -> bool:
-    """Progress bars only on a terminal, and never with --quiet."""
-    return not quiet and sys.stderr.isatty()
+class Count(click.ParamType):
+    """A count of tokens or rows: `1500000`, `1_500_000`, `1.5e6`, `1.5M`, `64k`, `2G`."""
+
+    name = "count"
+    _SUFFIX: ClassVar[dict[str, int]] = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        text = str(value).strip().replace("_", "").replace(",", "")
+        scale = self._SUFFIX.get(text[-1:].lower(), 1) if text else 1
+        number = text[:-1] if scale != 1 else text
+        try:
+            exact = float(number) * scale
+        except ValueError:
+            self.fail(f"{value!r} is not a count (write e.g. 100000, 1e5, 100k or 1.5M)", param, ctx)
+        if exact != int(exact):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(exact)
 
 
-@contextmanager
-def progress_bar(
-    total: float | None, unit: str, quiet: bool, desc: str, bytes_per_unit: float = 0.0
-) -> Iterator[Callable[[int], None]]:
-    """A callback advancing a tqdm bar (rate, ETA, and MB/s when bytes_per_unit is given)."""
-    bar = tqdm(
-        total=total,
-        unit=unit,
-        unit_scale=True,
-        desc=desc,
-        disable=not show_progress(quiet),
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-
-    def advance(n: int) -> None:
-        bar.update(n)
-        if bytes_per_unit and bar.format_dict.get("rate"):
-            bar.set_postfix_str(f"{bar.format_dict['rate'] * bytes_per_unit / 1e6:.1f} MB/s", refresh=False)
-
-    try:
-        yield advance
-    finally:
-        bar.close()
+COUNT = Count()

@@ -42,3 +42,7 @@ class RuntimeFailure(MlsaeError, RuntimeError):
     """The work started but could not finish (numerical overflow, full disk, ...)."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what it left behind said truly for the command that was running (the CLI shows the message)."""

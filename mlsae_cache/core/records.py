@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from mlsae_cache.core.errors import NotFoundError, StoreError
+from mlsae_cache.core.paths import what_is
 
 LEGACY_VERSION = 0
 """The version a JSON output without a `format` key is read as (written before outputs carried one)."""
@@ -56,8 +57,11 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 def read_json_object(path: Path, kind: str, hint: str) -> dict[str, Any]:
     """The JSON object in `path`; NotFoundError / StoreError naming `kind` and how to get a good one otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise NotFoundError(f"{kind} {path} is {what_is(path)}, not a file ({hint})")
     if not path.is_file():
-        raise NotFoundError(f"{kind} {path} does not exist ({hint})")
+        where = f": {path.parent} is {what_is(path.parent)}" if path.parent.is_dir() else ""
+        raise NotFoundError(f"{kind} {path} does not exist{where} ({hint})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:

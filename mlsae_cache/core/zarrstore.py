@@ -21,28 +21,54 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.metadata import ArrayV3Metadata
 
-from mlsae_cache.core.errors import CorruptError, MlsaeError, NotFoundError, StoreError
+from mlsae_cache.core.errors import CorruptError, Interrupted, LockedError, MlsaeError, NotFoundError, StoreError
 from mlsae_cache.core.lock import StoreLock
+from mlsae_cache.core.paths import STORE_KINDS, SWAPPED, is_mlsae, what_is
 
 ATTR = "mlsae"
 """The root attribute holding a store's metadata record."""
 
 
 def read_root_attribute(path: Path | str, kind: str, hint: str) -> dict[str, Any]:
-    """The `mlsae` root attribute of the store at `path`; NotFoundError / StoreError naming `kind` otherwise."""
+    """The `mlsae` root attribute of the store at `path`; NotFoundError / StoreError naming `kind` and what `path`
+    is instead otherwise (with `hint` for how to make one, or a word on the arguments' order)."""
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"{kind} {path} does not exist ({hint})")
     meta_file = path / "zarr.json"
     if not path.is_dir() or not meta_file.is_file():
-        raise StoreError(f"{path} is not an mlsae {kind} (no zarr.json; {hint})")
+        found = what_is(path)
+        raise StoreError(f"{path} is {found}, not an mlsae {kind} ({SWAPPED if is_mlsae(found) else hint})")
     try:
         attrs = json.loads(meta_file.read_text()).get("attributes", {})
     except (OSError, ValueError) as e:
         raise StoreError(f"{path}/zarr.json is unreadable ({e}); the store is damaged") from e
     if not isinstance(attrs, dict) or not isinstance(attrs.get(ATTR), dict):
         raise StoreError(f"{path} is a Zarr group but not an mlsae {kind} (no '{ATTR}' attribute; {hint})")
-    return attrs[ATTR]
+    record = attrs[ATTR]
+    if record.get("format") in STORE_KINDS and STORE_KINDS[record["format"]] != f"an mlsae {kind}":
+        raise StoreError(f"{path} is {STORE_KINDS[record['format']]}, not an mlsae {kind} ({SWAPPED})")
+    return record
+
+
+def being_written(path: Path | str) -> bool:
+    """Whether a writer holds the store's lock now (a harvest, its workers, an encode)."""
+    try:
+        with StoreLock(Path(path)):
+            return False
+    except LockedError:
+        return True
+
+
+def unfinished(path: Path | str, committed: int, total: int | None, unit: str, command: str) -> StoreError:
+    """The refusal of a store whose writer has not finished: still running, or stopped."""
+    of = f" of {total:,}" if total else ""
+    if being_written(path):
+        return StoreError(f"{path} is being written now ({committed:,}{of} {unit} so far); wait for it to finish")
+    return StoreError(
+        f"{path} is incomplete ({committed:,}{of} {unit} committed): its writer stopped; finish it by re-running the "
+        f"same `{command}` command"
+    )
 
 
 def set_root_attribute(group: zarr.Group, record: dict[str, Any]) -> None:
@@ -165,8 +191,11 @@ class StoreTransaction:
     its committed rows whatever happens (resuming is the point). Ctrl-C keeps everything committed.
     """
 
-    def __init__(self, out: Path | str) -> None:
+    def __init__(self, out: Path | str, keep_on_interrupt: bool = True) -> None:
+        """`keep_on_interrupt` False: Ctrl-C also removes a store this transaction created (for writers that
+        cannot resume, such as `import`)."""
         self.out = Path(out)
+        self.keep_on_interrupt = keep_on_interrupt
         self.created = False
         self._existed = self.out.exists()
         self._lock = StoreLock(self.out)
@@ -191,7 +220,8 @@ class StoreTransaction:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if exc is not None and isinstance(exc, MlsaeError) and self.created:
+            failed = isinstance(exc, MlsaeError) or (isinstance(exc, KeyboardInterrupt) and not self.keep_on_interrupt)
+            if failed and self.created:
                 clear_store(self.out)
                 self._remove_out_if_made()
         finally:
@@ -200,6 +230,13 @@ class StoreTransaction:
     def _remove_out_if_made(self) -> None:
         if not self._existed and self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
+
+
+def interrupted(out: Path, committed: int, unit: str) -> Interrupted:
+    """What Ctrl-C during a chunked write leaves: the committed rows, which the same command resumes from."""
+    if committed == 0:
+        return Interrupted(f"interrupted before any {unit} were committed to {out}")
+    return Interrupted(f"interrupted: {committed:,} {unit} are committed in {out}; re-run the same command to resume")
 
 
 def _chunk_keys(arr: zarr.Array, n_rows: int) -> Iterator[tuple[str, tuple[slice, ...]]]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mlsae_analyze import examples as ex
+from mlsae_analyze import example_pages as pages
 from mlsae_analyze.examples import ExamplesConfig, find_examples, parse_latent_ids
 from mlsae_analyze.latents import LatentChunk, Latents, LatentsMeta, LatentsWriter, create_latents
 from mlsae_cache.core.errors import InputError, StoreError
@@ -127,28 +127,30 @@ def test_outputs_escape_text_and_fall_back_to_token_ids(tmp_path: Path) -> None:
     cfg = config(latent_ids=(0, 29), per_layer=2, context=2)
     found = find_examples(latents, cfg)
     (tmp_path / "out").mkdir()
-    files, note = ex.write_examples(found, meta, cfg, tmp_path / "out")
+    files, note = pages.write_examples(found, meta, cfg, tmp_path / "out")
     assert [f.name for f in files] == ["examples.md", "examples.tsv", "examples.html"]
     assert note and "token ids" in note.lower()
     md = (tmp_path / "out" / "examples.md").read_text()
     assert note in md and "never fires" in md and "[" in md
     tsv = (tmp_path / "out" / "examples.tsv").read_text().splitlines()
-    assert tsv[0].split("\t") == list(ex.TSV_COLUMNS)
-    assert len(tsv) == 1 + len(found[0].examples) and all(len(line.split("\t")) == len(ex.TSV_COLUMNS) for line in tsv)
+    assert tsv[0].split("\t") == list(pages.TSV_COLUMNS)
+    assert len(tsv) == 1 + len(found[0].examples) and all(
+        len(line.split("\t")) == len(pages.TSV_COLUMNS) for line in tsv
+    )
     # a tokenizer producing markup, pipes and line breaks
     nasty = {i: f"<b>|{i}\n" for i in range(50)}
-    page = ex.render_html(found, meta, lambda i: nasty[i], "intro & <stuff>")
+    page = pages.render_html(found, meta, lambda i: nasty[i], "intro & <stuff>")
     assert "<b>" not in page and html.escape("<b>|") in page and "intro &amp; &lt;stuff&gt;" in page
-    assert page.count("<mark>") == len(found[0].examples)
-    table = ex.render_markdown(found, meta, lambda i: nasty[i], "intro")
+    assert page.count("class='focus'") == len(found[0].examples)
+    table = pages.render_markdown(found, meta, lambda i: nasty[i], "intro")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "⏎" in line]
     assert rows and all(line.count(" | ") == 3 for line in rows)  # pipes escaped, one line per example
 
 
 def test_markdown_focus_keeps_spaces_outside_bold() -> None:
-    assert ex._md_focus(" foo") == " **foo**"
-    assert ex._md_focus(" ") == "**␣**"
-    assert ex._md_focus("a*b") == "**a\\*b**"
+    assert pages._md_focus(" foo") == " **foo**"
+    assert pages._md_focus(" ") == "**␣**"
+    assert pages._md_focus("a*b") == "**a\\*b**"
 
 
 @pytest.mark.parametrize(("text", "ok"), [("3,17", (3, 17)), ("5", (5,)), ("3,x", None), ("", None), ("3,3", None)])

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 from mlsae_analyze.findings import (
-    COSINE_SIMILAR,
+    COMPARABLE,
     MULTI_LAYER_MIN,
     SPREAD_RATIO_MAX,
-    cosine_finding,
+    StudyPoint,
     multi_layer_finding,
     reconstruction_finding,
+    size_trend_finding,
     spread_finding,
+    study_section,
 )
 from mlsae_analyze.layers import layer_distribution
 from mlsae_analyze.results import CosineResult, VarianceOutput, VarianceSummary, variance_dataset
@@ -31,7 +33,13 @@ LAYERS = [0, 1, 2, 3]
 
 
 def summary_of(rel_var_token: float, rel_var_t: float, frac_multi_layer: float) -> dict[str, Any]:
+    """A summary whose window rel_var_t is `rel_var_t`, whose reference one is 50x smaller (not used by any rule),
+    and whose multi-layer fraction at 10% of mass is `frac_multi_layer`."""
+    window = {"exp_var_tf": 0.1, "exp_var_f": 1.0, "var_l": 2.0, "rel_var_f": 0.5, "rel_var_t": rel_var_t}
+    curve = {"by_share": {"0.01": 1.0, "0.05": 0.9, "0.1": frac_multi_layer, "0.25": 0.1}, "by_rows": {"1": 1.0}}
     return {
+        "window": window,
+        "multi_layer": curve,
         "var_total": 2.0,
         "var_within_latent": 1.0,
         "var_within_token": rel_var_token,
@@ -40,7 +48,7 @@ def summary_of(rel_var_token: float, rel_var_t: float, frac_multi_layer: float) 
         "mean_layer_std": 0.75,
         "frac_multi_layer": frac_multi_layer,
         "n_rows": 400,
-        "reference": {"exp_var_tf": 0.1, "exp_var_f": 1.0, "var_l": 2.0, "rel_var_f": 0.5, "rel_var_t": rel_var_t},
+        "reference": {"exp_var_tf": 0.1, "exp_var_f": 1.0, "var_l": 2.0, "rel_var_f": 0.5, "rel_var_t": rel_var_t / 50},
         "latents": "nowhere/latents",
         "n_latents": 8,
         "k": 2,
@@ -80,7 +88,7 @@ def write_outputs(root: Path, summary: dict[str, Any], compare: dict[str, Any], 
 
 def verdicts(text: str) -> dict[str, str]:
     """Finding name -> verdict, from the bullet list of the Findings section."""
-    return dict(re.findall(r"^- \*\*(.+?)\.\*\* .* Verdict: \*\*(agrees|differs|not tested)\*\*\.$", text, re.M))
+    return dict(re.findall(r"^- \*\*(.+?)\.\*\* .* Verdict: \*\*(agrees|differs|not testable here)\*\*\.$", text, re.M))
 
 
 @pytest.mark.parametrize(
@@ -95,70 +103,83 @@ def test_spread_rule(ratio: float, verdict: str) -> None:
     assert f"< {SPREAD_RATIO_MAX}" in finding.text and "100x" in finding.text
 
 
-@pytest.mark.parametrize("ratio", [None, float("nan"), 0.0, "0.1"], ids=["missing", "nan", "zero", "string"])
-def test_spread_without_a_number_is_not_tested(ratio: Any) -> None:
-    assert spread_finding(ratio, "rel_var_t", "reference").verdict == "not tested"
+@pytest.mark.parametrize("ratio", [None, float("nan"), -0.1, "0.1"], ids=["missing", "nan", "negative", "string"])
+def test_spread_without_a_number_is_not_testable(ratio: Any) -> None:
+    assert spread_finding(ratio, "rel_var_t", "window").verdict == "not testable here"
+
+
+def test_no_spread_at_all_agrees() -> None:
+    assert spread_finding(0.0, "rel_var_token", "pooled").verdict == "agrees"
 
 
 @pytest.mark.parametrize(
-    ("share", "cosine", "multi", "linked"),
-    [
-        (0.9, 0.9, "agrees", "agrees"),
-        (MULTI_LAYER_MIN, 0.9, "differs", "differs"),
-        (0.2, COSINE_SIMILAR - 0.01, "differs", "agrees"),
-        (0.9, COSINE_SIMILAR - 0.01, "agrees", "differs"),
-        (0.2, COSINE_SIMILAR, "differs", "differs"),
-    ],
-    ids=["both-high", "share-at-threshold", "both-low", "cosine-low", "cosine-at-threshold"],
+    ("share", "verdict"), [(0.9, "agrees"), (MULTI_LAYER_MIN, "differs"), (0.2, "differs")], ids=["high", "at", "low"]
 )
-def test_multi_layer_and_cosine_rules(share: float, cosine: float, multi: str, linked: str) -> None:
+def test_multi_layer_rule_at_ten_percent_of_the_mass(share: float, verdict: str) -> None:
     summary = VarianceSummary.from_dict(summary_of(0.5, 0.5, share))
-    assert multi_layer_finding(summary).verdict == multi
-    assert f"{share:.1%} of the latents" in multi_layer_finding(summary).text
-    data = CosineResult(layer_pairs=[[0, 1], [1, 2]], cosine=[cosine - 0.05, cosine + 0.05], n_tokens=10)
-    finding = cosine_finding(data, summary)
-    assert finding.verdict == linked and f"is {cosine:.4g} (lowest {cosine - 0.05:.4g}, layers 0 → 1)" in finding.text
-    assert cosine_finding(None, summary).verdict == "not tested"
+    finding = multi_layer_finding(summary)
+    assert finding.verdict == verdict and f"{share:.1%} of the latents that fire" in finding.text
+    assert "100% at 1%" in finding.text and "10% at 25%" in finding.text  # the whole curve is shown
+
+
+def test_a_trend_over_model_sizes_is_not_testable_with_one_model() -> None:
+    summary = VarianceSummary.from_dict(summary_of(0.5, 0.5, 0.9))
+    cosine = CosineResult(layer_pairs=[[0, 1], [1, 2]], cosine=[0.8, 0.9], n_tokens=10)
+    finding = size_trend_finding(summary, cosine)
+    assert finding.verdict == "not testable here" and "0.85" in finding.text and "90.0%" in finding.text
 
 
 @pytest.mark.parametrize(
-    ("mlsae", "single", "verdict", "worse"),
+    ("mlsae", "single", "verdict", "gap"),
     [
-        ([0.3, 0.3, 0.3, 0.3], [0.2, 0.2, 0.2, 0.4], "agrees", "3 of 4"),
-        ([0.3, 0.3, 0.3, 0.3], [0.2, 0.2, 0.4, 0.4], "differs", "2 of 4"),
-        ([0.3, 0.3, 0.3, 0.3], [0.2, None, 0.4, 0.4], "differs", "1 of 3"),
-        ([0.3, 0.3, 0.3, 0.3], [0.2, None, 0.2, None], "agrees", "2 of 2"),
+        ([0.3] * 4, [0.3, 0.3, 0.3, 0.3], "agrees", "0% lower"),
+        ([0.3] * 4, [0.26, 0.26, 0.26, 0.26], "agrees", "15% higher"),
+        ([0.3] * 4, [0.2, 0.2, 0.2, 0.2], "differs", "50% higher"),
+        ([0.1] * 4, [0.2, None, 0.2, None], "differs", "50% lower"),
     ],
-    ids=["worse-at-most", "worse-at-half", "one-missing", "two-missing"],
+    ids=["equal", "within-tolerance", "worse", "better-with-missing"],
 )
-def test_reconstruction_rule(mlsae: list[float], single: list[float | None], verdict: str, worse: str) -> None:
+def test_reconstruction_rule_compares_means_with_a_tolerance(
+    mlsae: list[float], single: list[float | None], verdict: str, gap: str
+) -> None:
     data = compare_rows(mlsae, single)
     result = CompareResult(data["rows"], 2.5, 4, data["sources"])
-    pairs = [(m, s) for m, s in zip(mlsae, single, strict=True) if s is not None]
-    for metric, scale in (("fvu", 1.0), ("delta_ce", 0.1)):
+    for metric in ("fvu", "delta_ce"):
         finding = reconstruction_finding(result, metric, metric)
-        assert finding.verdict == verdict and f"worse at {worse}." in finding.text
-        means = [sum(p[i] for p in pairs) * scale / len(pairs) for i in (0, 1)]
-        assert f"is {means[0]:.4g} for the MLSAE and {means[1]:.4g} for the single-layer SAEs" in finding.text
+        assert finding.verdict == verdict and gap in finding.text and f"{COMPARABLE:.0%}" in finding.text
 
 
-def test_reconstruction_without_splice_or_singles_is_not_tested() -> None:
-    data = compare_rows([0.3] * 4, [0.2] * 4, splice=False)
+def test_reconstruction_without_splice_or_singles_is_not_testable() -> None:
+    data = compare_rows([0.3] * 4, [0.3] * 4, splice=False)
     result = CompareResult(data["rows"], None, None, data["sources"])
     assert reconstruction_finding(result, "fvu", "FVU").verdict == "agrees"
     finding = reconstruction_finding(result, "delta_ce", "delta CE")
-    assert finding.verdict == "not tested" and "--splice" in finding.text
+    assert finding.verdict == "not testable here" and "--splice" in finding.text
     data = compare_rows([0.3] * 4, [None] * 4)
-    assert reconstruction_finding(CompareResult(data["rows"], 2.5, 4, {}), "fvu", "FVU").verdict == "not tested"
+    assert reconstruction_finding(CompareResult(data["rows"], 2.5, 4, {}), "fvu", "FVU").verdict == "not testable here"
+
+
+def test_the_training_length_study_says_which_verdicts_are_stable() -> None:
+    points = [
+        StudyPoint(500_000, VarianceSummary.from_dict(summary_of(0.2, 0.05, 0.6)), 0.4, 0.0),
+        StudyPoint(8_000_000, VarianceSummary.from_dict(summary_of(0.05, 0.04, 0.7)), 0.2, 0.1),
+    ]
+    text = "\n".join(study_section(points))
+    assert "| 500,000 | 0.4 | 0.0% | 0.2 | 0.05 | 60.0% |" in text
+    assert (
+        "(activation-weighted, pooled): differs at 500,000 rows, agrees at 8,000,000 rows: **not yet stable**" in text
+    )
+    assert "(per window, normalised mixtures): **agrees** at every length (2 lengths): stable." in text
 
 
 @pytest.mark.parametrize("side", ["agree", "differ"])
 def test_report_with_compare_states_the_numbers_and_verdicts(tmp_path: Path, side: str) -> None:
     agree = side == "agree"
     summary = summary_of(0.05 if agree else 0.2, 0.02 if agree else 0.5, 0.8 if agree else 0.3)
-    single = [0.2, 0.2, 0.2, None] if agree else [0.4, 0.4, 0.2, None]
-    compare = compare_rows([0.3, 0.35, 0.3, 0.5], single)
-    paths = write_outputs(tmp_path, summary, compare, [0.9, 0.8, 0.7] if agree else [0.9, 0.9, 0.9])
+    single = [0.25, 0.25, 0.25, None] if agree else [0.1, 0.1, 0.1, None]
+    mlsae = [0.3, 0.25, 0.3, 0.5]
+    compare = compare_rows(mlsae, single)
+    paths = write_outputs(tmp_path, summary, compare, [0.9, 0.8, 0.7])
     out = tmp_path / "report"
     args = ["--variance", str(paths["var"]), "--cosine", str(paths["cos"]), "--compare", str(paths["cmp"])]
     result = invoke("report", str(out), *args, "--title", "hand-made")
@@ -166,19 +187,22 @@ def test_report_with_compare_states_the_numbers_and_verdicts(tmp_path: Path, sid
     text = (out / "report.md").read_text()
     assert text.index("## Findings") < text.index("## Where latents fire")
     found = verdicts(text)
-    assert len(found) == 6 and set(found.values()) == {"agrees" if agree else "differs"}, found
-    assert f"Here {6 if agree else 0} agree, {0 if agree else 6} differ, 0 not tested." in text
+    assert len(found) == 6, found
+    tested = {name: v for name, v in found.items() if v != "not testable here"}
+    assert len(tested) == 5 and set(tested.values()) == {"agrees" if agree else "differs"}, found
+    assert f"Here {5 if agree else 0} agree, {0 if agree else 5} differ, 1 not testable here." in text
     assert f"`rel_var_token` = {summary['rel_var_token']:.4g}" in text
-    assert f"`rel_var_t` = {summary['reference']['rel_var_t']:.4g}" in text
-    assert f"{summary['frac_multi_layer']:.1%} of the latents that fire" in text
-    assert f"mean over 3 adjacent pairs is {0.8 if agree else 0.9:.4g}" in text
-    mean_single = sum(s for s in single if s is not None) / 3
-    assert f"mean FVU is {(0.3 + 0.35 + 0.3) / 3:.4g} for the MLSAE and {mean_single:.4g}" in text
+    assert f"`rel_var_t` = {summary['window']['rel_var_t']:.4g}" in text
+    assert f"Not used for a verdict: the reference mode's `rel_var_t` = {summary['reference']['rel_var_t']:.4g}" in text
+    assert f"{summary['multi_layer']['by_share']['0.1']:.1%} of the latents that fire" in text
+    assert "mean adjacent-layer cosine 0.8" in text
+    mean_mlsae, mean_single = sum(mlsae[:3]) / 3, sum(single[:3]) / 3
+    assert f"mean FVU is {mean_mlsae:.4g} for the MLSAE and {mean_single:.4g}" in text
     assert "compared layers (0-2)" in text
     assert "| layer | FVU mlsae | FVU single | dCE mlsae | dCE single |" in text and "| 3 | 0.5 | - |" in text
     assert "Clean CE 2.5000 nats/token over 4 windows." in text
     assert (out / "figures" / "compare.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert "](figures/compare.png)" in text
+    assert "](figures/compare.png)" in text and (out / "report.html").is_file()
 
 
 def test_report_without_compare_has_no_findings(tmp_path: Path) -> None:

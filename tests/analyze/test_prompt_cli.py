@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from mlsae_analyze.cli import main
 from mlsae_analyze.encode import EncodeConfig, run_encode
-from mlsae_analyze.examples import TSV_COLUMNS, visible
+from mlsae_analyze.example_pages import TSV_COLUMNS, visible
 from mlsae_cache.harvest import run_harvest
 from mlsae_cache.models import load_model
 from mlsae_train.checkpoint import load_sae
@@ -114,7 +114,7 @@ def test_examples_command_decodes_with_the_caches_tokenizer(tmp_path: Path, llam
         assert row["token"] == visible(tok.decode([int(row["token_id"])]))
         assert row["layer"] in {"0", "1"} and row["position"] != "0"  # position 0 is not trainable
     page = (out / "examples.html").read_text()
-    assert page.count("<mark>") == len(rows)
+    assert page.count("class='focus'") == len(rows)
     again = invoke("examples", str(llama_sae["lat"]), str(out), "--latents", rows[0]["latent"])
     assert again.exit_code == 0
 

@@ -50,7 +50,11 @@ def test_heatmap_command_plots_the_variance_output(tmp_path: Path, outputs: dict
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE), name
     ds = xr.open_zarr(outputs["var"] / "variance.zarr", consolidated=False)
     assert np.isfinite(ds["layer_mean"].values).any()
-    assert invoke("heatmap", str(outputs["var"]), str(out)).exit_code == 0  # replaces its own output
+    assert invoke("heatmap", str(outputs["var"]), str(out), "--cosine", str(outputs["cos"])).exit_code == 0
+    refused = invoke("heatmap", str(outputs["var"]), str(out))  # other inputs: refused, the figures kept
+    assert refused.exit_code == 2 and "--overwrite" in refused.stderr and (out / "cosine.png").exists()
+    again = invoke("heatmap", str(outputs["var"]), str(out), "--overwrite")
+    assert again.exit_code == 0, again.output
     assert not (out / "cosine.png").exists()
 
 
@@ -65,10 +69,11 @@ def test_report_links_every_figure_it_names(tmp_path: Path, outputs: dict[str, P
     text = (out / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", text)
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(images) == 4 and set(images) <= set(links)
+    assert len(images) == 6 and set(images) <= set(links)
     for link in links:
         assert not Path(link).is_absolute() and (out / link).is_file(), link
-    names = {"layer_heatmap.png", "layer_histograms.png", "cosine.png", "prompt_heatmap.png"}
+    names = {"training.png", "layer_heatmap.png", "layer_histograms.png", "multi_layer.png", "cosine.png"}
+    names.add("prompt_heatmap.png")
     assert {Path(p).name for p in images} == names
     summary = json.loads((outputs["var"] / "summary.json").read_text())
     assert f"{summary['rel_var_token']:.4g}" in text and "two orders of magnitude" in text

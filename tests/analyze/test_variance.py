@@ -136,6 +136,42 @@ def unpack(result: VarianceOutput) -> tuple[xr.Dataset, dict]:
     return result.dataset, summary
 
 
+def brute_window(a: np.ndarray, sequence: np.ndarray, offset: float = 0.0) -> dict[str, float]:
+    """The window mode, dense: per window, normalised mixtures of the pairs and latents that fire, then plain
+    means over the windows where something fires."""
+    ell = np.arange(N_LAYERS, dtype=float) + offset
+
+    def var(p: np.ndarray) -> float:  # p: a distribution over layers
+        return float((ell**2) @ p - (ell @ p) ** 2)
+
+    rows: list[list[float]] = []
+    for seq in np.unique(sequence):
+        window = a[:, sequence == seq, :]
+        s = window.sum(0)  # [T, n]
+        fired = s > 0
+        if not fired.any():
+            continue
+        q = window[:, fired] / s[fired]  # [L, P] normalised mixtures
+        tf = float(np.mean([var(q[:, i]) for i in range(q.shape[1])]))
+        per_latent = []
+        for j in np.flatnonzero(fired.any(0)):
+            t = fired[:, j]
+            per_latent.append(var((window[:, t, j] / s[t, j]).mean(1)))
+        f, var_l = float(np.mean(per_latent)), var(q.mean(1))
+        rows.append([tf, f, var_l, f / var_l, tf / f])
+    names = ("exp_var_tf", "exp_var_f", "var_l", "rel_var_f", "rel_var_t")
+    return dict(zip(names, np.mean(rows, 0), strict=True)) | {"n_windows": len(rows)}
+
+
+def brute_multi_layer(a: np.ndarray) -> dict[str, dict[str, float]]:
+    totals, counts = a.sum(1), (a > 0).sum(1)
+    active = totals.sum(0) > 0
+    share = totals[:, active] / totals[:, active].sum(0)
+    by_share = {f"{s:g}": float(((share >= s).sum(0) >= 2).mean()) for s in (0.01, 0.05, 0.1, 0.25)}
+    by_rows = {str(r): float(((counts[:, active] >= r).sum(0) >= 2).mean()) for r in (1, 10, 100, 1000)}
+    return {"by_share": by_share, "by_rows": by_rows}
+
+
 def assert_results_close(got: VarianceOutput, want: tuple[dict, dict], rtol: float = 1e-10) -> None:
     ds, summary = unpack(got)
     arrays, want_summary = want
@@ -144,7 +180,11 @@ def assert_results_close(got: VarianceOutput, want: tuple[dict, dict], rtol: flo
         np.testing.assert_allclose(ds[name].values, expected, rtol=rtol, atol=1e-12, err_msg=name)
     assert set(summary) == SUMMARY_KEYS and set(summary["reference"]) == REFERENCE_KEYS
     for name, expected in want_summary.items():
-        got_value = summary["reference"][name[4:]] if name.startswith("ref.") else summary[name]
+        if name == "multi_layer":
+            assert got.summary.multi_layer == expected
+            continue
+        block, _, key = name.partition(".")
+        got_value = {"ref": got.summary.reference, "win": got.summary.window}[block][key] if key else summary[name]
         np.testing.assert_allclose(got_value, expected, rtol=rtol, atol=1e-12, err_msg=name)
 
 
@@ -152,6 +192,8 @@ def expected(ds: xr.Dataset, include_untrainable: bool = False, min_count: int =
     a, sequence = dense_activations(ds, include_untrainable)
     arrays, summary = brute_force(a, min_count)
     summary |= {f"ref.{k}": v for k, v in brute_reference(a, sequence).items()}
+    summary |= {f"win.{k}": v for k, v in brute_window(a, sequence).items()}
+    summary["multi_layer"] = brute_multi_layer(a)
     return arrays, summary
 
 
@@ -310,3 +352,55 @@ def test_bad_option_is_an_input_error(latents: xr.Dataset, option: dict) -> None
     kwargs = {"n_latents": N_LATENTS} | option
     with pytest.raises(InputError, match="must be a positive integer"):
         build_variance_graph(latents, VarianceParams(**kwargs))
+
+
+@pytest.mark.parametrize("offset", [5.0, 30.0, -3.0])
+def test_relabelling_the_layers_changes_only_the_reference_mode(latents: xr.Dataset, offset: float) -> None:
+    """l -> l + c leaves every pooled and window statistic as it is; the reference mode's, which apply V to
+    mixtures that are not normalised, move."""
+    base = compute_variance(latents, VarianceParams(N_LATENTS), scheduler="sync").summary
+    moved = compute_variance(latents, VarianceParams(N_LATENTS, layer_offset=offset), scheduler="sync").summary
+    for key in ("var_total", "var_within_latent", "var_within_token", "rel_var_latent", "rel_var_token"):
+        assert getattr(moved, key) == pytest.approx(getattr(base, key), rel=1e-9), key
+    for key in ("exp_var_tf", "exp_var_f", "var_l", "rel_var_f", "rel_var_t"):
+        assert moved.window[key] == pytest.approx(base.window[key], rel=1e-9), key
+    a, sequence = dense_activations(latents, False)
+    np.testing.assert_allclose(moved.window["rel_var_t"], brute_window(a, sequence, offset)["rel_var_t"])
+    assert moved.reference["rel_var_t"] != pytest.approx(base.reference["rel_var_t"], rel=1e-3)
+
+
+def planted(one_layer_per_token: bool) -> xr.Dataset:
+    """Every latent fires on every token of 8 windows of 20: at one layer per token (a different layer for
+    different tokens), or spread identically over all four layers at every token."""
+    n_tokens, k = 160, 2
+    indices = np.zeros((n_tokens, N_LAYERS, k), np.int32)
+    values = np.zeros((n_tokens, N_LAYERS, k), np.float32)
+    for t in range(n_tokens):
+        for j in range(k):
+            if one_layer_per_token:
+                values[t, (t + j) % N_LAYERS, j] = 1.0 + j
+            else:
+                values[t, :, j] = 1.0 + j
+            indices[t, :, j] = j
+    return xr.Dataset(
+        {
+            "indices": (("token", "layer", "k"), indices),
+            "values": (("token", "layer", "k"), values),
+            "trainable": (("token",), np.ones(n_tokens, bool)),
+            "sequence": (("token",), np.repeat(np.arange(8), 20)),
+        }
+    )
+
+
+@pytest.mark.parametrize(("one_layer", "want"), [(True, 0.0), (False, 1.0)], ids=["one-layer", "spread"])
+@pytest.mark.parametrize("offset", [0.0, 12.0])
+def test_planted_latents_give_the_known_spread(one_layer: bool, want: float, offset: float) -> None:
+    from mlsae_analyze.findings import spread_finding
+
+    summary = compute_variance(planted(one_layer), VarianceParams(2, layer_offset=offset), scheduler="sync").summary
+    assert summary.rel_var_token == pytest.approx(want, abs=1e-12)
+    assert summary.window["rel_var_t"] == pytest.approx(want, abs=1e-12)
+    assert spread_finding(summary.rel_var_token, "rel_var_token", "pooled").verdict == (
+        "agrees" if one_layer else "differs"
+    )
+    assert summary.multi_layer["by_share"]["0.1"] == 1.0  # every latent fires at every layer over the tokens

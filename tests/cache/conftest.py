@@ -20,7 +20,7 @@ def small_config(out: Path, model: Path, **overrides: object) -> HarvestConfig:
         "model": str(model),
         "context_length": 32,
         "max_tokens": 1000,
-        "batch_size": 4,
+        "batch_windows": 4,
         "chunk_tokens": 128,
         "device": "cpu",
     }

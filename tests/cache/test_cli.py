@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,10 +185,26 @@ def test_ctrl_c_is_one_line_and_keeps_committed_work(
     tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harvest_module = importlib.import_module("mlsae_cache.harvest")
+    write_rows = harvest_module.write_rows
 
-    def interrupted(*args: object, **kwargs: object) -> None:
-        raise KeyboardInterrupt
+    def interrupted_after_two_batches(commit: Any, batches: Any, maker: Any, progress: Any, *rest: Any) -> Any:
+        calls = []
 
-    monkeypatch.setattr(harvest_module, "run_harvest", interrupted)
-    result = run("harvest", str(tmp_path / "c"), "--model", str(tiny_models["llama"]), *SMALL)
-    assert result.exit_code == 130 and result.stderr.count("\n") == 1 and "re-run the same command" in result.stderr
+        def ctrl_c(n: int, **facts: object) -> None:
+            progress(n, **facts)
+            calls.append(n)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+
+        return write_rows(commit, batches, maker, ctrl_c, *rest)
+
+    out = tmp_path / "c"
+    monkeypatch.setattr(harvest_module, "write_rows", interrupted_after_two_batches)
+    result = run("harvest", str(out), "--model", str(tiny_models["llama"]), *SMALL)
+    assert result.exit_code == 130 and result.stderr.count("\n") == 1, result.stderr
+    committed = Cache(out).meta.n_tokens
+    assert f"interrupted: {committed:,} tokens are committed" in result.stderr
+    assert "re-run the same command" in result.stderr and 0 < committed < 300
+    monkeypatch.setattr(harvest_module, "write_rows", write_rows)
+    assert run("harvest", str(out), "--model", str(tiny_models["llama"]), *SMALL).exit_code == 0
+    assert Cache(out).meta.complete

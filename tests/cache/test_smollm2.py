@@ -33,7 +33,7 @@ def smollm2(model_cache: Path):  # noqa: ANN201
 def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path: Path, smollm2) -> None:  # noqa: ANN001
     assert smollm2.info.n_layers == 30 and smollm2.info.d_model == 576
     out = tmp_path / "c"
-    cfg = HarvestConfig(out=out, max_tokens=2048, dtype="float32", batch_size=4, chunk_tokens=1024, device="cpu")
+    cfg = HarvestConfig(out=out, max_tokens=2048, dtype="float32", batch_windows=4, chunk_tokens=1024, device="cpu")
     run_harvest(cfg, loaded=smollm2)
     cache = Cache(out)
     assert cache.n_tokens == 2048 and cache.meta.model["architecture"] == "LlamaForCausalLM"
@@ -59,6 +59,7 @@ def test_gguf_file_of_a_local_directory_gives_the_same_rows(tmp_path: Path, smol
     direct = load_model(str(package_dir), gguf_file=EMBEDDED["smollm2-135m"]["gguf_file"], device="cpu")
     a, b = tmp_path / "a", tmp_path / "b"
     for out, loaded in ((a, smollm2), (b, direct)):
-        run_harvest(HarvestConfig(out=out, max_tokens=256, dtype="float32", batch_size=1, device="cpu"), loaded=loaded)
+        cfg = HarvestConfig(out=out, max_tokens=256, dtype="float32", batch_windows=1, device="cpu")
+        run_harvest(cfg, loaded=loaded)
     np.testing.assert_array_equal(Cache(a).activations(0, 256), Cache(b).activations(0, 256))
     assert Cache(b).meta.model["gguf_file"] == EMBEDDED["smollm2-135m"]["gguf_file"]

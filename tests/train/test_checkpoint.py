@@ -81,14 +81,22 @@ def extra_tensor(path: Path) -> None:
     save_file({**tensors, "W_skip": torch.zeros(8, 8)}, str(path / "sae.safetensors"), metadata=meta)
 
 
+LENS_TENSORS = {
+    "encoder.weight": torch.zeros(30, 10),
+    "decoder.weight": torch.zeros(10, 30),
+    "pre_encoder_bias": torch.zeros(10),
+    "encoder_lens.0.weight": torch.zeros(10, 10),
+}
+
+
 @pytest.mark.parametrize(
     ("damage", "error", "match"),
     [
         (lambda p: None, NotFoundError, "does not exist"),
-        (lambda p: (p / "cfg.json").unlink(), StoreError, "no cfg.json"),
+        (lambda p: (p / "cfg.json").unlink(), StoreError, "not an SAE checkpoint"),
         (lambda p: (p / "sae.safetensors").unlink(), StoreError, "no sae.safetensors"),
         (lambda p: (p / "cfg.json").write_text("{not json"), StoreError, "not valid JSON"),
-        (edit_cfg(format="sparsify"), StoreError, "convert_reference"),
+        (edit_cfg(format="sparsify"), StoreError, "convert-reference"),
         (edit_cfg(version=2), StoreError, "version 2"),
         (edit_cfg(d_model=9), StoreError, r"\(24, 9\)"),
         (edit_cfg(k=0), StoreError, "invalid SAE configuration"),
@@ -194,8 +202,14 @@ def test_convert_reference_round_trip(tmp_path: Path, standardize: bool) -> None
             r"implies \(31, 10\)",
         ),
         (lambda p: (p / "model.safetensors").unlink(), StoreError, "cannot read"),
+        (
+            lambda p: (p / "config.json").write_text('{"n_inputs": 10, "n_latents": 30, "k": 4, "lens": true}'),
+            StoreError,
+            "trained on lens-transformed residuals",
+        ),
+        (lambda p: save_file(LENS_TENSORS, str(p / "model.safetensors")), StoreError, "holds lens translators"),
     ],
-    ids=["no-config", "config-missing-key", "shape-mismatch", "no-weights"],
+    ids=["no-config", "config-missing-key", "shape-mismatch", "no-weights", "lens-config", "lens-tensors"],
 )
 def test_convert_reference_rejects_invalid(tmp_path: Path, damage: Callable, error: type, match: str) -> None:
     write_reference(tmp_path / "ref", d=10, n=30, k=4, standardize=True)

@@ -165,7 +165,8 @@ def grad_worker(rank: int, port: int, out: str) -> None:
     half = slice(32 * rank, 32 * rank + 32)
     with process_group(world, torch.device("cpu")):
         model = world.data_parallel(sae)
-        _, l_fvu, l_aux, _ = step_loss(sae, x[half], layer[half], 3, dead, 8, world, model)
+        loss = step_loss(sae, x[half], layer[half], 3, dead, 8, world, model)
+        l_fvu, l_aux = loss.l_fvu, loss.l_aux
         total_loss(l_fvu, l_aux).backward()
         losses = world.sum_(torch.stack([l_fvu, l_aux]).detach())
         if rank == 0:
@@ -180,7 +181,8 @@ def test_two_ranks_get_the_gradient_of_the_global_batch(tmp_path: Path) -> None:
     mp.start_processes(grad_worker, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
     got = torch.load(out)
     sae, x, layer, dead = grad_problem()
-    _, l_fvu, l_aux, _ = step_loss(sae, x, layer, 3, dead, 8)
+    loss = step_loss(sae, x, layer, 3, dead, 8)
+    l_fvu, l_aux = loss.l_fvu, loss.l_aux
     total_loss(l_fvu, l_aux).backward()
     torch.testing.assert_close(got["losses"], torch.stack([l_fvu, l_aux]).detach(), rtol=1e-6, atol=0)
     assert float(l_aux.detach()) > 0

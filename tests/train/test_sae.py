@@ -233,7 +233,7 @@ def test_init_b_dec_uses_standardized_space() -> None:
     ids=["k=0", "k>n", "n=0", "d=0", "k-float", "k-bool", "d=1-standardize"],
 )
 def test_config_rejects_bad_values(kwargs: dict) -> None:
-    with pytest.raises(InputError, match=r"\(|>="):
+    with pytest.raises(InputError, match=r"\(|>=|positive integer"):
         SaeConfig(**kwargs)
 
 

@@ -196,10 +196,11 @@ def test_token_metrics_are_per_token_and_match_torch() -> None:
     clean = torch.log_softmax(torch.randn(50, 17, generator=gen), -1)
     other = torch.log_softmax(torch.randn(50, 17, generator=gen), -1)
     target = torch.randint(17, (50,), generator=gen)
-    ce_clean, ce_spliced, kl = token_metrics(clean, other, target)
+    ce_clean, ce_spliced, kl, kl_reverse = token_metrics(clean, other, target)
     torch.testing.assert_close(ce_clean, F.cross_entropy(clean, target, reduction="none"))
     torch.testing.assert_close(ce_spliced, F.cross_entropy(other, target, reduction="none"))
     torch.testing.assert_close(kl, F.kl_div(other, clean, log_target=True, reduction="none").sum(-1))
+    torch.testing.assert_close(kl_reverse, F.kl_div(clean, other, log_target=True, reduction="none").sum(-1))
     # The mean over tokens: batchmean, not a sum over the sequence (the reference code's bug).
     torch.testing.assert_close(kl.mean(), F.kl_div(other, clean, log_target=True, reduction="batchmean"))
 
@@ -276,12 +277,12 @@ def test_compare_puts_the_saes_side_by_side(llama_setup: Setup, trained: dict[st
     assert [row["layer"] for row in saved["rows"]] == list(LAYERS)
     for row in saved["rows"]:
         for kind in ("mlsae", "single"):
-            assert set(row[kind]) == {"fvu", "delta_ce", "kl", "dead_fraction"}
+            assert set(row[kind]) == {"fvu", "delta_ce", "kl", "kl_spliced_clean", "dead_fraction"}
             assert np.isfinite(list(row[kind].values())).all()
     assert saved["n_windows"] == 2 and saved["clean_ce"] > 0
     assert saved["format"] == "mlsae-compare" and saved["version"] == 1
     table = result.output.splitlines()
-    names = [f"{m} {k}" for m in ("FVU", "dCE", "KL", "dead") for k in ("mlsae", "single")]
+    names = [f"{m} {k}" for m in ("FVU", "dCE", "KL", "rKL", "dead") for k in ("mlsae", "single")]
     assert table[0].split() == ["layer", *" ".join(names).split()]
     assert [line.split()[0] for line in table[1 : 1 + len(LAYERS)]] == [str(layer) for layer in LAYERS]
 

@@ -76,7 +76,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path, random
     cfg = TrainConfig(cache=random_cache, out=tmp_path / "run", **SMALL)
     steps = {"n": 0}
 
-    def crash(n: int, line: dict) -> None:
+    def crash(n: int, **facts: object) -> None:
+        if "total" in facts:
+            return
         steps["n"] += 1
         if steps["n"] == crash_step:
             raise Crash
@@ -154,7 +156,7 @@ def incomplete_cache(tmp_path: Path) -> Path:
     ("case", "args", "message"),
     [
         ("k-zero", ["--k", "0"], "--k must be at least 1"),
-        ("k-too-large", ["--k", "100", "--expansion-factor", "1"], "exceeds n_latents"),
+        ("k-too-large", ["--k", "100", "--expansion-factor", "1"], "exceeds the SAE's 16 latents"),
         ("expansion-zero", ["--expansion-factor", "0"], "--expansion-factor must be at least 1"),
         ("layers-not-in-cache", ["--layers", "0,5"], "blocks [5] are not in the cache"),
         ("not-a-cache", ["CACHE=/"], "not an mlsae cache"),
@@ -183,8 +185,8 @@ def test_out_holding_another_run_is_refused_untouched(tmp_path: Path, random_cac
     other = import_npy(tmp_path, np.random.default_rng(1).normal(size=(500, 3, 16)).astype(np.float32), "other")
     base = ["fit", str(random_cache), str(out), "--device", "cpu", "--expansion-factor", "4", "--k", "4"]
     cases = {
-        "another-run": (base, "already holds files of another run"),
-        "resume-other-config": ([*base[:-1], "8", "--resume"], "k 4 -> 8"),
+        "another-run": (base, "holds a run of other settings"),
+        "resume-other-config": ([*base[:-1], "8", "--resume"], "--k 8 (the run has 4)"),
         "resume-other-cache": ([base[0], str(other), *base[2:], "--resume"], "cache_fingerprint"),
     }
     for args, message in cases.values():

@@ -1,0 +1,93 @@
+"""Output directories written all at once (built in a temporary sibling, then renamed into place), each marked with
+what made it, so that a re-run replaces its own earlier output and nothing else without `--overwrite`; and file
+modes that follow the umask, so colleagues can read what a command wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlsae_cache.core.errors import StoreError
+
+MARKER = ".mlsae-output"
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path, directory: bool = False) -> None:
+    """Give `path` the mode a plain create would have (tempfile and some libraries create 0600 files and 0700
+    directories whatever the umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def _marked(out: Path) -> dict[str, Any] | None:
+    """The marker of an output directory (None when there is none): {"kind", "inputs"}; an old marker holds the
+    kind alone."""
+    marker = out / MARKER
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"kind": text, "inputs": None}
+    return data if isinstance(data, dict) else None
+
+
+def check_replaceable(out: Path, kind: str, inputs: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace anything at `out` but a `kind` output of the same inputs, unless `overwrite`."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise StoreError(f"OUT {out} is a file (choose a directory)")
+    if not any(out.iterdir()) or overwrite:
+        return
+    old = _marked(out)
+    if old is None or old.get("kind") != kind:
+        raise StoreError(f"OUT {out} is a non-empty directory that is not a {kind} output (choose another OUT)")
+    if old.get("inputs") not in (None, inputs):
+        changed = sorted(k for k in {*inputs, *old["inputs"]} if inputs.get(k) != old["inputs"].get(k))
+        raise StoreError(
+            f"OUT {out} holds a {kind} output made from other inputs ({', '.join(changed)} differ); pass --overwrite "
+            "to replace it, or choose another OUT"
+        )
+
+
+@contextmanager
+def output_dir(out: Path, kind: str, inputs: dict[str, Any] | None = None, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh directory to fill; on success it replaces `out`. `out` may hold an earlier `kind` output made
+    from the same `inputs` (a re-run, perhaps with other options), or anything with `overwrite`; otherwise the call
+    is refused before any work. `inputs` names the stores an output is made from (fingerprints or resolved paths),
+    not its options: a different SAE's results are never replaced by mistake, other settings are.
+
+    On any error the temporary directory is removed and `out` is left as it was.
+    """
+    out = Path(out)
+    inputs = inputs or {}
+    check_replaceable(out, kind, inputs, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        follow_umask(tmp, directory=True)
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "inputs": inputs}, sort_keys=True) + "\n")
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}-old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
