@@ -1,4 +1,4 @@
-"""Benchmark of `mlsae-analyze variance` (SPEC.md section 8: rows/s and peak memory, flat in tokens).
+"""Benchmark of `mlsae-analyze variance` (rows/s and peak memory, which should stay flat as the tokens grow).
 
 Synthesises latents stores (Zarr, via xarray) at several sizes, then, each in a fresh subprocess so that
 `ru_maxrss` is that run's own peak resident memory:

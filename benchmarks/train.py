@@ -1,4 +1,4 @@
-"""The training benchmarks of SPEC section 8 in one run, printed side by side.
+"""The training benchmarks in one run, printed side by side.
 
     .venv/bin/python benchmarks/train.py [--cache demo_out/cache]
 

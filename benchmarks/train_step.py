@@ -10,7 +10,7 @@ its renormalisation. Both see the same rows, shapes, dead-latent mask, optimiser
 sparsify is optional: `pip install --no-deps eai-sparsify einops natsort simple-parsing docstring-parser
 schedulefree` (its import-time deps, leaving torch alone); without it only our figure is printed.
 Sparsify's AuxK uses k_aux = d_model / 2 and does not train the encoder of dead latents; ours uses
-k_aux = 256 and does (METHOD.md section 4), so with --dead-fraction > 0 ours does more work.
+k_aux = 256 and does (docs/METHOD.md section 4), so with --dead-fraction > 0 ours does more work.
 """
 
 from __future__ import annotations

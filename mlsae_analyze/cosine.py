@@ -1,4 +1,4 @@
-"""Adjacent-layer cosine similarity of the mean-centred residual stream (METHOD.md section 5).
+"""Adjacent-layer cosine similarity of the mean-centred residual stream (docs/METHOD.md section 5).
 
 cos_l = mean over trainable tokens t of cos(x[t, l] - m_l, x[t, l+1] - m_{l+1}), with m_l the cache's exact
 per-layer mean; l runs over adjacent *stored* layers. One dask task per token chunk, summed in a tree.

@@ -1,4 +1,4 @@
-"""Figures of the layer analyses (METHOD.md sections 5-6), drawn with matplotlib's object API.
+"""Figures of the layer analyses (docs/METHOD.md section 6), drawn with matplotlib's object API.
 
 Each `*_figure` function builds a `matplotlib.figure.Figure` without touching pyplot's global state (safe
 in threads; tests inspect the returned object); each writer saves one as a PNG through the Agg canvas and
@@ -8,6 +8,7 @@ with the block indices `layers[l]`.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def save_png(fig: Figure, path: Path | str) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, format="png", dpi=DPI)
     return path
+
+
+def wrapped(title: str, fig: Figure, fontsize: float, share: float = 1.0) -> str:
+    """`title` broken into lines that fit `share` of the figure's width at `fontsize` (matplotlib never wraps a
+    title itself: a long prompt would run off both edges of the PNG)."""
+    chars = max(20, int(share * fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in title.splitlines() or [""])
 
 
 def active_sorted(probs: np.ndarray, layer_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,19 +74,19 @@ def heatmap_figure(probs: np.ndarray, layer_mean: np.ndarray, layers: Sequence[i
     if matrix.shape[1] == 0:
         raise InputError("no active latent to plot (every latent's layer distribution is NaN)")
     n_layers, n_dropped = len(layers), probs.shape[1] - matrix.shape[1]
-    fig = Figure(figsize=(10, max(3.2, 1.8 + 0.16 * n_layers)), layout="constrained")
+    fig = Figure(figsize=(10, max(3.8, 1.8 + 0.16 * n_layers)), layout="constrained")
     ax = fig.add_subplot()
     # A square-root colour scale: diffuse latents (P ~ 0.05 at many layers) stay visible beside sharp ones.
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
     image = ax.imshow(matrix, aspect="auto", origin="lower", cmap=CMAP, norm=norm, interpolation="antialiased")
     note = f"{matrix.shape[1]:,} active latents"
     note += f"; {n_dropped:,} never active, not shown" if n_dropped else ""
-    ax.set_title(f"{title}\n{note}", fontsize=11)
+    ax.set_title(wrapped(f"{title}\n{note}", fig, 11, 0.85), fontsize=11)
     ax.set_xlabel("latent (sorted by mean layer)")
     ax.set_ylabel("layer")
     _layer_axis(ax.yaxis, layers)
     bar = fig.colorbar(image, ax=ax, pad=0.01, fraction=0.04)
-    bar.set_label("P(layer | latent): share of the latent's activation (sqrt scale)")
+    bar.set_label("P(layer | latent)\nshare of activation, sqrt scale")
     bar.set_ticks([0.0, 0.05, 0.2, 0.4, 0.6, 0.8, 1.0])
     return fig
 
@@ -127,7 +135,7 @@ def histograms_figure(layer_mean: np.ndarray, layer_std: np.ndarray, layers: Seq
     right.annotate(
         f"{single:.1%} at one layer only (std 0)", xy=(0.98, 0.80), xycoords="axes fraction", ha="right", fontsize=9
     )
-    fig.suptitle(f"{title}\n{int(active.sum()):,} active latents", fontsize=11)
+    fig.suptitle(wrapped(f"{title}\n{int(active.sum()):,} active latents", fig, 11), fontsize=11)
     return fig
 
 
@@ -153,7 +161,7 @@ def cosine_figure(layer_pairs: Sequence[Sequence[int]], cosine: Sequence[float],
     ax.grid(alpha=0.3)
     step = max(1, int(np.ceil(len(first) / MAX_LAYER_TICKS)))
     ax.set_xticks(first[::step])
-    ax.set_title(title, fontsize=11)
+    ax.set_title(wrapped(title, fig, 11, 0.9), fontsize=11)
     return fig
 
 
@@ -182,5 +190,5 @@ def multi_layer_figure(curve: dict[str, dict[str, float]], title: str) -> Figure
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     panels[0].set_ylabel("latents active at 2+ layers")
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(wrapped(title, fig, 11), fontsize=11)
     return fig

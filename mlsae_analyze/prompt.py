@@ -1,4 +1,4 @@
-"""Where the latents of one prompt sit over layers: the data of a single-prompt heatmap (METHOD.md section 6).
+"""Where the latents of one prompt sit over layers: the data of a single-prompt heatmap (docs/METHOD.md section 6).
 
 The prompt is tokenised as the harvest tokenises a document (the model's separator token, then the text
 without added special tokens), run through the model the cache was harvested from, and every SAE layer's

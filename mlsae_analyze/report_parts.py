@@ -77,7 +77,7 @@ def training_figure(metrics: list[dict[str, Any]], title: str) -> Figure:
     ax.set_ylim(bottom=0)
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(plots.wrapped(title, fig, 11), fontsize=11)
     return fig
 
 

@@ -1,4 +1,4 @@
-"""SAE checkpoint directories (SPEC.md section 6) and the converter for reference checkpoints.
+"""SAE checkpoint directories (format: docs/FORMAT.md) and the converter for reference checkpoints.
 
 A checkpoint directory holds
 
@@ -271,7 +271,7 @@ def _read_reference_tensors(src: Path, cfg: SaeConfig) -> dict[str, torch.Tensor
 
 
 def convert_reference(src_dir: str | Path, out_dir: str | Path) -> Path:
-    """Convert a published reference checkpoint (METHOD.md section 7) into our format at out_dir.
+    """Convert a published reference checkpoint (docs/METHOD.md section 8) into our format at out_dir.
 
     W_dec = decoder.weight^T (its columns are latent directions), b_dec = pre_encoder_bias, b_enc = 0;
     standardisation semantics are identical. cfg.json records the source directory and its config.

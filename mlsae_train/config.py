@@ -16,7 +16,7 @@ LOSS_SPACES = ("standardized", "raw")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `mlsae-train fit` takes. Hyperparameter defaults are the paper's (METHOD.md section 4).
+    """Everything `mlsae-train fit` takes. Hyperparameter defaults are the paper's (docs/METHOD.md section 4).
 
     `decoder_kernel` (kernels.py) chooses how the sparse decoder is computed, not what, and `reuse_buffers` whether
     the loader refills its block buffers (loader.py): like `device` they are left out of `hyperparameters`, so

@@ -1,4 +1,4 @@
-"""Evaluation of a trained SAE over cache rows (METHOD.md section 5): per-layer FVU, MSE, L0, dead fraction.
+"""Evaluation of a trained SAE over cache rows (docs/METHOD.md section 5): per-layer FVU, MSE, L0, dead fraction.
 
 FVU here is dataset-level and in raw units: per layer, sum ||x - x^||^2 / sum ||x - m||^2 with m the
 per-dimension mean of that layer's evaluated rows (accumulated in float64 as sums, so it streams).

@@ -1,4 +1,4 @@
-"""Losses and metrics of METHOD.md sections 4 and 5, as pure functions (plus one small stateful tracker).
+"""Losses and metrics of docs/METHOD.md sections 4 and 5, as pure functions (plus one small stateful tracker).
 
 Notation: B rows, d = d_model, n = n_latents, L = n_layers. A batch mixes rows of every layer; `layer`
 [B] gives each row's layer.
@@ -21,7 +21,7 @@ from mlsae_train.kernels import DecoderKernel
 from mlsae_train.sae import sparse_decode
 
 AUXK_COEF = 1.0 / 32.0
-"""Weight of the AuxK loss: L = L_fvu + AUXK_COEF * L_aux (METHOD.md section 4)."""
+"""Weight of the AuxK loss: L = L_fvu + AUXK_COEF * L_aux (docs/METHOD.md section 4)."""
 
 AUXK_K = 256
 """Default number k_aux of dead latents used by AuxK (capped at n/2 and at the number dead)."""
@@ -56,7 +56,7 @@ def fvu_per_layer(
     """Fraction of variance unexplained of each layer's rows in the batch.
 
     FVU_l = sum_{r in l} ||x_r - x^_r||^2 / sum_{r in l} ||x_r - m_l||^2, with m_l [d] the per-dimension
-    mean of layer l's rows (METHOD.md section 4). per_dim_mean=False uses instead the single scalar mean of
+    mean of layer l's rows (docs/METHOD.md section 4). per_dim_mean=False uses instead the single scalar mean of
     all entries of those rows (the reference code's variant, for comparison).
     Shapes: x, x_hat [B, d]; layer [B] int64 in [0, n_layers) -> [n_layers]. NaN for a layer without rows
     in the batch, or whose rows have zero variance (FVU undefined). Differentiable in x_hat.
@@ -116,7 +116,7 @@ def auxk_loss(
     all_reduce: AllReduce | None = None,
     decoder_kernel: DecoderKernel = "auto",
 ) -> Tensor:
-    """AuxK loss (Gao et al. 2024; METHOD.md section 4): dead latents regress the residual.
+    """AuxK loss (Gao et al. 2024; docs/METHOD.md section 4): dead latents regress the residual.
 
     e = residual (x_std - x^_std, detached here in any case), e^ = sum_j a_j W_dec[i_j] with (a, i) from
     `auxk_select` and no b_dec; L_aux = ||e - e^||^2 / ||e - mean_rows(e)||^2, the mean per dimension.
@@ -164,7 +164,7 @@ def dead_fraction(dead_mask: Tensor) -> Tensor:
 
 
 def mean_max_cosine(atoms: Tensor, W_dec: Tensor) -> Tensor:
-    """Mean over true atoms of the max cosine similarity to any learned decoder row (METHOD.md section 5).
+    """Mean over true atoms of the max cosine similarity to any learned decoder row (docs/METHOD.md section 5).
 
     Shapes: atoms [m, d], W_dec [n, d] -> scalar.
     """
@@ -174,7 +174,7 @@ def mean_max_cosine(atoms: Tensor, W_dec: Tensor) -> Tensor:
 
 
 class DeadLatentTracker:
-    """Per latent, the number of ROWS since it was last active (METHOD.md section 4).
+    """Per latent, the number of ROWS since it was last active (docs/METHOD.md section 4).
 
     The reference counts micro-batches instead of rows; we count rows, so `dead_after_rows` means what it
     says whatever the batch size. A latent is active in a batch when it is among a row's top-k with a

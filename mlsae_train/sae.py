@@ -1,4 +1,4 @@
-"""The TopK sparse autoencoder of METHOD.md section 3, shared by every layer.
+"""The TopK sparse autoencoder of docs/METHOD.md section 3, shared by every layer.
 
 Notation: B rows, d = d_model, n = n_latents, k active latents per row.
 
@@ -35,7 +35,7 @@ from mlsae_cache.core.errors import InputError
 from mlsae_train.kernels import DecoderKernel, TritonSparseDecode, resolve_decoder_kernel
 
 STD_EPS = 1e-5
-"""Added to sigma before dividing (METHOD.md section 3, step 1)."""
+"""Added to sigma before dividing (docs/METHOD.md section 3)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class SaeConfig:
         d_model: width d of the residual stream (one row).
         n_latents: number of latents n (dictionary size, R * d_model for expansion factor R).
         k: number of latents kept per row by the top-k.
-        standardize: standardise each row before encoding (METHOD.md section 3, step 1).
+        standardize: standardise each row before encoding (docs/METHOD.md section 3).
     """
 
     d_model: int
@@ -262,7 +262,7 @@ def geometric_median(points: Tensor, n_iter: int = 64, tol: float = 1e-10) -> Te
 class TopKSAE(nn.Module):
     """TopK SAE with parameters encoder.weight [n, d], encoder.bias [n], W_dec [n, d], b_dec [d].
 
-    Init (METHOD.md section 3): encoder.weight ~ U(-1/sqrt(d), 1/sqrt(d)) (nn.Linear's kaiming-uniform),
+    Init (docs/METHOD.md section 3): encoder.weight ~ U(-1/sqrt(d), 1/sqrt(d)) (nn.Linear's kaiming-uniform),
     drawn from `generator` only (a fresh default-seeded one when None; the global RNG is never used);
     W_dec = encoder.weight rows scaled to unit norm; b_enc = 0; b_dec = 0 (see `init_b_dec_`).
     `autocast_dtype` (e.g. torch.bfloat16) runs the encoder matmul, and top-k, in that dtype.
@@ -329,7 +329,7 @@ class TopKSAE(nn.Module):
         return sparse_decode(values, indices, self.W_dec, self.decoder_kernel) + self.b_dec
 
     def forward(self, x: Tensor) -> ForwardOutput:
-        """Standardise, encode, decode, de-standardise (METHOD.md section 3). x [B, d] raw rows.
+        """Standardise, encode, decode, de-standardise (docs/METHOD.md section 3). x [B, d] raw rows.
 
         x is cast to the parameters' dtype first (a float16/bfloat16 cache row becomes float32).
         """

@@ -1,4 +1,4 @@
-"""Delta cross-entropy and KL by splicing an SAE into the model (METHOD.md section 5).
+"""Delta cross-entropy and KL by splicing an SAE into the model (docs/METHOD.md section 5).
 
 For each SAE layer l, the model runs on held-out context windows with the residual stream after block l
 replaced by the SAE's reconstruction x^ = sae(x).x_hat (a forward hook on block l that returns the replaced

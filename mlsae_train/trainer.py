@@ -1,4 +1,4 @@
-"""Training: one TopK SAE on shuffled (token, layer) rows of a cache (METHOD.md sections 3-4).
+"""Training: one TopK SAE on shuffled (token, layer) rows of a cache (docs/METHOD.md sections 3-4).
 
 The loop reads top to bottom: a run is prepared (fresh or resumed), then each step is forward, loss, backward,
 decoder-gradient projection, Adam, decoder renormalisation, dead-latent bookkeeping; metrics are logged as JSON
@@ -46,7 +46,7 @@ class _AdamSettings(TypedDict):
     eps: float
 
 
-ADAM: _AdamSettings = {"betas": (0.9, 0.999), "eps": 6.25e-10}  # the paper's Adam (METHOD.md section 4)
+ADAM: _AdamSettings = {"betas": (0.9, 0.999), "eps": 6.25e-10}  # the paper's Adam (docs/METHOD.md section 4)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
@@ -197,12 +197,13 @@ def optimise(
     world: World = ONE_PROCESS,
     model: nn.Module | None = None,
     loss_space: str = "standardized",
+    measure_raw: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimiser step (docs/METHOD.md, sections 3-4) on rows x [B, d] of layers `layer` [B], with dead latents
-    `dead` [n]. Returns (per-layer FVU in raw units [n_layers], L_fvu, L_aux, values [B, k]), detached; in a
-    data-parallel run x is this rank's slice of the batch, `model` wraps `sae`, and the losses are this rank's
-    shares."""
-    loss = step_loss(sae, x, layer, n_layers, dead, k_aux, world, model, loss_space)
+    `dead` [n]. Returns (per-layer FVU in raw units [n_layers], NaN unless measured, L_fvu, L_aux, values [B, k]),
+    detached; in a data-parallel run x is this rank's slice of the batch, `model` wraps `sae`, and the losses are
+    this rank's shares."""
+    loss = step_loss(sae, x, layer, n_layers, dead, k_aux, world, model, loss_space, measure_raw)
     total_loss(loss.l_fvu, loss.l_aux).backward()  # in a data-parallel run, returns with gradients summed over ranks
     sae.remove_gradient_parallel_to_decoder_()
     optimizer.step()
@@ -223,9 +224,11 @@ def step_loss(
     world: World = ONE_PROCESS,
     model: nn.Module | None = None,
     loss_space: str = "standardized",
+    measure_raw: bool = True,
 ) -> StepLoss:
     """Forward and losses of one step, each loss this rank's share of the global batch's (the whole loss in one
-    process). The FVU loss is computed in `loss_space`; the raw-unit FVU is always returned beside it."""
+    process). The FVU loss is computed in `loss_space`; beside it the raw-unit FVU, which costs a pass over the
+    batch in the standardised space and so is measured only when `measure_raw` (NaN otherwise)."""
     out = (sae if model is None else model)(x)
     reduce = world.all_reduce
     raw_x = x.to(out.x_hat.dtype)
@@ -234,8 +237,11 @@ def step_loss(
         fvu_raw = fvu_loss.detach()
     else:
         fvu_loss = fvu_per_layer(out.x_std, out.x_hat_std, layer, n_layers, all_reduce=reduce)
-        with torch.no_grad():
-            fvu_raw = fvu_per_layer(raw_x, out.x_hat, layer, n_layers, all_reduce=reduce)
+        if measure_raw:
+            with torch.no_grad():
+                fvu_raw = fvu_per_layer(raw_x, out.x_hat, layer, n_layers, all_reduce=reduce)
+        else:
+            fvu_raw = torch.full((n_layers,), math.nan, device=x.device)
     l_fvu = fvu_loss[~fvu_loss.isnan()].mean()
     # AuxK: dead latents regress the residual, in the standardised space (docs/METHOD.md, section 4).
     l_aux = (
@@ -254,8 +260,9 @@ def step_loss(
     return StepLoss(fvu_loss, fvu_raw, l_fvu, l_aux, out)
 
 
-def train_step(run: Run, batch: Batch) -> StepMetrics:
-    """One optimiser step on a batch; returns its metrics (floats: a CPU-GPU sync point)."""
+def train_step(run: Run, batch: Batch, measure_raw: bool = True) -> StepMetrics:
+    """One optimiser step on a batch; returns its metrics (floats: a CPU-GPU sync point), the FVU in raw units
+    NaN unless `measure_raw`."""
     dead = run.tracker.dead_mask(run.cfg.dead_after_rows)
     fvu_raw, l_fvu, l_aux, values = optimise(
         run.sae,
@@ -269,6 +276,7 @@ def train_step(run: Run, batch: Batch) -> StepMetrics:
         run.world,
         run.model,
         run.cfg.loss_space,
+        measure_raw,
     )
     run.rows += run.cfg.batch_rows
     run.step += 1
@@ -386,15 +394,17 @@ def train(run: Run, record: dict[str, Any], progress: Progress) -> dict[str, Any
                 break
             if run.step == 0:
                 init_b_dec(run, batch.x)
-            m = train_step(run, batch)
+            logged = (run.step + 1) % cfg.log_every_steps == 0 or run.rows + cfg.batch_rows >= run.target_rows
+            m = train_step(run, batch, measure_raw=logged)  # the raw-unit FVU on logged steps only
             batch.release()  # the loader may refill its buffer
             rate = (run.rows - rows_at_start) / max(time.perf_counter() - started, 1e-9)
             line = _log_line(run, m, rate)
-            if log_file is not None and (run.step % cfg.log_every_steps == 0 or run.rows >= run.target_rows):
+            if log_file is not None and logged:
                 log_file.write(json.dumps(line) + "\n")
                 log_file.flush()
             if run.rows >= next_checkpoint:
                 checkpoint(run, record)
                 next_checkpoint += cfg.checkpoint_every_rows
-            progress(cfg.batch_rows, fvu=m.fvu, l0=m.l0, dead=m.dead_fraction)
+            shown = {"fvu": m.fvu} if logged else {}
+            progress(cfg.batch_rows, **shown, l0=m.l0, dead=m.dead_fraction)
     return line

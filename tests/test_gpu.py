@@ -1,5 +1,4 @@
-"""The CUDA path against the CPU one (marked `gpu`: skipped without CUDA, so CI never runs these; they have not
-run on a lent GPU yet either, see the README's Performance section)."""
+"""The CUDA path against the CPU one (marked `gpu`: skipped without CUDA; run them on a machine with a GPU)."""
 
 from __future__ import annotations
 

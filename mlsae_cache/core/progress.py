@@ -116,6 +116,7 @@ class _Bar:
 
     def __init__(self, desc: str, unit: str, total: float | None) -> None:
         self.desc = desc
+        self.facts: dict[str, Any] = {}
         size = _unreported_size()
         fixed = {} if size is None else {"ncols": size.columns, "nrows": size.lines}
         self.bar = tqdm(
@@ -129,8 +130,9 @@ class _Bar:
             self.bar.initial = self.bar.n = self.bar.last_print_n = int(facts["resumed_at"])
             self.bar.set_description(f"{self.desc} (resumed at {_count(self.bar.n)})", refresh=False)
         shown = {k: v for k, v in facts.items() if k not in CONTROL}
-        if shown:
-            self.bar.set_postfix_str(_facts(shown), refresh=False)
+        if shown:  # a fact not given again keeps its last value
+            self.facts.update(shown)
+            self.bar.set_postfix_str(_facts(self.facts), refresh=False)
         self.bar.update(n)
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 """encode equals the SAE forward pass, resumes after a crash, refuses what does not fit; the variance command
-writes what SPEC section 7 lists and refuses bad input without leaving anything behind."""
+writes what docs/FORMAT.md lists and refuses bad input without leaving anything behind."""
 
 from __future__ import annotations
 

@@ -108,3 +108,52 @@ def test_cosine_plot_draws_one_point_per_pair(tmp_path: Path) -> None:
 def test_bad_input_is_refused(call) -> None:  # noqa: ANN001
     with pytest.raises(InputError):
         call()
+
+
+def _escaping_texts(fig) -> list[str]:  # noqa: ANN001
+    """What `fig` draws outside its own area (clipped in the PNG): the drawn extent of everything (matplotlib's
+    tight bounding box counts only tick labels that are drawn) against the figure, and the texts that escape."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    drawn, box = fig.get_tightbbox(renderer), fig.bbox  # inches, pixels
+    if drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= fig.get_figwidth() + 0.01:
+        if drawn.y1 <= fig.get_figheight() + 0.01:
+            return []
+    out = [f"drawn extent {drawn.bounds} of a {fig.get_figwidth()} x {fig.get_figheight()} in figure"]
+    for text in fig.findobj(Text):
+        extent = text.get_window_extent(renderer) if text.get_visible() and text.get_text().strip() else None
+        if extent is not None and (extent.x0 < box.x0 or extent.y0 < box.y0 or extent.x1 > box.x1 or extent.y1 > box.y1):
+            out.append(text.get_text())
+    return out
+
+
+def every_figure(title: str) -> dict[str, object]:
+    from mlsae_analyze.comparison import comparison_figure
+    from mlsae_analyze.report_parts import training_figure
+    from mlsae_train.results import CompareResult
+
+    probs, mean, std = layer_data()
+    few, many = LAYERS[:2], tuple(range(30))
+    metrics = [{"rows": 4096 * i, "fvu": 0.5 / i, "l0": 32.0, "dead_fraction": 0.01 * i, "auxk": 0.1} for i in (1, 2)]
+    row = {"fvu": 0.3, "delta_ce": 0.2, "kl": 0.1, "kl_spliced_clean": 0.1, "dead_fraction": 0.05}
+    compare = CompareResult(rows=[{"layer": 0, "mlsae": row, "single": row}], clean_ce=2.0, n_windows=2)
+    wide = np.tile(probs[:, :1], (1, 3))
+    tall = np.full((30, 3), 1 / 30)
+    return {
+        "heatmap, 2 layers": plots.heatmap_figure(wide[:2] / wide[:2].sum(0), np.zeros(3), few, title),
+        "heatmap, 30 layers": plots.heatmap_figure(tall, np.full(3, 14.5), many, title),
+        "histograms": plots.histograms_figure(mean, std, LAYERS, title),
+        "cosine": plots.cosine_figure([[0, 1], [1, 2]], [0.5, 0.9], title),
+        "multi-layer": plots.multi_layer_figure({"by_share": {"0.1": 0.5}, "by_rows": {"10": 0.7}}, title),
+        "training": training_figure(metrics, title),
+        "comparison": comparison_figure(compare),
+    }
+
+
+@pytest.mark.parametrize("title", ["short", "a prompt heatmap of " + "a long prompt with many words " * 8])
+def test_no_text_is_clipped_in_any_figure(title: str) -> None:
+    clipped = {name: texts for name, fig in every_figure(title).items() if (texts := _escaping_texts(fig))}
+    assert not clipped, clipped

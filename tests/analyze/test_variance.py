@@ -1,4 +1,4 @@
-"""mlsae_analyze.variance against a dense brute force written straight from METHOD.md section 6."""
+"""mlsae_analyze.variance against a dense brute force written straight from docs/METHOD.md section 6."""
 
 from __future__ import annotations
 

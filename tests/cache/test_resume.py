@@ -1,4 +1,4 @@
-"""Kill-and-resume, no-op, refuse, extend and lock: the reliability contract of SPEC section 9."""
+"""Kill-and-resume, no-op, refuse, extend and lock: the reliability contract of the cache (docs/FORMAT.md)."""
 
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def test_save_accepts_matching_core_key(tmp_path: Path) -> None:
 
 
 def write_reference(path: Path, d: int, n: int, k: int, standardize: bool, seed: int = 0) -> dict[str, np.ndarray]:
-    """A checkpoint in the published reference layout (METHOD.md section 7)."""
+    """A checkpoint in the published reference layout (docs/METHOD.md section 8)."""
     rng = np.random.default_rng(seed)
     tensors = {
         "encoder.weight": rng.normal(size=(n, d)).astype(np.float32),

@@ -1,4 +1,4 @@
-"""TopKSAE against an independent numpy implementation of METHOD.md section 3 and a dense autograd version."""
+"""TopKSAE against an independent numpy implementation of docs/METHOD.md section 3 and a dense autograd version."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def raw_rows(b: int, d: int, seed: int = 1) -> torch.Tensor:
 
 
 def numpy_forward(x: np.ndarray, params: dict[str, np.ndarray], k: int, standardize: bool) -> dict:
-    """METHOD.md section 3 in numpy, float64."""
+    """docs/METHOD.md section 3 in numpy, float64."""
     if standardize:
         mu = x.mean(axis=1, keepdims=True)
         sigma = x.std(axis=1, ddof=1, keepdims=True)
