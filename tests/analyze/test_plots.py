@@ -119,13 +119,14 @@ def _escaping_texts(fig) -> list[str]:  # noqa: ANN001
     FigureCanvasAgg(fig).draw()
     renderer = fig.canvas.get_renderer()
     drawn, box = fig.get_tightbbox(renderer), fig.bbox  # inches, pixels
-    if drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= fig.get_figwidth() + 0.01:
-        if drawn.y1 <= fig.get_figheight() + 0.01:
-            return []
+    width, height = fig.get_figwidth(), fig.get_figheight()
+    if drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01:
+        return []
     out = [f"drawn extent {drawn.bounds} of a {fig.get_figwidth()} x {fig.get_figheight()} in figure"]
     for text in fig.findobj(Text):
         extent = text.get_window_extent(renderer) if text.get_visible() and text.get_text().strip() else None
-        if extent is not None and (extent.x0 < box.x0 or extent.y0 < box.y0 or extent.x1 > box.x1 or extent.y1 > box.y1):
+        outside = extent is not None and not (box.x0 <= extent.x0 and extent.x1 <= box.x1)
+        if outside or (extent is not None and not (box.y0 <= extent.y0 and extent.y1 <= box.y1)):
             out.append(text.get_text())
     return out
 
