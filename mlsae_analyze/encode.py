@@ -121,5 +121,5 @@ def run_encode(cfg: EncodeConfig, progress: Progress = no_progress) -> EncodeRes
             raise interrupted(out, writer.meta.n_tokens, "tokens") from None
         writer.set_meta(complete=True)
     return EncodeResult(
-        writer.meta, False, f"wrote {out}: {cache.n_tokens} tokens x {len(meta.layers)} layers x k={meta.k}"
+        writer.meta, False, f"wrote {out}: {cache.n_tokens:,} tokens x {len(meta.layers)} layers x k={meta.k}"
     )

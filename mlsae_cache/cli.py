@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 from mlsae_cache.config import HarvestConfig, parse_layers
-from mlsae_cache.core.cli import COUNT, mlsae_group, progress, silence_library_progress
-from mlsae_cache.core.progress import duration
+from mlsae_cache.core.cli import COUNT, done_line, mlsae_group, progress, silence_library_progress
 from mlsae_cache.info import cache_info
 from mlsae_cache.store import verify
 
@@ -69,18 +68,16 @@ def main() -> None:
 def harvest(ctx: click.Context, out: Path, layers_text: str, **options: object) -> None:
     """Store the residual stream after every selected block for the tokens of a text, in OUT. Re-running the same
     command resumes an interrupted harvest, a larger --max-tokens extends a complete one."""
-    from mlsae_cache.harvest import gigabytes, run_harvest
-    from mlsae_cache.store import Cache
+    from mlsae_cache.harvest import run_harvest
 
     silence_library_progress()
     cfg = HarvestConfig(out=out, layers=parse_layers(layers_text), **options)  # type: ignore[arg-type]
     started = time.monotonic()
-    with progress(ctx, "harvest", "tok") as advance:
+    with progress(ctx, "harvest", "token") as advance:
         result = run_harvest(cfg, advance, on_plan=lambda plan: click.echo(plan.describe()))
     click.echo(result.message)
     if result.complete and not result.noop:
-        size = gigabytes(Cache(out).nbytes_stored())
-        click.echo(f"{size} in {duration(time.monotonic() - started)}; next: mlsae-train fit {out} SAE_DIR")
+        click.echo(done_line(out, started, f"mlsae-train fit {out} SAE_DIR"))
 
 
 @main.command(name="import")
@@ -97,9 +94,11 @@ def import_(ctx: click.Context, out: Path, **options: object) -> None:
     from mlsae_cache.importer import ImportConfig, import_array
 
     cfg = ImportConfig(out=out, **options)  # type: ignore[arg-type]
-    with progress(ctx, "import", "tok") as advance:
+    started = time.monotonic()
+    with progress(ctx, "import", "token") as advance:
         meta = import_array(cfg, progress=advance)
     click.echo(f"wrote {out}: {meta.n_tokens:,} tokens x {meta.n_layers} layers x {meta.d_model}")
+    click.echo(done_line(out, started, f"mlsae-train fit {out} SAE_DIR"))
 
 
 @main.command()

@@ -21,6 +21,7 @@ import numpy as np
 
 from mlsae_cache.config import HarvestConfig, resolve_layers
 from mlsae_cache.core.errors import InputError, StoreError
+from mlsae_cache.core.paths import gigabytes
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.core.zarrstore import StoreTransaction, interrupted
 from mlsae_cache.models import LoadedModel, ModelInfo, load_model
@@ -139,10 +140,6 @@ class HarvestPlan:
             done = f", {self.tokens_done:,} already written" if self.tokens_done else ""
             size = f"{self.tokens:,} tokens at {per}{done}: {gigabytes(self.bytes_to_write or 0)} to write"
         return f"plan: {size}; {gigabytes(self.free_bytes)} free on {self.where}"
-
-
-def gigabytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def plan_harvest(cfg: HarvestConfig, meta: CacheMeta, existing: CacheMeta | None) -> HarvestPlan:

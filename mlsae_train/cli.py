@@ -204,7 +204,7 @@ def eval_(ctx: click.Context, layers_text: str, **options: Any) -> None:
     if cfg.splice:
         silence_library_progress()
     with stages(ctx) as shown:
-        result = run_eval(cfg, shown.stage("eval", "tok"), shown.stage("splice", "window", cfg.max_windows))
+        result = run_eval(cfg, shown.stage("eval", "token"), shown.stage("splice", "window", cfg.max_windows))
     click.echo(format_eval(result))
     if cfg.out is not None:
         click.echo(f"wrote {cfg.out}")

@@ -340,13 +340,14 @@ def fit(cfg: TrainConfig, progress: Progress = no_progress) -> FitResult:
     one rank of a data-parallel run (`progress` is called on every rank, with the global rows of each step).
 
     `progress(0, total=..., resumed_at=...)` comes first, then the rows of each step with its FVU, L0 and dead
-    fraction. Ctrl-C saves a checkpoint of the last step
-    and raises `Interrupted` saying so; the same command continues from it."""
+    fraction (the FVU on logged steps only). Ctrl-C saves a checkpoint of the last step and raises `Interrupted`
+    saying so; the same command continues from it."""
     if cfg.resume:
         cfg = resume_config(cfg, given=())
     world = World.from_env()
     run, record = prepare(cfg, world)
-    progress(0, total=run.target_rows, resumed_at=run.rows)
+    steps = -(-run.target_rows // cfg.batch_rows)  # the last step may pass the target
+    progress(0, total=max(steps * cfg.batch_rows, run.rows), resumed_at=run.rows)
     with ExitStack() as stack, process_group(world, run.sae.b_dec.device):
         run.model = world.data_parallel(run.sae)  # rank 0's weights on every rank
         world.barrier()  # every rank has read OUT (plan_out, resume state) before rank 0 writes into it
@@ -394,7 +395,8 @@ def train(run: Run, record: dict[str, Any], progress: Progress) -> dict[str, Any
                 break
             if run.step == 0:
                 init_b_dec(run, batch.x)
-            logged = (run.step + 1) % cfg.log_every_steps == 0 or run.rows + cfg.batch_rows >= run.target_rows
+            last = run.rows + cfg.batch_rows >= run.target_rows
+            logged = run.step == 0 or (run.step + 1) % cfg.log_every_steps == 0 or last
             m = train_step(run, batch, measure_raw=logged)  # the raw-unit FVU on logged steps only
             batch.release()  # the loader may refill its buffer
             rate = (run.rows - rows_at_start) / max(time.perf_counter() - started, 1e-9)

@@ -68,7 +68,7 @@ def on_terminal(package: str, *args: str) -> str:
 
 def test_fit_on_a_terminal_shows_total_eta_and_the_running_fvu(tmp_path: Path, random_cache: Path) -> None:
     shown = on_terminal("mlsae_train", "fit", str(random_cache), str(tmp_path / "sae"), *FIT, "--max-rows", "4k")
-    assert re.search(r"fit: +\d+%.*\| *[\d.]+k?/4\.00k", shown), shown  # a bar with its total
+    assert re.search(r"fit: +\d+%.*\| *[\d.]+k?/4\.10k", shown), shown  # a bar with its total: 32 steps of 128
     assert "fvu" in shown and "l0" in shown and "dead" in shown
     assert re.search(r"<\d\d:\d\d", shown)  # tqdm's ETA
     assert "wrote" in shown and "next: mlsae-train eval" in shown
@@ -80,7 +80,7 @@ def test_off_a_terminal_progress_is_a_log_line_every_interval(tmp_path: Path, ra
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if " fit: " in line]
     assert len(lines) >= 3, done.stderr
-    assert re.search(r"fit: [\d,]+/4,000 rows \(\d+%\); [\d,.]+M? rows/s, ETA \d+m\d\ds", lines[0]), lines[0]
+    assert re.search(r"fit: [\d,]+/4,096 rows \(\d+%\); [\d,.]+M? rows/s, ETA \d+m\d\ds", lines[0]), lines[0]
     assert "fvu" in lines[-1] and lines[-1].startswith("20")  # timestamped for a log file
     assert done.stdout.startswith("wrote")
 

@@ -7,12 +7,16 @@ import errno
 import functools
 import logging
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import click
 
 from mlsae_cache.core.errors import Interrupted, MlsaeError
+from mlsae_cache.core.paths import bytes_under, gigabytes
+from mlsae_cache.core.progress import duration
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,6 +74,12 @@ def flags(ctx: click.Context) -> dict[str, Any]:
 
 LOG_INTERVAL_S = 30.0
 """Seconds between progress lines off a terminal."""
+
+
+def done_line(out: Path | str, started: float, next_step: str) -> str:
+    """The end of a command's final message: the size of what it wrote, the time since `started` (a
+    time.monotonic()), and the command to run next."""
+    return f"{gigabytes(bytes_under(out))} in {duration(time.monotonic() - started)}; next: {next_step}"
 
 
 def progress(ctx: click.Context, desc: str, unit: str, total: float | None = None) -> Any:

@@ -48,6 +48,19 @@ def what_is(path: Path | str) -> str:
     return "a directory of other files"
 
 
+def bytes_under(path: Path | str) -> int:
+    """The bytes of the files at or under `path` (0 for nothing there)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def gigabytes(n: float) -> str:
+    """'3.46 GB', or '12.3 MB' below 0.1 GB."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def is_mlsae(description: str) -> bool:
     """Whether `what_is` named something mlsae wrote."""
     return "mlsae" in description or description.endswith("` output")

@@ -59,6 +59,7 @@ class _LogLines:
         self.done = self.initial = 0
         self.started = self.last = time.monotonic()
         self.reported = False
+        self.emitted = 0
         self.facts: dict[str, Any] = {}
 
     def __call__(self, n: int, /, **facts: Any) -> None:
@@ -92,11 +93,11 @@ class _LogLines:
         return "; ".join(parts)
 
     def emit(self) -> None:
-        self.last = time.monotonic()
+        self.last, self.emitted = time.monotonic(), self.done
         log.info("%s", self.line())
 
     def close(self) -> None:
-        if self.done > self.initial:
+        if self.done > max(self.initial, self.emitted):  # a last line, unless the last one said it all
             self.emit()
 
 
@@ -112,19 +113,28 @@ def _unreported_size() -> os.terminal_size | None:
 
 
 class _Bar:
-    """On a terminal: a tqdm bar whose total, start and postfix follow the facts."""
+    """On a terminal: a tqdm bar whose total, start and postfix follow the facts. It is drawn from the first report
+    on, so what a command prints before its work starts (a plan, a warning) comes before the bar."""
 
     def __init__(self, desc: str, unit: str, total: float | None) -> None:
-        self.desc = desc
+        self.desc, self.unit, self.total = desc, unit, total
         self.facts: dict[str, Any] = {}
-        size = _unreported_size()
-        fixed = {} if size is None else {"ncols": size.columns, "nrows": size.lines}
-        self.bar = tqdm(
-            total=total, unit=unit, unit_scale=True, desc=desc, dynamic_ncols=size is None, file=sys.stderr, **fixed
-        )
+        self._bar: Any = None
+
+    @property
+    def bar(self) -> Any:
+        if self._bar is None:
+            size = _unreported_size()
+            fixed = {} if size is None else {"ncols": size.columns, "nrows": size.lines}
+            self._bar = tqdm(
+                total=self.total, unit=self.unit, unit_scale=True, desc=self.desc, dynamic_ncols=size is None,
+                file=sys.stderr, **fixed,
+            )  # fmt: skip
+        return self._bar
 
     def __call__(self, n: int, /, **facts: Any) -> None:
         if facts.get("total"):
+            self.total = facts["total"]
             self.bar.total = facts["total"]
         if facts.get("resumed_at"):
             self.bar.initial = self.bar.n = self.bar.last_print_n = int(facts["resumed_at"])
@@ -136,7 +146,8 @@ class _Bar:
         self.bar.update(n)
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 @contextmanager
