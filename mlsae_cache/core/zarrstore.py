@@ -116,6 +116,12 @@ def read_array(group: zarr.Group, name: str, selection: Any = slice(None)) -> np
     return cast(np.ndarray, get_array(group, name)[selection])
 
 
+def read_rows(group: zarr.Group, name: str, rows: np.ndarray) -> np.ndarray:
+    """The given rows (first axis; sorted, unique) of `group[name]`, in one read: zarr fetches and decodes the
+    chunks they touch side by side, each once."""
+    return cast(np.ndarray, get_array(group, name).get_orthogonal_selection((rows,)))
+
+
 def writable(arr: zarr.Array) -> zarr.Array:
     """`arr` set to store every chunk it is given. By default zarr skips (and deletes) a chunk equal to the fill
     value, 0 here: a chunk of zeros, such as `sequence` of a first window longer than a chunk, or `layer` of a
@@ -131,12 +137,19 @@ def create_array(
     dtype: Any,
     dims: tuple[str, ...],
     compress: bool,
+    inner: tuple[int, ...] | None = None,
 ) -> zarr.Array:
-    """An array of the store conventions: fill 0, named dims, crc32c on every chunk (zstd first if `compress`)."""
+    """An array of the store conventions: fill 0, named dims, crc32c on every chunk (zstd first if `compress`).
+
+    With `inner`, each chunk of shape `chunks` is one file holding inner chunks of shape `inner` (zarr's sharding
+    codec, each inner chunk compressed and checksummed on its own), so that a read of a few rows decodes only
+    the inner chunks that hold them; writers still write whole chunks.
+    """
     return group.create_array(
         name,
         shape=shape,
-        chunks=chunks,
+        chunks=inner or chunks,
+        shards=chunks if inner else None,
         dtype=dtype,
         fill_value=0,
         dimension_names=dims,
@@ -240,10 +253,11 @@ def interrupted(out: Path, committed: int, unit: str) -> Interrupted:
 
 
 def _chunk_keys(arr: zarr.Array, n_rows: int) -> Iterator[tuple[str, tuple[slice, ...]]]:
-    """(store key, selection) of every chunk holding the first `n_rows` rows of `arr`."""
-    extent = (n_rows, *arr.shape[1:])
-    for coords in np.ndindex(*(math.ceil(s / c) for s, c in zip(extent, arr.chunks, strict=False))):
-        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, arr.chunks, strict=False))
+    """(store key, selection) of every chunk (every file: a shard where the array is sharded) holding the first
+    `n_rows` rows of `arr`."""
+    extent, grid = (n_rows, *arr.shape[1:]), arr.shards or arr.chunks
+    for coords in np.ndindex(*(math.ceil(s / c) for s, c in zip(extent, grid, strict=False))):
+        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, grid, strict=False))
         yield f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}", sel
 
 
