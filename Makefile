@@ -61,6 +61,9 @@ demo: $(STAMP)
 	$(BIN)/mlsae-analyze report $(DEMO)/report --variance $(DEMO)/variance --eval $(DEMO)/eval.json \
 		--cosine $(DEMO)/cosine --examples $(DEMO)/examples --title "mlsae demo: SmolLM2-135M on Python's docs"
 	@echo "report: $(DEMO)/report/report.html"
+	$(BIN)/mlsae-analyze index $(DEMO)/latents $(DEMO)/explorer --variance $(DEMO)/variance --sae $(DEMO)/sae \
+		--eval $(DEMO)/eval.json
+	@echo "explorer: $(BIN)/mlsae-analyze explore $(DEMO)/explorer  (open the URL it prints; Ctrl-C stops it)"
 	@echo "commands on PATH: source $(VENV)/bin/activate"
 
 # The paper's findings on the embedded model and text: an MLSAE on every layer and single-layer SAEs of the same

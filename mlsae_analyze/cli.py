@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mlsae_cache.core.cli import mlsae_group, progress
+from mlsae_cache.core.cli import done_line, mlsae_group, progress
 
 SCHEDULER_HELP = "threads, processes, sync, or a dask.distributed address tcp://host:port."
 
@@ -30,9 +31,12 @@ def encode(ctx: click.Context, **options: Any) -> None:
     from mlsae_analyze.encode import EncodeConfig, run_encode
 
     cfg = EncodeConfig(**options)
-    with progress(ctx, "encode", "tok") as advance:
+    started = time.monotonic()
+    with progress(ctx, "encode", "token") as advance:
         result = run_encode(cfg, progress=advance)
     click.echo(result.message)
+    if not result.noop:
+        click.echo(done_line(cfg.out, started, f"mlsae-analyze variance {cfg.out} VARIANCE_DIR"))
 
 
 @main.command()
@@ -48,9 +52,11 @@ def variance(**options: Any) -> None:
     from mlsae_analyze.variance import VarianceConfig, format_summary, run_variance
 
     cfg = VarianceConfig(**options)
+    started = time.monotonic()
     result = run_variance(cfg)
     click.echo(format_summary(result.summary))
     click.echo(f"wrote {cfg.out}/variance.zarr and {cfg.out}/summary.json")
+    click.echo(done_line(cfg.out, started, f"mlsae-analyze report REPORT_DIR --variance {cfg.out}"))
 
 
 @main.command()
@@ -137,7 +143,7 @@ def examples(ctx: click.Context, latent_ids: str | None, **options: Any) -> None
     silence_library_progress()
     ids = parse_latent_ids(latent_ids) if latent_ids is not None else None
     cfg = ExamplesConfig(latent_ids=ids, **options)
-    with progress(ctx, "examples", "tok") as advance:
+    with progress(ctx, "examples", "token") as advance:
         result = run_examples(cfg, progress=advance)
     if result.note:
         click.echo(result.note, err=True)
@@ -175,3 +181,65 @@ def report(**options: Any) -> None:
     from mlsae_analyze.report import ReportConfig, run_report
 
     click.echo(f"wrote {run_report(ReportConfig(**options))}")
+
+
+@main.command()
+@click.argument("latents", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--variance", required=True, type=click.Path(path_type=Path), help="The `variance` OUT of LATENTS.")
+@click.option("--sae", required=True, type=click.Path(path_type=Path), help="The SAE directory that encoded LATENTS.")
+@click.option("--cache", type=click.Path(path_type=Path), help="The cache of LATENTS [default: the one it names].")
+@click.option("--model", default=None, help="Model for the logit effects and token text [default: the cache's].")
+@click.option("--logits/--no-logits", default=True, show_default=True, help="Compute logit effects (loads a model).")
+@click.option("--eval", "eval", type=click.Path(path_type=Path), help="A JSON of `mlsae-train eval --out` to show.")
+@click.option("--top", default=20, show_default=True, type=int, help="Strongest examples per latent and tab.")
+@click.option("--random", default=20, show_default=True, type=int, help="Random examples per latent and tab.")
+@click.option("--quantiles", default=5, show_default=True, type=int, help="Quantile groups per latent and tab.")
+@click.option("--per-quantile", default=4, show_default=True, type=int, help="Examples per quantile group.")
+@click.option("--bins", default=32, show_default=True, type=int, help="Bins of the activation histograms.")
+@click.option("--similar", default=10, show_default=True, type=int, help="Nearest latents by decoder cosine.")
+@click.option("--logit-tokens", default=10, show_default=True, type=int, help="Logit-effect tokens per sign.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random and quantile draws.")
+@click.option("--allow-unfinished", is_flag=True, help="Use an SAE checkpoint whose fit has not finished.")
+@click.option("--overwrite", is_flag=True, help="Replace an index of other stores.")
+@click.pass_context
+def index(ctx: click.Context, **options: Any) -> None:
+    """Precompute what `explore` shows about every latent of LATENTS into the index OUT (three passes over the
+    store; a re-run on unchanged stores does nothing)."""
+    from mlsae_analyze.explorer.build import IndexConfig, run_index
+
+    cfg = IndexConfig(**options)
+    with progress(ctx, "index", "token") as advance:
+        result = run_index(cfg, progress=advance)
+    click.echo(result.message)
+    if result.meta.logits_note:
+        click.echo(f"no logit effects: {result.meta.logits_note}", err=True)
+    click.echo(f"explore it: mlsae-analyze explore {cfg.out}")
+
+
+@main.command()
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Decode tokens with this model's tokenizer [default: the index's].")
+@click.option("--latents", type=click.Path(path_type=Path), help="Read the latents here, not where the index says.")
+@click.option("--variance", type=click.Path(path_type=Path), help="Read the variance output here.")
+@click.option("--sae", type=click.Path(path_type=Path), help="Read the SAE here.")
+@click.option("--cache", type=click.Path(path_type=Path), help="Read the cache here.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (others need --token).")
+@click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on (0: any free port).")
+@click.option("--token", default=None, help="A secret every request must carry (required off loopback).")
+@click.option("--root-path", default="", help="Path prefix of a reverse proxy in front, like /explorer.")
+def explore(**options: Any) -> None:
+    """Serve the pages and JSON API of the explorer INDEX (built by `index`) until Ctrl-C."""
+    from mlsae_analyze.explorer.serve import ExploreConfig, announce, create_app, listen, serve, stale_warning
+    from mlsae_cache.core.cli import silence_library_progress
+
+    silence_library_progress()
+    cfg = ExploreConfig(**options)
+    app = create_app(cfg)
+    warning = stale_warning(app)
+    if warning:
+        click.echo(warning, err=True)
+    sock = listen(cfg)
+    for line in announce(cfg, sock.getsockname()[1]):
+        click.echo(line)
+    serve(app, sock, cfg.root_path)

@@ -16,6 +16,8 @@ from mlsae_analyze.cli import main as analyze_main
 from mlsae_analyze.cosine import CosineConfig
 from mlsae_analyze.encode import EncodeConfig
 from mlsae_analyze.examples import ExamplesConfig
+from mlsae_analyze.explorer.build import IndexConfig
+from mlsae_analyze.explorer.serve import ExploreConfig
 from mlsae_analyze.prompt import PromptConfig
 from mlsae_analyze.report import HeatmapConfig, ReportConfig
 from mlsae_analyze.variance import VarianceConfig
@@ -43,6 +45,8 @@ CONFIGS = {
     "prompt-heatmap": PromptConfig,
     "examples": ExamplesConfig,
     "report": ReportConfig,
+    "index": IndexConfig,
+    "explore": ExploreConfig,
 }
 PATH_ONLY = {"info", "verify", "convert-reference"}  # a path or two in, nothing to configure
 COMMON = {"debug", "quiet", "log_interval", "config", "version", "help"}

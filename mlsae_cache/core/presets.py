@@ -27,7 +27,7 @@ COMMANDS = frozenset(
         # mlsae-train
         "fit", "eval", "compare", "convert-reference",
         # mlsae-analyze
-        "encode", "variance", "cosine", "heatmap", "prompt-heatmap", "examples", "report",
+        "encode", "variance", "cosine", "heatmap", "prompt-heatmap", "examples", "report", "index", "explore",
     }
 )  # fmt: skip
 """Every command of the three CLIs (a preset's tables must name one of them; a test keeps the list true)."""
