@@ -241,7 +241,8 @@ def compare(ctx: click.Context, mlsae: Path, out: Path, singles: tuple[str, ...]
 
     cfg = CompareConfig(mlsae=mlsae, out=out, singles=tuple(parse_single(s) for s in singles), **options)
     silence_library_progress()
-    with progress(ctx, "compare", "window", cfg.max_windows) as advance:
-        result = run_compare(cfg, progress=advance)
+    with stages(ctx) as shown:
+        splice = shown.stage("splice", "window", cfg.max_windows)
+        result = run_compare(cfg, shown.stage("compare", "token"), splice)
     click.echo(format_compare(result))
     click.echo(f"wrote {out}/compare.json")

@@ -100,31 +100,38 @@ def load_singles(
     return singles
 
 
-def _fvu_dead(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], cfg: CompareConfig) -> dict[int, dict]:
-    result = evaluate(sae, cache, layers, cfg.start, cfg.stop)
+def _fvu_dead(
+    sae: TopKSAE, cache: Cache, layers: tuple[int, ...], cfg: CompareConfig, progress: Progress
+) -> dict[int, dict]:
+    result = evaluate(sae, cache, layers, cfg.start, cfg.stop, progress=lambda n, /, **facts: progress(n))
     return {
         layer: {"fvu": fvu, "dead_fraction": result.dead_fraction}
         for layer, fvu in zip(layers, result.fvu, strict=True)
     }
 
 
-def run_compare(cfg: CompareConfig, progress: Progress = no_progress) -> CompareResult:
+def run_compare(
+    cfg: CompareConfig, progress: Progress = no_progress, splice_progress: Progress = no_progress
+) -> CompareResult:
     """Compute the comparison and write it to cfg.out/compare.json (`mlsae-analyze report --compare` and
-    `mlsae-analyze heatmap --compare` draw its table and figure)."""
+    `mlsae-analyze heatmap --compare` draw its table and figure). `progress` gets the tokens each SAE has
+    evaluated (its total: the range's tokens times the SAEs), `splice_progress` the windows spliced."""
     check_replaceable(Path(cfg.out), "compare", _inputs(cfg), cfg.overwrite)  # before any work
     device = resolve_device(cfg.device)
     mlsae, mlsae_cfg = load_sae(cfg.mlsae, device, cfg.allow_unfinished)
     cache = Cache(cfg.cache)
     layers = tuple(mlsae_cfg.get("layers") or cache.layers)
     singles = load_singles(cfg, mlsae, layers, device)
-    metrics = {"mlsae": _fvu_dead(mlsae, cache, layers, cfg), "single": {}}
+    stop = cache.n_tokens if cfg.stop is None else min(cfg.stop, cache.n_tokens)
+    progress(0, total=max(stop - cfg.start, 0) * (1 + len(singles)))
+    metrics = {"mlsae": _fvu_dead(mlsae, cache, layers, cfg, progress), "single": {}}
     for layer, sae in singles.items():
-        metrics["single"].update(_fvu_dead(sae, cache, (layer,), cfg))
+        metrics["single"].update(_fvu_dead(sae, cache, (layer,), cfg, progress))
     clean_ce = n_windows = None
     if cfg.splice:
         keys = [("mlsae", layer) for layer in layers] + [("single", layer) for layer in singles]
         targets = [SpliceTarget(layer, mlsae if kind == "mlsae" else singles[layer]) for kind, layer in keys]
-        spliced = splice_targets(cache, targets, cfg.splice_config(), device, progress=progress)
+        spliced = splice_targets(cache, targets, cfg.splice_config(), device, progress=splice_progress)
         columns = zip(keys, spliced.delta_ce, spliced.kl, spliced.kl_spliced_clean, strict=True)
         for (kind, layer), dce, kl, reverse in columns:
             metrics[kind][layer].update({"delta_ce": dce, "kl": kl, "kl_spliced_clean": reverse})

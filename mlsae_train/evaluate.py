@@ -74,6 +74,7 @@ def evaluate(
     trainable = cache.trainable()
     sums = [_LayerSums(cache.d_model) for _ in layers]
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=device)
+    progress(0, total=stop - start)
     for a in range(start, stop, batch_tokens):
         b = min(a + batch_tokens, stop)
         mask = trainable[a:b]

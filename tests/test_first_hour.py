@@ -83,6 +83,12 @@ def test_off_a_terminal_progress_is_a_log_line_every_interval(tmp_path: Path, ra
     assert re.search(r"fit: [\d,]+/4,096 rows \(\d+%\); [\d,.]+M? rows/s, ETA \d+m\d\ds", lines[0]), lines[0]
     assert "fvu" in lines[-1] and lines[-1].startswith("20")  # timestamped for a log file
     assert done.stdout.startswith("wrote")
+    evaluated = cli("mlsae_train", "eval", str(out), str(random_cache), "--start", "0", "--log-interval", "0.01")
+    assert evaluated.returncode == 0, evaluated.stderr
+    eval_lines = [line for line in evaluated.stderr.splitlines() if " eval: " in line]
+    assert eval_lines and all(re.search(r"eval: [\d,.]+k?/[\d,.]+k? tokens? \(\d+%\)", x) for x in eval_lines), (
+        eval_lines
+    )
 
 
 def test_a_resumed_harvest_bar_starts_where_it_resumes(tmp_path: Path, tiny_models: dict[str, Path]) -> None:

@@ -81,6 +81,10 @@ def test_report_links_every_figure_it_names(tmp_path: Path, outputs: dict[str, P
     evaluation = json.loads(outputs["eval"].read_text())
     assert "| layer | fvu | mse | l0 | n_rows |" in text and f"{evaluation['fvu'][0]:.4g}" in text
     assert "0 → 1" in text
+    for section in ("## The SAE", "## The cache", "| setting | value |", "| fact | value |"):
+        assert section in text, section
+    html = (out / "report.html").read_text()
+    assert "<h2" in html and 'src="figures/training.png"' in html.replace("'", '"')
 
 
 def report_case(case: str, root: Path, outputs: dict[str, Path]) -> list[str]:

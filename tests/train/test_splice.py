@@ -320,3 +320,25 @@ def test_compare_refuses_splice_options_without_splice(
     args = [str(trained["mlsae"]), str(out), "--cache", str(llama_setup.cache.path), "--batch-windows", "2"]
     result = CliRunner().invoke(main, ["compare", *args])
     assert result.exit_code == 2 and "only apply with --splice" in result.output and not out.exists()
+
+
+def test_compare_reports_the_rows_of_every_sae_then_the_windows(
+    llama_setup: Setup, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    from mlsae_train.compare import CompareConfig, run_compare
+
+    seen: dict[str, list[tuple[int, dict]]] = {"rows": [], "windows": []}
+    singles = tuple((layer, trained[str(layer)]) for layer in LAYERS)
+    cfg = CompareConfig(
+        trained["mlsae"], tmp_path / "cmp", llama_setup.cache.path, singles, splice=True, max_windows=2, start=128
+    )
+    run_compare(
+        cfg,
+        lambda n, /, **facts: seen["rows"].append((n, facts)),
+        lambda n, /, **facts: seen["windows"].append((n, facts)),
+    )
+    n_tokens = llama_setup.cache.n_tokens - 128
+    assert seen["rows"][0] == (0, {"total": n_tokens * (1 + len(LAYERS))})
+    assert sum(n for n, _ in seen["rows"]) == n_tokens * (1 + len(LAYERS))
+    assert all(not facts for _, facts in seen["rows"][1:])
+    assert sum(n for n, _ in seen["windows"]) == 2
