@@ -8,8 +8,9 @@ no torch. Example: `from mlsae_train import TrainConfig, fit`.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mlsae_cache.core.exports import lazy_exports
 
 if TYPE_CHECKING:
     from mlsae_train.checkpoint import convert_reference, load_sae, save_sae
@@ -64,14 +65,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import an exported name from its submodule on first use (PEP 562); later lookups find it directly."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
