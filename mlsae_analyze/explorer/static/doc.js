@@ -25,9 +25,9 @@ function tokenStrip(doc, meta, st, select) {
     span.addEventListener("mousemove", (e) => showTip(e, h("span", { class: "tokens" }, tokenText(t)), `token ${p} (row ${doc.start + p})`, st.latent === null ? "" : `latent ${st.latent}${st.layer === null ? " (max over layers)" : ` at layer ${st.layer}`}: ${fmt(at(p), 4)}`));
     span.addEventListener("mouseleave", hideTip);
     span.addEventListener("click", () => select({ pos: p }));
-    return span;
+    return t.includes("\n") ? [span, h("br")] : [span]; // the window's own line breaks, as in the text
   });
-  return h("div", { class: "tokens doc", "data-testid": "doc-tokens" }, spans);
+  return h("div", { class: "tokens doc", "data-testid": "doc-tokens" }, spans.flat());
 }
 
 function tokenLayerMap(doc, meta, st, select) {
