@@ -257,6 +257,7 @@ def splice_metrics(
     blocks = find_blocks(model)
     device = next(model.parameters()).device
     sums = _Sums(len(targets))
+    progress(0)  # the display opens now (and closes the stage before), not after the first batch
     for batch in batches:
         token_ids = torch.from_numpy(batch.token_ids).to(device)
         mask = torch.from_numpy(batch.trainable).to(device)
