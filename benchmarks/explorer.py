@@ -234,6 +234,9 @@ def main() -> None:
     parser.add_argument("--serve-tokens", type=int, default=2_097_152)
     parser.add_argument("--requests", type=int, default=40, help="latents requested per route and layout")
     parser.add_argument("--workdir", type=Path, default=None, help="keep and reuse the stores here")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="with --workdir: measure the requests on the stores and index there"
+    )
     parser.add_argument("--child-build", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_build:
@@ -262,14 +265,15 @@ def report_builds(builds: list[tuple[int, dict]]) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
-    builds = []
-    for size in sorted({*args.build_sizes, args.serve_tokens}):
-        root = workdir / f"stores-{size}"
-        write_stores(root, size)
-        builds.append((size, measure_build(root, workdir / f"index-{size}")))
-    report_builds(builds)
     root = workdir / f"stores-{args.serve_tokens}"
     index = workdir / f"index-{args.serve_tokens}"
+    if args.latency_only:
+        return report_latency(args, index, {"v1": root / "latents-v1", "v2": root / "latents"})
+    builds = []
+    for size in sorted({*args.build_sizes, args.serve_tokens}):
+        write_stores(workdir / f"stores-{size}", size)
+        builds.append((size, measure_build(workdir / f"stores-{size}", workdir / f"index-{size}")))
+    report_builds(builds)
     v1, costs = version_1_copy(root)
     print(f"\nlatents store of {args.serve_tokens:,} tokens, format version 1 / version 2 (inner chunks of 64 tokens)")
     print(f"{'version':<10}{'commit s':>10}{'read s':>10}{'MB':>10}")
@@ -277,8 +281,12 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         print(f"{version:<10}{write:>10.1f}{read:>10.1f}{size:>10,.0f}")
     (w1, r1, _), (w2, r2, _) = costs["v1"], costs["v2"]
     print(f"version 2 / version 1: commit {w2 / w1:.2f}x, read {r2 / r1:.2f}x")
+    report_latency(args, index, {"v1": v1, "v2": root / "latents"})
+
+
+def report_latency(args: argparse.Namespace, index: Path, stores: dict[str, Path]) -> None:
     ids = firing_latents(index, args.requests)
-    layouts = {f"v1: chunks of {CHUNK_TOKENS}": v1, "v2: inner chunks of 64": root / "latents"}
+    layouts = {f"v1: chunks of {CHUNK_TOKENS}": stores["v1"], "v2: inner chunks of 64": stores["v2"]}
     shape = f"{args.serve_tokens:,} tokens x {N_LAYERS} layers, k {K}"
     print(f"\nrequest latency ({shape}; warm page cache; {args.requests} random latents; HTTP keep-alive)")
     print(f"{'route':<26}{'latents layout':<26}{'median ms':>10}{'p95 ms':>9}{'target ms':>10}{'KB':>7}")
