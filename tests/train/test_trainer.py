@@ -276,3 +276,37 @@ def test_fit_options_take_effect(tmp_path: Path, random_cache: Path, args: list[
     cfg = json.loads((out / "cfg.json").read_text())
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert check(cfg, lines)
+
+
+def _fvu_numpy(x: np.ndarray, x_hat: np.ndarray, layer: np.ndarray, n_layers: int) -> np.ndarray:
+    """FVU of each layer's rows against their per-dimension mean, in float64 (the slow reference)."""
+    out = np.full(n_layers, np.nan)
+    for b in range(n_layers):
+        rows = layer == b
+        if rows.any():
+            err = ((x[rows] - x_hat[rows]) ** 2).sum()
+            out[b] = err / ((x[rows] - x[rows].mean(0)) ** 2).sum()
+    return out
+
+
+@pytest.mark.parametrize("loss_space", ["standardized", "raw"])
+def test_the_logged_fvu_is_in_raw_units_whatever_the_loss_space(loss_space: str) -> None:
+    from mlsae_train.sae import SaeConfig, TopKSAE
+    from mlsae_train.trainer import step_loss
+
+    gen = torch.Generator().manual_seed(0)
+    n_layers, d = 3, 16
+    layer = torch.arange(96) % n_layers
+    x = torch.randn(96, d, generator=gen) * (1 + 10 * layer[:, None].float()) + 3.0  # layers of different scales
+    sae = TopKSAE(SaeConfig(d_model=d, n_latents=64, k=4), generator=gen)
+    dead = torch.zeros(64, dtype=torch.bool)
+    loss = step_loss(sae, x, layer, n_layers, dead, k_aux=0, loss_space=loss_space, measure_raw=True)
+    x_hat = loss.out.x_hat.detach().double().numpy()
+    raw = _fvu_numpy(x.double().numpy(), x_hat, layer.numpy(), n_layers)
+    std = _fvu_numpy(
+        loss.out.x_std.detach().double().numpy(), loss.out.x_hat_std.detach().double().numpy(), layer.numpy(), n_layers
+    )
+    np.testing.assert_allclose(loss.fvu_raw.double().numpy(), raw, rtol=1e-5)  # what fit logs and prints
+    own = raw if loss_space == "raw" else std  # what the loss minimises
+    assert float(loss.l_fvu.detach()) == pytest.approx(own.mean(), rel=1e-5)
+    assert not np.allclose(raw, std, rtol=1e-3)  # the two spaces are different quantities here
