@@ -204,6 +204,33 @@ def _study_checks(point: StudyPoint) -> list[Finding]:
     ]
 
 
+_STUDY_VALUES = (
+    lambda s: s.rel_var_token,
+    lambda s: _number((s.window or {}).get("rel_var_t")),
+    multi_layer_share,
+)
+"""The number each study check (in `_study_checks`' order) decides on."""
+
+
+def _agrees_at(check: int, value: float) -> bool:
+    return value > MULTI_LAYER_MIN if check == 2 else value < SPREAD_RATIO_MAX
+
+
+def _drift(check: int, ordered: list[StudyPoint]) -> str | None:
+    """Why a verdict that holds at every length is not yet settled: its number moved over the last two lengths so
+    that one more step of the same size (in log rows, linearly) would cross the rule's threshold; None if not."""
+    if len(ordered) < 2:
+        return None
+    (ra, a), (rb, b) = ((p.rows, _STUDY_VALUES[check](p.summary)) for p in ordered[-2:])
+    if a is None or b is None or _agrees_at(check, b) == _agrees_at(check, 2 * b - a):
+        return None
+    return (
+        f"its number moved from {a:.4g} to {b:.4g} over the last {rb / ra:.0f}x of training; one more such step "
+        f"would bring it to about {2 * b - a:.4g}, across the rule's threshold: **not yet stable** with training "
+        "length on this model."
+    )
+
+
 def study_section(study: list[StudyPoint]) -> list[str]:
     """The training-length table and, per finding, whether its verdict holds at every length."""
 
@@ -226,11 +253,15 @@ def study_section(study: list[StudyPoint]) -> list[str]:
             f"| {cell(_number(window))} | {cell(multi_layer_share(p.summary), '.1%')} |"
         )
     lines.append("")
-    per_point = [_study_checks(p) for p in sorted(study, key=lambda p: p.rows)]
+    ordered = sorted(study, key=lambda p: p.rows)
+    per_point = [_study_checks(p) for p in ordered]
     for i, check in enumerate(per_point[0]):
         verdicts = [checks[i].verdict for checks in per_point]
-        if len(set(verdicts)) == 1:
+        drift = _drift(i, ordered) if len(set(verdicts)) == 1 else None
+        if len(set(verdicts)) == 1 and drift is None:
             lines.append(f"- {check.name}: **{verdicts[0]}** at every length ({len(verdicts)} lengths): stable.")
+        elif drift is not None:
+            lines.append(f"- {check.name}: {verdicts[0]} at every length ({len(verdicts)} lengths), but {drift}")
         else:
             shown = ", ".join(
                 f"{v} at {p.rows:,} rows" for v, p in zip(verdicts, sorted(study, key=lambda p: p.rows), strict=True)

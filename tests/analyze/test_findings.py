@@ -172,6 +172,24 @@ def test_the_training_length_study_says_which_verdicts_are_stable() -> None:
     assert "(per window, normalised mixtures): **agrees** at every length (2 lengths): stable." in text
 
 
+def test_a_verdict_whose_number_heads_across_the_threshold_is_not_yet_stable() -> None:
+    """The same verdict at every length is "stable" only if one more step like the last would not flip it."""
+    rows = (500_000, 2_000_000, 8_000_000)
+    window = (0.26, 0.22, 0.14)  # differs everywhere, but 0.14 - 0.08 = 0.06 would agree
+    pooled = (0.56, 0.62, 0.59)  # differs everywhere and stays so (0.56)
+    points = [
+        StudyPoint(r, VarianceSummary.from_dict(summary_of(p, w, 0.6)), 0.3, 0.0)
+        for r, p, w in zip(rows, pooled, window, strict=True)
+    ]
+    text = "\n".join(study_section(points))
+    assert "(activation-weighted, pooled): **differs** at every length (3 lengths): stable." in text
+    assert (
+        "(per window, normalised mixtures): differs at every length (3 lengths), but its number moved from 0.22 to"
+        in text
+    )
+    assert "about 0.06, across the rule's threshold: **not yet stable**" in text
+
+
 @pytest.mark.parametrize("side", ["agree", "differ"])
 def test_report_with_compare_states_the_numbers_and_verdicts(tmp_path: Path, side: str) -> None:
     agree = side == "agree"
