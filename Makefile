@@ -7,7 +7,7 @@ DEMO ?= demo_out
 # the demo's settings (each command reads its own table; options on the command line win)
 DEMO_PRESET ?= data/presets/demo.toml
 BIN := $(VENV)/bin
-# `make reproduce` (README "Reproducing the paper's findings"): about 17 minutes on 2 otherwise idle cores.
+# `make reproduce` (README "Reproducing the paper's findings"): about an hour on 2 cores, most of it the training-length study.
 # The harvest is the demo's: REPRO_CACHE=$(DEMO)/cache reuses a complete demo cache (harvesting it again is a no-op).
 REPRO ?= reproduce_out
 REPRO_CACHE ?= $(REPRO)/cache
