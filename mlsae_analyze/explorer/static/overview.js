@@ -46,6 +46,10 @@ function decode(base64, length) {
   return out;
 }
 
+/** The overview's colour: square root of P(layer) / its maximum, so that the many latents spread over several
+ * layers (P of 0.05-0.1 each) are not lost beside the few held by one layer (P near 1). */
+const shade = (frac) => blue(Math.sqrt(Math.max(0, frac)));
+
 function heatmapCanvas(ov) {
   const L = ov.layers.length;
   const cells = decode(ov.cells, L * ov.columns);
@@ -55,7 +59,7 @@ function heatmapCanvas(ov) {
   const ctx = canvas.getContext("2d");
   for (let l = 0; l < L; l++) {
     for (let c = 0; c < ov.columns; c++) {
-      ctx.fillStyle = blue(cells[l * ov.columns + c] / 255);
+      ctx.fillStyle = shade(cells[l * ov.columns + c] / 255);
       ctx.fillRect(c * colW, l * rowH, colW, rowH);
     }
   }
@@ -113,7 +117,7 @@ function overviewSection(ov, nFiring) {
   return [
     h("p", { class: "muted" }, `Rows: layers (blocks). Columns: the ${count(nFiring)} latents that fire, sorted by mean layer (${fmt(first, 3)} → ${fmt(last, 3)})${ov.per_column > 1 ? `, ${ov.per_column} per column (their mean)` : ""}. Colour: P(layer).`),
     row,
-    legend("P(layer)", ov.scale, blue),
+    legend("P(layer), square-root colour scale", ov.scale, shade),
   ];
 }
 
