@@ -134,7 +134,9 @@ def run_compare(
         spliced = splice_targets(cache, targets, cfg.splice_config(), device, progress=splice_progress)
         columns = zip(keys, spliced.delta_ce, spliced.kl, spliced.kl_spliced_clean, strict=True)
         for (kind, layer), dce, kl, reverse in columns:
-            metrics[kind][layer].update({"delta_ce": dce, "kl": kl, "kl_spliced_clean": reverse})
+            metrics[kind][layer].update(
+                {"delta_ce": dce, "kl": kl, "kl_clean_spliced": kl, "kl_spliced_clean": reverse}
+            )
         clean_ce, n_windows = spliced.clean_ce, spliced.n_windows
     rows = [
         {"layer": layer, "mlsae": metrics["mlsae"][layer], "single": metrics["single"].get(layer)} for layer in layers

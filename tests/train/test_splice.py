@@ -277,7 +277,8 @@ def test_compare_puts_the_saes_side_by_side(llama_setup: Setup, trained: dict[st
     assert [row["layer"] for row in saved["rows"]] == list(LAYERS)
     for row in saved["rows"]:
         for kind in ("mlsae", "single"):
-            assert set(row[kind]) == {"fvu", "delta_ce", "kl", "kl_spliced_clean", "dead_fraction"}
+            assert set(row[kind]) == {"fvu", "delta_ce", "kl", "kl_clean_spliced", "kl_spliced_clean", "dead_fraction"}
+            assert row[kind]["kl_clean_spliced"] == row[kind]["kl"]  # named by direction; `kl` kept as it was
             assert np.isfinite(list(row[kind].values())).all()
     assert saved["n_windows"] == 2 and saved["clean_ce"] > 0
     assert saved["format"] == "mlsae-compare" and saved["version"] == 1
