@@ -106,6 +106,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_ddp.py
 	$(PY) benchmarks/decoder.py
 	$(PY) benchmarks/analyze.py
+	$(PY) benchmarks/explorer.py
 
 clean:
 	rm -rf $(DEMO)
