@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check mlsae_cache mlsae_train mlsae_analyze tests benchmarks
 	$(BIN)/mypy mlsae_cache mlsae_train mlsae_analyze
 
-# The whole pipeline on the embedded model and text: about 10 minutes on 2 cores (README gives the steps).
+# The whole pipeline on the embedded model and text: about 8 minutes on 2 cores (README gives the steps).
 demo: $(STAMP)
 	$(BIN)/mlsae-cache harvest $(DEMO)/cache --config $(DEMO_PRESET)
 	$(BIN)/mlsae-cache info $(DEMO)/cache
