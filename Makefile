@@ -68,7 +68,7 @@ demo: $(STAMP)
 
 # The paper's findings on the embedded model and text: an MLSAE on every layer and single-layer SAEs of the same
 # size on REPRO_SINGLE_LAYERS, compared on held-out tokens, then the layer analyses and a report whose Findings
-# section sets each number beside the paper's claim. Re-running it skips or resumes what is done.
+# section sets each number beside the paper's claim. Re-running it skips or resumes the harvest, fits and encodes.
 reproduce: $(STAMP)
 	$(BIN)/mlsae-cache harvest $(REPRO_CACHE) --config $(REPRO_PRESET)
 	$(BIN)/mlsae-train fit $(REPRO_CACHE) $(REPRO)/mlsae $(REPRO_FIT_ARGS) --batch-rows $(REPRO_BATCH_ROWS) \
