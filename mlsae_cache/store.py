@@ -386,28 +386,29 @@ class Cache:
             raise InputError(f"block {layer} is not in cache {self.path} (it holds blocks {list(self.layers)})")
         return self.layers.index(layer)
 
-    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
+    def token_range(self, start: int, stop: int | None) -> tuple[int, int]:
+        """(start, stop) with stop None meaning the last committed token, and clipped to it."""
         return start, self.n_tokens if stop is None else min(stop, self.n_tokens)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> TokenRows:
         """The per-token arrays of committed rows [start, stop) (default: all); only the chunks holding that
         range are read."""
-        a, b = self._range(start, stop)
+        a, b = self.token_range(start, stop)
         return TokenRows(*(read_array(self._group, name, slice(a, b)) for name in TOKEN_DTYPES))
 
     def trainable(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Which committed rows [start, stop) are trainable: [n] bool."""
-        a, b = self._range(start, stop)
+        a, b = self.token_range(start, stop)
         return read_array(self._group, "trainable", slice(a, b))
 
     def token_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The input token of committed rows [start, stop): [n] int32."""
-        a, b = self._range(start, stop)
+        a, b = self.token_range(start, stop)
         return read_array(self._group, "token_ids", slice(a, b))
 
     def activations(self, start: int, stop: int, layer_index: int | slice = slice(None)) -> np.ndarray:
         """float32 activations of rows [start, stop) at layer position(s) `layer_index`."""
-        a, b = self._range(start, stop)
+        a, b = self.token_range(start, stop)
         raw = read_array(self._group, _ACTIVATIONS, (slice(a, b), layer_index))
         return to_float32(raw, self.meta.storage_dtype)
 

@@ -122,8 +122,8 @@ def run_compare(
     cache = Cache(cfg.cache)
     layers = tuple(mlsae_cfg.get("layers") or cache.layers)
     singles = load_singles(cfg, mlsae, layers, device)
-    stop = cache.n_tokens if cfg.stop is None else min(cfg.stop, cache.n_tokens)
-    progress(0, total=max(stop - cfg.start, 0) * (1 + len(singles)))
+    start, stop = cache.token_range(cfg.start, cfg.stop)
+    progress(0, total=max(stop - start, 0) * (1 + len(singles)))
     metrics = {"mlsae": _fvu_dead(mlsae, cache, layers, cfg, progress), "single": {}}
     for layer, sae in singles.items():
         metrics["single"].update(_fvu_dead(sae, cache, (layer,), cfg, progress))

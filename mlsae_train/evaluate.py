@@ -67,7 +67,7 @@ def evaluate(
 ) -> EvalResult:
     """Metrics of `sae` on the trainable rows of tokens [start, stop) at `layers`."""
     check_compatible(sae, cache, layers)
-    stop = cache.n_tokens if stop is None else min(stop, cache.n_tokens)
+    start, stop = cache.token_range(start, stop)
     if not 0 <= start < stop:
         raise InputError(f"token range [{start}, {stop}) is empty (the cache has {cache.n_tokens} tokens)")
     device = sae.b_dec.device
@@ -152,7 +152,7 @@ def run_eval(
     if cfg.splice:
         spliced = splice_evaluate(sae, cache, layers, cfg.splice_config(start), progress=splice_progress)
         result = result.with_splice(spliced)
-    stop = cache.n_tokens if cfg.stop is None else min(cfg.stop, cache.n_tokens)
+    _, stop = cache.token_range(start, cfg.stop)
     result = replace(result, sae=str(cfg.sae), cache=str(cfg.cache), start=start, stop=stop, held_out=held_out)
     if cfg.out is not None:
         result.write(cfg.out)

@@ -125,7 +125,7 @@ def cache_window_batches(
     cache: Cache, start: int, stop: int | None, batch_windows: int, max_windows: int | None
 ) -> Iterator[WindowBatch]:
     """Batches of the whole windows inside the cache's token range [start, stop), rebuilt from token ids."""
-    stop = cache.n_tokens if stop is None else min(stop, cache.n_tokens)
+    start, stop = cache.token_range(start, stop)
     ctx = cache.meta.context_length
     tokens = cache.tokens(start, stop)
     offsets = whole_windows(tokens.sequence, tokens.position, ctx)[:max_windows]
