@@ -16,6 +16,7 @@ same MLSAE trained for several lengths (the training-length study), which says w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,16 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def spread_agrees(ratio: float) -> bool:
+    """The spread rule: at least 1 / SPREAD_RATIO_MAX times less spread within a token."""
+    return ratio < SPREAD_RATIO_MAX
+
+
+def multi_layer_agrees(share: float) -> bool:
+    """The multi-layer rule: more than MULTI_LAYER_MIN of the latents that fire count at two layers or more."""
+    return share > MULTI_LAYER_MIN
+
+
 def spread_finding(ratio: Any, key: str, mode: str) -> Finding:
     """Within-token vs aggregated spread over layers: `ratio` is rel_var_token (pooled) or rel_var_t (window)."""
     name = f"Spread over layers within a token vs over tokens ({mode})"
@@ -86,7 +97,7 @@ def spread_finding(ratio: Any, key: str, mode: str) -> Finding:
             f"`{key}` = {value:.4g}: a latent's variance over layers within one token is {1 / value:.3g}x smaller "
             f"than over all tokens ({math.log10(1 / value):.2f} orders of magnitude)."
         )
-    return Finding(name, f"{ours} {claim} {rule}", value < SPREAD_RATIO_MAX)
+    return Finding(name, f"{ours} {claim} {rule}", spread_agrees(value))
 
 
 def multi_layer_share(summary: VarianceSummary, share: float = MULTI_LAYER_SHARE) -> float | None:
@@ -112,7 +123,7 @@ def multi_layer_finding(summary: VarianceSummary) -> Finding:
         f"{value:.1%} of the latents that fire have two layers or more holding {MULTI_LAYER_SHARE:.0%} of their "
         f"mass. The fraction depends on the threshold: by share of mass {shares}; by rows {rows}."
     )
-    return Finding(name, f"{ours} {claim} {rule}", value > MULTI_LAYER_MIN)
+    return Finding(name, f"{ours} {claim} {rule}", multi_layer_agrees(value))
 
 
 def size_trend_finding(summary: VarianceSummary, cosine: CosineResult | None) -> Finding:
@@ -204,16 +215,12 @@ def _study_checks(point: StudyPoint) -> list[Finding]:
     ]
 
 
-_STUDY_VALUES = (
-    lambda s: s.rel_var_token,
-    lambda s: _number((s.window or {}).get("rel_var_t")),
-    multi_layer_share,
+_STUDY_RULES: tuple[tuple[Callable[[VarianceSummary], float | None], Callable[[float], bool]], ...] = (
+    (lambda s: _number(s.rel_var_token), spread_agrees),
+    (lambda s: _number((s.window or {}).get("rel_var_t")), spread_agrees),
+    (multi_layer_share, multi_layer_agrees),
 )
-"""The number each study check (in `_study_checks`' order) decides on."""
-
-
-def _agrees_at(check: int, value: float) -> bool:
-    return value > MULTI_LAYER_MIN if check == 2 else value < SPREAD_RATIO_MAX
+"""The number each study check (in `_study_checks`' order) decides on, and its finding's rule."""
 
 
 def _drift(check: int, ordered: list[StudyPoint]) -> str | None:
@@ -221,8 +228,9 @@ def _drift(check: int, ordered: list[StudyPoint]) -> str | None:
     that one more step of the same size (in log rows, linearly) would cross the rule's threshold; None if not."""
     if len(ordered) < 2:
         return None
-    (ra, a), (rb, b) = ((p.rows, _STUDY_VALUES[check](p.summary)) for p in ordered[-2:])
-    if a is None or b is None or _agrees_at(check, b) == _agrees_at(check, 2 * b - a):
+    value_of, agrees = _STUDY_RULES[check]
+    (ra, a), (rb, b) = ((p.rows, value_of(p.summary)) for p in ordered[-2:])
+    if a is None or b is None or agrees(b) == agrees(2 * b - a):
         return None
     return (
         f"its number moved from {a:.4g} to {b:.4g} over the last {rb / ra:.0f}x of training; one more such step "
