@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlsae_analyze.latents import Latents
+from mlsae_analyze.latents import Latents, check_rows
 from mlsae_analyze.layers import layer_distribution, layer_totals
-from mlsae_cache.core.errors import InputError, StoreError
+from mlsae_cache.core.errors import InputError
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import TokenRows
 
@@ -147,18 +147,6 @@ class TopN:
         self.tokens[layer, touched] = all_token[take].reshape(len(touched), self.n)
 
 
-def _check_chunk(indices: np.ndarray, values: np.ndarray, n_latents: int) -> None:
-    """Refuse values that are not finite and >= 0, and active slots naming a latent outside [0, n_latents)."""
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise StoreError("latents `values` hold negative or non-finite activations (re-encode the store)")
-    active = indices[values > 0]
-    if active.size and (active.min() < 0 or active.max() >= n_latents):
-        bad = int(active.min()) if active.min() < 0 else int(active.max())
-        raise StoreError(
-            f"latents `indices` hold latent {bad} at an active slot, outside [0, {n_latents}) (re-encode the store)"
-        )
-
-
 def _chunks(
     latents: Latents, include_untrainable: bool, progress: Progress
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -166,7 +154,7 @@ def _chunks(
     inactive slots index 0."""
     for chunk in latents.chunks(progress):
         values = chunk.values.astype(np.float64)
-        _check_chunk(chunk.indices, values, latents.n_latents)
+        check_rows(chunk.indices, values, latents.n_latents)
         if not include_untrainable:
             values = values * chunk.tokens.trainable[:, None, None]
         yield chunk.start, np.where(values > 0, chunk.indices, 0), values

@@ -116,6 +116,19 @@ class LatentChunk(NamedTuple):
     tokens: TokenRows
 
 
+def check_rows(indices: np.ndarray, values: np.ndarray, n_latents: int) -> None:
+    """Refuse rows of a latents store (indices and values [C, L, k]) whose values are not finite and >= 0, or whose
+    active slots name a latent outside [0, n_latents): StoreError naming what to redo."""
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise StoreError("latents `values` hold negative or non-finite activations (re-encode the store)")
+    active = indices[values > 0]
+    if active.size and (active.min() < 0 or active.max() >= n_latents):
+        bad = int(active.min()) if active.min() < 0 else int(active.max())
+        raise StoreError(
+            f"latents `indices` hold latent {bad} at an active slot, outside [0, {n_latents}) (re-encode the store)"
+        )
+
+
 class LatentsWriter(ChunkCommitter[LatentChunk]):
     """Commits token chunks of latents in order; the caller holds the store lock (core.zarrstore.StoreTransaction)."""
 

@@ -31,7 +31,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 
 from mlsae_analyze.explorer.index import EMPTY
-from mlsae_analyze.latents import LatentChunk
+from mlsae_analyze.latents import LatentChunk, check_rows
 from mlsae_cache.core.errors import StoreError
 
 T = TypeVar("T")
@@ -100,16 +100,12 @@ def entries(chunk: LatentChunk, start: int, stop: int, params: PassParams) -> En
     """The entries of rows [start, stop) of `chunk` (absolute rows), untrainable rows left out unless asked."""
     a, b = start - chunk.start, stop - chunk.start
     values = chunk.values[a:b]
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise StoreError("latents `values` hold negative or non-finite activations (re-encode the store)")
+    check_rows(chunk.indices[a:b], values, params.n_latents)
     active = values > 0
     if not params.include_untrainable:
         active &= chunk.tokens.trainable[a:b][:, None, None]
     flat = np.flatnonzero(active)  # one gather per array: the rows' [L, k] blocks are contiguous
     latent = chunk.indices[a:b].reshape(-1)[flat].astype(np.int64)
-    if latent.size and (latent.min() < 0 or latent.max() >= params.n_latents):
-        bad = int(latent.min()) if latent.min() < 0 else int(latent.max())
-        raise StoreError(f"latents hold latent {bad} at an active slot, outside [0, {params.n_latents}) (re-encode)")
     k = values.shape[2]
     row, layer = np.divmod(flat // k, params.n_layers)
     return Entries(row + start, layer, latent, values.reshape(-1)[flat].astype(np.float64))
