@@ -2,7 +2,7 @@
 
 Streaming passes over the latents store, one token chunk at a time, never holding anything of size
 tokens x n_latents: pass 1 sums each latent's activation per layer (`totals` [L, n_latents], to select latents
-and describe them); pass 2 keeps, for the selected latents only, a running top-N per (layer, latent) (`TopN`);
+and describe them); pass 2 keeps, for the selected latents only, a running top-N per (layer, latent) (`topn.TopN`);
 pass 3 reads the chunks that hold the examples' contexts again, for the latent's activation at every context
 token. Latents are selected by id, as the `top` with most activation mass, or at `random` among those that fire,
 optionally only those whose mean layer lies in a range. Rows with `trainable == False` are skipped unless asked.
@@ -16,18 +16,18 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from mlsae_analyze.latents import Latents, check_rows
 from mlsae_analyze.layers import layer_distribution, layer_totals
+from mlsae_analyze.topn import EMPTY, TopN
 from mlsae_cache.core.errors import InputError
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import TokenRows
 
 log = logging.getLogger(__name__)
-
-EMPTY_TOKEN = -1
 
 
 @dataclass(frozen=True)
@@ -121,32 +121,6 @@ class LatentSummary:
         return float(layer_distribution(self.totals[:, None]).mean[0])
 
 
-class TopN:
-    """Running top-n activations of m tracked latents at L layers: values [L, m, n] (descending, -inf = empty)
-    and tokens [L, m, n] (store row, EMPTY_TOKEN = empty)."""
-
-    def __init__(self, n_layers: int, n_tracked: int, n: int) -> None:
-        self.n = n
-        self.values = np.full((n_layers, n_tracked, n), -np.inf)
-        self.tokens = np.full((n_layers, n_tracked, n), EMPTY_TOKEN, dtype=np.int64)
-
-    def update(self, layer: int, slot: np.ndarray, value: np.ndarray, token: np.ndarray) -> None:
-        """Offer entries (tracked slot, activation, store row), each [E], at layer position `layer`."""
-        better = value > self.values[layer, slot, -1]  # only these can enter a full top-n
-        slot, value, token = slot[better], value[better], token[better]
-        if not len(slot):
-            return
-        touched = np.unique(slot)
-        all_slot = np.concatenate([np.repeat(touched, self.n), slot])
-        all_value = np.concatenate([self.values[layer, touched].ravel(), value])
-        all_token = np.concatenate([self.tokens[layer, touched].ravel(), token])
-        order = np.lexsort((all_token, -all_value, all_slot))  # by slot, then value down, then token
-        group_start = np.searchsorted(all_slot[order], touched)
-        take = order[(group_start[:, None] + np.arange(self.n)).ravel()]  # each group holds >= n entries
-        self.values[layer, touched] = all_value[take].reshape(len(touched), self.n)
-        self.tokens[layer, touched] = all_token[take].reshape(len(touched), self.n)
-
-
 def _chunks(
     latents: Latents, include_untrainable: bool, progress: Progress
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -207,21 +181,32 @@ def select_latents(totals: np.ndarray, cfg: ExamplesConfig, layers: tuple[int, .
 DEFAULT_TOP = 10
 
 
+class TopRows(NamedTuple):
+    """The top activations of each (layer, tracked latent): values [L, m, n] (descending, -inf = empty) and the
+    store rows [L, m, n] (topn.EMPTY = empty)."""
+
+    values: np.ndarray
+    rows: np.ndarray
+
+
 def top_activations(
     latents: Latents, selected: np.ndarray, cfg: ExamplesConfig, progress: Progress = no_progress
-) -> TopN:
-    """Pass 2: the top cfg.per_layer rows of each (layer, selected latent); slot i is latent selected[i]."""
+) -> TopRows:
+    """Pass 2: the top cfg.per_layer rows of each (layer, selected latent); slot i is latent selected[i]. Rows
+    come in order, so ties go to the earlier row."""
     slot_of = np.full(latents.n_latents, -1, dtype=np.int64)
     slot_of[selected] = np.arange(len(selected))
-    top = TopN(len(latents.layers), len(selected), cfg.per_layer)
+    n_layers, m = len(latents.layers), len(selected)
+    top = TopN(n_layers * m, cfg.per_layer)  # group layer * m + slot
     k = latents.meta.k
     for start, indices, values in _chunks(latents, cfg.include_untrainable, progress):
         row = start + np.repeat(np.arange(indices.shape[0]), k)
         for layer in range(indices.shape[1]):
             slot, value = slot_of[indices[:, layer].ravel()], values[:, layer].ravel()
             hit = (slot >= 0) & (value > 0)
-            top.update(layer, slot[hit], value[hit], row[hit])
-    return top
+            top.offer(layer * m + slot[hit], value[hit], row[hit])
+    values, rows = top.result()
+    return TopRows(values.reshape(n_layers, m, -1), rows.reshape(n_layers, m, -1))
 
 
 def _context(row: int, sequence: np.ndarray, token_ids: np.ndarray, width: int) -> tuple[tuple[int, ...], int]:
@@ -231,13 +216,13 @@ def _context(row: int, sequence: np.ndarray, token_ids: np.ndarray, width: int) 
     return tuple(int(t) for t in token_ids[same]), int(row - same[0])
 
 
-def _latent_examples(top: TopN, slot: int, latent: int, tokens: TokenRows, width: int) -> list[Example]:
+def _latent_examples(top: TopRows, slot: int, latent: int, tokens: TokenRows, width: int) -> list[Example]:
     """The filled top-n entries of one tracked latent at every layer, as Examples with their contexts."""
     sequence, token_ids, position = tokens.sequence, tokens.token_ids, tokens.position
     examples = []
-    for layer in range(top.tokens.shape[0]):
-        rows, values = top.tokens[layer, slot], top.values[layer, slot]
-        for rank in np.flatnonzero(rows != EMPTY_TOKEN):
+    for layer in range(top.rows.shape[0]):
+        rows, values = top.rows[layer, slot], top.values[layer, slot]
+        for rank in np.flatnonzero(rows != EMPTY):
             row = int(rows[rank])
             context, focus = _context(row, sequence, token_ids, width)
             examples.append(

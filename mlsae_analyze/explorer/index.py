@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import zarr
 
+from mlsae_analyze import topn
 from mlsae_cache.core.errors import InputError, NotFoundError, StoreError
 from mlsae_cache.core.records import check_format
 from mlsae_cache.core.zarrstore import ATTR, create_array, get_array, read_root_attribute, writable
@@ -48,8 +49,8 @@ VERSION = 1
 KIND = "explorer index"
 CHUNK_LATENTS = 64
 """Latents per chunk: one latent's page reads one chunk of each array (a few hundred KB at most)."""
-EMPTY = -1
-"""The code of an empty example slot."""
+EMPTY = topn.EMPTY
+"""The code of an empty example slot (what the passes' running top-n leave there)."""
 KINDS = ("top", "quantile", "random")
 """The kinds of example lists."""
 

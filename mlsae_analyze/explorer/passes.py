@@ -16,9 +16,9 @@ layer (the lowest on ties). Per (tab, latent):
 
 An example row is coded token * L + layer. Nothing here holds anything of size tokens x latents; what is kept
 is of size latents x tabs x (top + random + quantiles x per_quantile), plus a block's entries and the top-n
-buffers (`TopK`, at most TOPK_BUFFER entries each). Every result is the same whatever the chunking of the store or the
-block size (sums up to float rounding): orders and draws depend on rows only. Each block is handled with a few
-array operations over all tabs at once (keys tab * N + latent).
+buffers (`topn.TopN`, at most topn.BUFFER entries each). Every result is the same whatever the chunking of the
+store or the block size (sums up to float rounding): orders and draws depend on rows only. Each block is handled
+with a few array operations over all tabs at once (keys tab * N + latent).
 """
 
 from __future__ import annotations
@@ -30,15 +30,13 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from mlsae_analyze.explorer.index import EMPTY
 from mlsae_analyze.latents import LatentChunk, check_rows
+from mlsae_analyze.topn import TopN
 from mlsae_cache.core.errors import StoreError
 
 T = TypeVar("T")
 ROWS_PER_BLOCK = 1024
 """Token rows handled at once: bounds the scratch memory whatever the store's chunking."""
-TOPK_BUFFER = 1 << 18
-"""Entries a `TopK` buffers before it merges them (about 100 MB)."""
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1
 
@@ -176,65 +174,6 @@ def ahead(items: Iterator[T]) -> Iterator[T]:
             yield item
 
 
-class TopK:
-    """The running n largest values of each of G groups, ties to the smaller code: values [G, n] (descending,
-    -inf = empty) and codes [G, n] (EMPTY = empty).
-
-    An offer keeps only the entries above its group's n-th value so far, in a buffer; when the buffer holds
-    `buffer` entries (and at the end) one sort merges it into the groups it touches. Each group's threshold then
-    rises, so most of a long pass is a gather and a compare. Offers must bring each group's entries in increasing
-    code order (across calls and within one), as the passes do (rows in order): then every entry of a group that
-    is buffered has a larger code than those it holds, and the merge breaks ties by position alone."""
-
-    def __init__(self, n_groups: int, n: int, buffer: int | None = None) -> None:
-        self.n, self.buffer = n, buffer or TOPK_BUFFER
-        self.values = np.full((n_groups, n), -np.inf)
-        self.codes = np.full((n_groups, n), EMPTY, dtype=np.int64)
-        self.threshold = np.full(n_groups, -np.inf)
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._held = 0
-
-    def offer(self, group: np.ndarray, value: np.ndarray, code: np.ndarray) -> None:
-        keep = value > self.threshold[group]
-        if keep.any():
-            self._parts.append((group[keep], value[keep], code[keep]))
-            self._held += int(keep.sum())
-        if self._held >= self.buffer:
-            self.merge()
-
-    def merge(self) -> None:
-        """Merge the buffered entries into the groups' n largest: the buffer's n largest per group (one stable
-        sort by group, then value down, so equal values keep their code order), then, per touched group, those
-        beside the n it held (a small sort of 2n per group; held codes are the smaller ones)."""
-        if not self._parts:
-            return
-        group, value, code = (np.concatenate(part) for part in zip(*self._parts, strict=True))
-        self._parts, self._held = [], 0
-        order = np.lexsort((-value, group))
-        group, value, code = group[order], value[order], code[order]
-        start = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
-        size = np.diff(np.append(start, len(group)))
-        rank = np.arange(len(group)) - np.repeat(start, size)
-        kept = rank < self.n
-        touched = group[start]
-        at = np.repeat(np.arange(len(start)), size)[kept]
-        fresh_values = np.full((len(touched), self.n), -np.inf)
-        fresh_codes = np.full((len(touched), self.n), EMPTY, dtype=np.int64)
-        fresh_values[at, rank[kept]] = value[kept]
-        fresh_codes[at, rank[kept]] = code[kept]
-        values = np.concatenate([self.values[touched], fresh_values], axis=1)
-        codes = np.concatenate([self.codes[touched], fresh_codes], axis=1)
-        best = np.argsort(-values, axis=1, kind="stable")[:, : self.n]
-        self.values[touched] = np.take_along_axis(values, best, 1)
-        self.codes[touched] = np.take_along_axis(codes, best, 1)
-        self.threshold[touched] = self.values[touched, -1]
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(values, codes), each [G, n]."""
-        self.merge()
-        return self.values, self.codes
-
-
 class FirstPass:
     """Pass 1: per (tab, latent) fired, total, total_sq, peak [T, N]; within [N]; top and random draws; the
     windows' first rows, the rows seen and the rows kept."""
@@ -245,8 +184,8 @@ class FirstPass:
         self.fired = np.zeros(shape, dtype=np.int64)
         self.total, self.total_sq, self.peak = np.zeros(shape), np.zeros(shape), np.zeros(shape)
         self.within = np.zeros(p.n_latents)
-        self.top = TopK(p.n_tabs * p.n_latents, p.top)
-        self.random = TopK(p.n_tabs * p.n_latents, p.random)
+        self.top = TopN(p.n_tabs * p.n_latents, p.top)
+        self.random = TopN(p.n_tabs * p.n_latents, p.random)
         self.docs = DocStarts()
         self.n_rows = self.n_tokens = 0
         self._chunk = -1
@@ -316,7 +255,7 @@ class ThirdPass:
     def __init__(self, p: PassParams, edges: np.ndarray) -> None:
         self.p = p
         self.inner = edges[..., 1 : p.quantiles].astype(np.float64)  # [T, N, Q - 1]
-        self.samples = TopK(p.n_tabs * p.quantiles * p.n_latents, p.per_quantile)
+        self.samples = TopN(p.n_tabs * p.quantiles * p.n_latents, p.per_quantile)
 
     def add(self, chunk: LatentChunk, e: Entries, g: Groups) -> None:
         n, quantiles = self.p.n_latents, self.p.quantiles

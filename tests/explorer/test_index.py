@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlsae_analyze import topn
 from mlsae_analyze.explorer import passes
 from mlsae_analyze.explorer.build import IndexConfig, run_index
 from mlsae_analyze.explorer.index import ARRAY_NAMES, EMPTY, ExplorerIndex, IndexArrays, read_index_meta
@@ -129,7 +130,7 @@ def test_the_index_is_the_same_under_two_chunkings_and_block_sizes(
 ) -> None:
     other = make_stores(tmp_path / "stores", chunk_tokens=96)
     monkeypatch.setattr(passes, "ROWS_PER_BLOCK", 37)
-    monkeypatch.setattr(passes, "TOPK_BUFFER", 200)  # many merges instead of one
+    monkeypatch.setattr(topn, "BUFFER", 200)  # many merges instead of one
     run_index(index_config(other, tmp_path / "index", logits=False))
     _assert_same(ExplorerIndex(index).arrays(), ExplorerIndex(tmp_path / "index").arrays())
 
@@ -137,7 +138,7 @@ def test_the_index_is_the_same_under_two_chunkings_and_block_sizes(
 @pytest.mark.parametrize("buffer", [1, 7, 10_000])
 def test_topk_equals_a_sort(buffer: int) -> None:
     rng = np.random.default_rng(0)
-    top = passes.TopK(n_groups=5, n=3, buffer=buffer)
+    top = topn.TopN(n_groups=5, n=3, buffer=buffer)
     groups, values = rng.integers(0, 5, 300), np.round(rng.random(300), 1)  # coarse: many ties
     for a in range(0, 300, 17):
         part = slice(a, a + 17)
