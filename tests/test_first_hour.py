@@ -105,7 +105,15 @@ def test_a_resumed_harvest_bar_starts_where_it_resumes(tmp_path: Path, tiny_mode
 def test_ctrl_c_on_fit_saves_a_checkpoint_and_the_same_command_continues(tmp_path: Path, random_cache: Path) -> None:
     out = tmp_path / "sae"
     args = ["-m", "mlsae_train", "fit", str(random_cache), str(out), *FIT, "--max-rows", "400k"]
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background (nohup, `&`) ignores SIGINT and its children inherit that: give the fit
+    # the default disposition, as a terminal would, so that Python turns the signal into KeyboardInterrupt.
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").is_file() or (out / "metrics.jsonl").stat().st_size == 0:
         assert time.monotonic() < deadline and proc.poll() is None
