@@ -219,7 +219,13 @@ def index(ctx: click.Context, **options: Any) -> None:
 
 @main.command()
 @click.argument("index", type=click.Path(path_type=Path))
-@click.option("--model", default=None, help="Decode tokens with this model's tokenizer [default: the index's].")
+@click.option(
+    "--model",
+    default=None,
+    help="Run this model (or `cache`: the cache's own) with the SAE: turns on the prompt page, logits and steering.",
+)
+@click.option("--device", default="auto", show_default=True, help="Device of the live model: auto, cpu or cuda.")
+@click.option("--max-prompt-tokens", default=256, show_default=True, type=int, help="Longest prompt the model runs.")
 @click.option("--latents", type=click.Path(path_type=Path), help="Read the latents here, not where the index says.")
 @click.option("--variance", type=click.Path(path_type=Path), help="Read the variance output here.")
 @click.option("--sae", type=click.Path(path_type=Path), help="Read the SAE here.")

@@ -5,12 +5,16 @@ layer of a latent that never fires)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 MAX_TEXT_CHARS = 4000
 """The longest prompt the live routes accept (longer: 413)."""
 MAX_EDITS = 16
 """The most steering edits one request may carry (more: 413)."""
+MAX_NEW_TOKENS = 64
+"""The longest continuation /prompt/generate draws."""
 
 
 class TokenValue(BaseModel):
@@ -164,28 +168,94 @@ class Problem(BaseModel):
 
 
 class PromptRequest(BaseModel):
-    text: str
+    text: str = Field(description="The prompt, tokenised as the harvest tokenises a document.")
+
+
+class PromptLayersRequest(PromptRequest):
+    delta_ce: bool = Field(False, description="Also splice each layer's reconstruction in turn (L re-runs).")
+
+
+class Prompt(BaseModel):
+    """A prompt through the model and the SAE at every layer; (L, P, k) arrays hold each (layer, token) row's
+    top-k latents."""
+
+    tokens: list[str]
+    trainable: list[bool] = Field(description="False at position 0 and special tokens: shown, never trained on.")
+    layers: list[int]
+    indices: list[list[list[int]]]
+    values: list[list[list[float]]]
+    quantiles: list[list[list[float | None]]] = Field(
+        description="Each value's quantile among the latent's own activations at that layer in the store (null "
+        "where it never fired there)."
+    )
+    fvu: list[float | None] = Field(description="Per layer, over the trainable tokens.")
+    delta_ce: list[float] | None = Field(None, description="Per layer, when asked for.")
 
 
 class Edit(BaseModel):
     latent: int
-    layer: int
+    layer: int = Field(description="Block index.")
     factor: float
-    mode: str = "add"
+    mode: Literal["add", "clamp"] = "add"
+    unit: Literal["typical", "raw"] = Field(
+        "typical", description="typical: the factor times the latent's mean activation at that layer."
+    )
 
 
 class LogitsRequest(PromptRequest):
     layer: int
     position: int
+    top: int = Field(10, ge=1, le=50)
+
+
+class Logits(BaseModel):
+    layer: int
+    position: int
+    token: str = Field(description="The token at `position`.")
+    next_token: str | None = Field(description="The prompt's next token, if any.")
+    clean: list[TokenValue] = Field(description="Top logits of the model.")
+    recon: list[TokenValue] = Field(description="Top logits with the reconstruction spliced in at `layer`.")
+    increases: list[TokenValue]
+    decreases: list[TokenValue]
+    delta_ce: float = Field(description="Over the prompt's trainable positions (nats).")
+    kl: float = Field(description="KL(clean || spliced) over the same positions (nats).")
 
 
 class SteerRequest(PromptRequest):
     edits: list[Edit]
-    positions: str = "all"
+    positions: str = Field("all", description="all, from:P or only:P.")
+    top: int = Field(5, ge=1, le=50)
+
+
+class PositionChange(BaseModel):
+    position: int
+    token: str
+    increases: list[TokenValue]
+    decreases: list[TokenValue]
+
+
+class EditScale(BaseModel):
+    latent: int
+    layer: int
+    raw: float = Field(description="The amount added to the latent's activation (clamp: its target).")
+
+
+class Steer(BaseModel):
+    changes: list[PositionChange]
+    scales: list[EditScale]
 
 
 class GenerateRequest(PromptRequest):
     edits: list[Edit] = []
-    n_tokens: int = 20
+    positions: str = "all"
+    n_tokens: int = Field(20, ge=1, le=MAX_NEW_TOKENS)
     seed: int = 0
-    temperature: float = 1.0
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+
+
+class Generate(BaseModel):
+    default: str
+    steered: str
+    n_tokens: int
+    seed: int
+    temperature: float

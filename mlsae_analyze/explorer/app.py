@@ -19,6 +19,8 @@ from fastapi.staticfiles import StaticFiles
 
 import mlsae_analyze.explorer.api as api
 import mlsae_analyze.explorer.views as views
+from mlsae_analyze.explorer.live import PromptTooLong
+from mlsae_analyze.explorer.liveviews import LiveViews
 from mlsae_analyze.explorer.store import ExplorerStores, Stale
 from mlsae_cache.core.errors import MlsaeError, NotFoundError
 
@@ -31,10 +33,17 @@ CSP = (
     "base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
 )
 NO_LIVE_MODEL = (
-    "this explorer serves its stores only: prompt, logits, steering and generation need a live model, which this "
-    "version does not run"
+    "this explorer serves its stores only: prompts, logits, steering and generation need a live model (restart it "
+    "with `mlsae-analyze explore INDEX --model cache`)"
 )
-PAGES = {"overview": "Overview", "latents": "Latents", "latent": "Latent", "doc": "Context", "docs": "API"}
+PAGES = {
+    "overview": "Overview",
+    "latents": "Latents",
+    "latent": "Latent",
+    "doc": "Context",
+    "prompt": "Prompt",
+    "docs": "API",
+}
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -49,7 +58,8 @@ def _install_errors(app: FastAPI) -> None:
         return _problem(409, f"the index is out of date: {exc}", exc.rebuild)
 
     async def failed(request: Request, exc: Exception) -> Response:
-        return _problem(404 if isinstance(exc, NotFoundError) else 422, " ".join(str(exc).split()))
+        status = 404 if isinstance(exc, NotFoundError) else 413 if isinstance(exc, PromptTooLong) else 422
+        return _problem(status, " ".join(str(exc).split()))
 
     app.add_exception_handler(Stale, stale)
     app.add_exception_handler(MlsaeError, failed)
@@ -76,13 +86,13 @@ def _install_guards(app: FastAPI, token: str | None) -> None:
     app.middleware("http")(guard)
 
 
-def _data_routes(stores: ExplorerStores) -> APIRouter:
+def _data_routes(stores: ExplorerStores, live: bool) -> APIRouter:
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(stores.check_fresh)])
 
     @router.get("/meta")
     def meta() -> api.Meta:
         """The model, the SAE's size, the stores and what the index holds."""
-        return views.meta_view(stores)
+        return views.meta_view(stores, live)
 
     @router.get("/latent/{j}")
     def latent(j: int) -> api.Latent:
@@ -128,37 +138,46 @@ def _data_routes(stores: ExplorerStores) -> APIRouter:
     return router
 
 
-def _refuse(body: api.PromptRequest) -> None:
-    """413 for a text or an edit list over the limits, else 503: no live model."""
+def _bounded(body: api.PromptRequest) -> None:
+    """413 for a text or an edit list over the limits."""
     if len(body.text) > api.MAX_TEXT_CHARS:
         raise HTTPException(413, f"the text is over {api.MAX_TEXT_CHARS} characters")
     if len(getattr(body, "edits", [])) > api.MAX_EDITS:
         raise HTTPException(413, f"more than {api.MAX_EDITS} edits")
-    raise HTTPException(503, NO_LIVE_MODEL)
 
 
-def _live_routes() -> APIRouter:
+def _live(live: LiveViews | None, body: api.PromptRequest) -> LiveViews:
+    """The live model for a request within the limits; 503 when the server runs without one."""
+    _bounded(body)
+    if live is None:
+        raise HTTPException(503, NO_LIVE_MODEL)
+    return live
+
+
+def _live_routes(live: LiveViews | None) -> APIRouter:
+    """The routes that run the model. Plain functions: FastAPI runs them in its thread pool, off the event loop,
+    and the live model's lock serialises them."""
     router = APIRouter(prefix="/api/v1/prompt", responses={413: {"model": api.Problem}, 503: {"model": api.Problem}})
 
     @router.post("")
-    def prompt(body: api.PromptRequest) -> None:
-        """The prompt's latents per layer and token (needs a live model)."""
-        _refuse(body)
+    def prompt(body: api.PromptLayersRequest) -> api.Prompt:
+        """The prompt's tokens and top-k latents at every layer and token, with the per-layer FVU."""
+        return _live(live, body).prompt(body)
 
     @router.post("/logits")
-    def logits(body: api.LogitsRequest) -> None:
-        """Logits with and without the reconstruction at a layer (needs a live model)."""
-        _refuse(body)
+    def logits(body: api.LogitsRequest) -> api.Logits:
+        """Top logits at a position, clean and with the reconstruction spliced in at a layer."""
+        return _live(live, body).logits(body)
 
     @router.post("/steer")
-    def steer(body: api.SteerRequest) -> None:
-        """Logit changes from steering edits (needs a live model)."""
-        _refuse(body)
+    def steer(body: api.SteerRequest) -> api.Steer:
+        """Logit changes at every position from steering edits."""
+        return _live(live, body).steer(body)
 
     @router.post("/generate")
-    def generate(body: api.GenerateRequest) -> None:
-        """Default and steered continuations (needs a live model)."""
-        _refuse(body)
+    def generate(body: api.GenerateRequest) -> api.Generate:
+        """Default and steered continuations, drawn with one seed."""
+        return _live(live, body).generate(body)
 
     return router
 
@@ -189,6 +208,10 @@ def _page_routes(stores: ExplorerStores) -> APIRouter:
     def doc(request: Request, d: int) -> HTMLResponse:
         return _page(request, "doc", 200 if 0 <= d < stores.index.meta.n_docs else 404)
 
+    @router.get("/prompt")
+    def prompt(request: Request) -> HTMLResponse:
+        return _page(request, "prompt")
+
     @router.get("/docs")
     def docs(request: Request) -> HTMLResponse:
         return _page(request, "docs")
@@ -196,9 +219,10 @@ def _page_routes(stores: ExplorerStores) -> APIRouter:
     return router
 
 
-def build_app(stores: ExplorerStores, token: str | None = None) -> FastAPI:
-    """The application over opened stores; `token`: required of every request where given. Behind a proxy, the
-    server passes the path prefix in each request's scope (`root_path`), and the pages' links follow it."""
+def build_app(stores: ExplorerStores, token: str | None = None, live: LiveViews | None = None) -> FastAPI:
+    """The application over opened stores; `token`: required of every request where given; `live`: the model
+    behind the live routes (they answer 503 without one). Behind a proxy, the server passes the path prefix in
+    each request's scope (`root_path`), and the pages' links follow it."""
     app = FastAPI(
         title="mlsae explorer",
         version=API_VERSION,
@@ -206,11 +230,11 @@ def build_app(stores: ExplorerStores, token: str | None = None) -> FastAPI:
         redoc_url=None,
         responses={404: {"model": api.Problem}, 409: {"model": api.Problem}, 422: {"model": api.Problem}},
     )
-    app.state.stores = stores
+    app.state.stores, app.state.live = stores, live
     _install_errors(app)
     _install_guards(app, token)
-    app.include_router(_data_routes(stores))
-    app.include_router(_live_routes())
+    app.include_router(_data_routes(stores, live is not None))
+    app.include_router(_live_routes(live))
     app.include_router(_page_routes(stores))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

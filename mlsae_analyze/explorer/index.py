@@ -278,11 +278,14 @@ class ExplorerIndex:
         self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
         self._arrays: dict[str, zarr.Array] = {}
 
-    def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
-        """`name`[selection], through an array handle opened once (opening one reads its metadata file)."""
+    def _array(self, name: str) -> zarr.Array:
+        """The handle of array `name`, opened once (opening one reads its metadata file)."""
         if name not in self._arrays:
             self._arrays[name] = get_array(self._group, name)
-        return np.asarray(self._arrays[name][selection])
+        return self._arrays[name]
+
+    def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
+        return np.asarray(self._array(name)[selection])
 
     def _row(self, name: str, j: int) -> np.ndarray:
         return self._read(name, j)
@@ -352,6 +355,19 @@ class ExplorerIndex:
         held = {name: self._read(name) for name in (*_LATENT_ARRAYS, _ORDER, _DOC_START)}
         logits = LogitEffects(*(self._read(n) for n in _LOGIT_ARRAYS)) if self.meta.logits else None
         return IndexArrays(**held, logits=logits)
+
+    def typical(self) -> np.ndarray:
+        """Each latent's mean activation where it fires, per tab (all, then each layer); NaN where it never
+        does: [N, 1 + L] float64 (read once, kept by the caller)."""
+        count, total = self._read("stat_count"), self._read("stat_sum")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    def histograms(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The activation histograms of `latents` [m] (sorted, unique): counts [m, 1 + L, bins] over equal bins
+        of [0, scale], and each latent's scale [m] (its largest activation)."""
+        counts = self._array("act_histogram").get_orthogonal_selection((latents,))
+        return np.asarray(counts), np.asarray(self._array("stat_max").get_orthogonal_selection((latents, 0)))
 
     def layer_probs(self) -> np.ndarray:
         """P_j(l) of every latent: [N, L] (for the overview heatmap)."""

@@ -28,9 +28,11 @@ class ExploreConfig:
     """Everything `mlsae-analyze explore` takes; CLI options map one-to-one onto these fields.
 
     `index`: the OUT of `mlsae-analyze index`. `latents`, `variance`, `sae`, `cache`: read these stores instead of
-    the paths the index recorded (moved stores; their fingerprints must still match). `model`: decode tokens with
-    this model's tokenizer. `host`/`port`: where to listen (port 0: any free port); another host than loopback
-    needs `token`, which every request must then carry. `root_path`: the path prefix of a proxy in front.
+    the paths the index recorded (moved stores; their fingerprints must still match). `model`: run this model
+    ("cache": the one the cache was harvested from) on `device` with the SAE, which turns on the live routes and
+    the prompt page; prompts are limited to `max_prompt_tokens` tokens. `host`/`port`: where to listen (port 0:
+    any free port); another host than loopback needs `token`, which every request must then carry. `root_path`:
+    the path prefix of a proxy in front.
     """
 
     index: Path
@@ -43,8 +45,12 @@ class ExploreConfig:
     port: int = 8765
     token: str | None = None
     root_path: str = ""
+    device: str = "auto"
+    max_prompt_tokens: int = 256
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_prompt_tokens, bool) or not 2 <= self.max_prompt_tokens <= 4096:
+            raise InputError(f"--max-prompt-tokens must be in [2, 4096], got {self.max_prompt_tokens!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InputError(f"--port must be an integer in [0, 65535], got {self.port!r}")
         if self.token is not None and len(self.token) < 8:
@@ -66,8 +72,24 @@ def create_app(cfg: ExploreConfig) -> Any:
     from mlsae_analyze.explorer.app import build_app
     from mlsae_analyze.explorer.store import ExplorerStores
 
-    stores = ExplorerStores(Path(cfg.index), cfg.overrides(), cfg.model)
-    return build_app(stores, cfg.token)
+    stores = ExplorerStores(Path(cfg.index), cfg.overrides(), None if cfg.model == "cache" else cfg.model)
+    return build_app(stores, cfg.token, live_views(cfg, stores) if cfg.model else None)
+
+
+def live_views(cfg: ExploreConfig, stores: Any) -> Any:
+    """The live model of cfg.model with the index's SAE, behind the live routes."""
+    from mlsae_analyze.explorer.live import load_live_model
+    from mlsae_analyze.explorer.liveviews import LiveViews
+    from mlsae_cache.core.devices import resolve_device
+    from mlsae_cache.store import read_meta
+    from mlsae_train.checkpoint import load_sae
+
+    assert cfg.model is not None
+    sae, _ = load_sae(stores.paths["sae"], resolve_device(cfg.device), allow_unfinished=True)
+    cache_meta = read_meta(stores.paths["cache"])
+    layers = stores.index.meta.layers
+    live = load_live_model(cfg.model, cfg.device, sae, layers, cache_meta, cfg.max_prompt_tokens)
+    return LiveViews(live, stores.index)
 
 
 def stale_warning(app: Any) -> str | None:

@@ -27,7 +27,7 @@ def _block(stores: ExplorerStores, mean: float) -> float | None:
     return number(block_mean(mean, stores.index.meta.layers)) if math.isfinite(mean) else None
 
 
-def meta_view(stores: ExplorerStores) -> api.Meta:
+def meta_view(stores: ExplorerStores, live: bool = False) -> api.Meta:
     m = stores.index.meta
     ev = api.EvalLayers(**{k: m.eval[k] for k in ("layer", "fvu", "delta_ce")}) if m.eval else None
     return api.Meta(
@@ -36,7 +36,7 @@ def meta_view(stores: ExplorerStores) -> api.Meta:
         layers=list(m.layers),
         n_tokens=m.n_tokens,
         model=stores.model or stores.cache_model.get("name"),
-        live=False,
+        live=live,
         n_rows=m.n_rows,
         n_docs=m.n_docs,
         n_firing=m.n_firing,
