@@ -14,8 +14,12 @@ store as `encode` writes it (format version 2: chunks of `chunk_tokens` tokens x
 inner chunks of 64 tokens) and on a copy at format version 1 (one compressed block per chunk), with what each
 costs to commit and to read whole.
 
+With `--live INDEX`, the latency of the live routes instead (prompt, reconstruction logits, a steered
+continuation) with the model of the index's cache: see benchmarks/explorer_live.py.
+
 Usage:
     .venv/bin/python benchmarks/explorer.py [--build-sizes 32768 262144] [--serve-tokens 2097152] [--workdir DIR]
+    .venv/bin/python benchmarks/explorer.py --live demo_out/explorer [--live-tokens 64] [--requests 40]
 """
 
 from __future__ import annotations
@@ -237,10 +241,22 @@ def main() -> None:
     parser.add_argument(
         "--latency-only", action="store_true", help="with --workdir: measure the requests on the stores and index there"
     )
+    parser.add_argument(
+        "--live",
+        type=Path,
+        default=None,
+        help="an index of a real model (demo_out/explorer): time "
+        "the live routes with its cache's model instead (benchmarks/explorer_live.py)",
+    )
+    parser.add_argument("--live-tokens", type=int, default=64, help="tokens of each --live prompt")
     parser.add_argument("--child-build", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_build:
         return child_build(*args.child_build)
+    if args.live:
+        from explorer_live import report_live
+
+        return report_live(args.live, max(args.requests // 2, 5), args.live_tokens)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mlsae-bench-explorer-", dir="/tmp"))
     try:
         run(args, workdir)

@@ -5,6 +5,7 @@ plain forward hooks, the SAE called on the captured rows, a splice hook, a steer
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +251,11 @@ def test_limits_and_bad_requests(live_stores: LiveStores, live: LiveModel, clien
         assert response.status_code == 422, name
         assert "\n" not in response.json()["detail"]
     assert client.get("/api/v1/meta").json()["live"] is True
+
+
+def test_concurrent_requests_get_the_answers_of_sequential_ones(client: TestClient) -> None:
+    texts = [f"{PROMPT} {word}" for word in ("alpha", "beta", "gamma", "delta")]
+    alone = [client.post("/api/v1/prompt", json={"text": t}).json() for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda t: client.post("/api/v1/prompt", json={"text": t}).json(), texts * 2))
+    assert together == alone * 2
