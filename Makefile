@@ -25,7 +25,14 @@ REPRO_SINGLE_DEAD_ROWS ?= 900
 REPRO_STUDY_ROWS ?= 500000 2000000 8000000
 REPRO_FIT_ARGS = --config $(REPRO_PRESET)
 
-.PHONY: install demo reproduce test lint bench clean
+.PHONY: install interop demo reproduce test lint bench clean
+
+# The tests against SAELens, sparsify and delphi run those libraries in a second venv: their pins conflict with
+# ours (sae-lens brings transformer-lens and wandb; SAE-Dashboard pins transformers < 4.57). torch first, as above;
+# delphi without its dependencies (vllm), then what `delphi.latents` imports.
+INTEROP ?= .venv-interop
+INTEROP_PY := $(INTEROP)/bin/python
+INTEROP_STAMP := $(INTEROP)/.installed
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +47,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: lint
+$(INTEROP_STAMP): Makefile
+	$(PYTHON) -m venv $(INTEROP)
+	$(INTEROP_PY) -m pip install -q --upgrade pip
+	$(INTEROP_PY) -c "import torch" 2>/dev/null || $(INTEROP_PY) -m pip install -q torch==2.13.0
+	$(INTEROP_PY) -m pip install -q sae-lens==6.54.12 eai-sparsify==1.3.3
+	$(INTEROP_PY) -m pip install -q --no-deps eai-delphi==0.1.3
+	$(INTEROP_PY) -m pip install -q faiss-cpu sentence-transformers blobfile orjson asyncer jaxtyping
+	touch $(INTEROP_STAMP)
+
+interop: $(INTEROP_STAMP)
+
+test: lint interop
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

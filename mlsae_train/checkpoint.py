@@ -41,8 +41,11 @@ FORMAT = "mlsae-sae"
 VERSION = 1
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
-FOREIGN = "give the OUT of `mlsae-train fit`, or convert a reference checkpoint with `mlsae-train convert-reference`"
-_CORE_KEYS = ("format", "version", "d_model", "n_latents", "k", "standardize", "save_id")
+FOREIGN = (
+    "give the OUT of `mlsae-train fit`, or bring a SAELens, sparsify or reference checkpoint in with "
+    "`mlsae-train import-sae SRC OUT --from saelens|sparsify|reference`"
+)
+_CORE_KEYS = ("format", "version", "d_model", "n_latents", "k", "standardize")
 
 
 def expected_shapes(cfg: SaeConfig) -> dict[str, tuple[int, ...]]:
@@ -155,8 +158,9 @@ def _sae_config(cfg: dict[str, Any], where: Path) -> SaeConfig:
         raise StoreError(f"{where} holds an invalid SAE configuration: {e}") from e
 
 
-def _read_tensors(path: Path, save_id: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Load and check sae.safetensors of checkpoint directory `path`."""
+def _read_tensors(path: Path, save_id: str | None, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Load and check sae.safetensors of checkpoint directory `path`. The save ids are compared only where both
+    files carry one (a hand-written checkpoint need not)."""
     w_path = path / WEIGHTS_NAME
     if not w_path.is_file():
         raise StoreError(f"{path} has no {WEIGHTS_NAME} (the checkpoint is incomplete: save it again)")
@@ -166,7 +170,7 @@ def _read_tensors(path: Path, save_id: str, shapes: dict[str, tuple[int, ...]]) 
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iter
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise StoreError(f"{w_path} is not a readable safetensors file: {e} (save the checkpoint again)") from e
-    if meta.get("save_id") != save_id:
+    if save_id is not None and meta.get("save_id") not in (None, save_id):
         raise CorruptError(
             f"{w_path} (save_id {meta.get('save_id')!r}) does not belong to {path / CFG_NAME} (save_id "
             f"{save_id!r}): a save was interrupted (save the checkpoint again)"
@@ -197,17 +201,26 @@ def check_finished(path: Path, cfg: dict[str, Any]) -> None:
     raise StoreError(f"SAE {path} is an unfinished checkpoint; {state} (or pass --allow-unfinished to use it as it is)")
 
 
+def resolve_sae(path: str | Path) -> Path:
+    """The local directory of an SAE given as a path or a Hugging Face Hub id (`owner/name`, or
+    `hf://owner/name[/subfolder][@revision]`), downloaded into the hub cache if needed (mlsae_train.interop.hub)."""
+    from mlsae_train.interop.hub import local_sae_dir
+
+    return local_sae_dir(path)
+
+
 def load_sae(
     path: str | Path, device: str | torch.device = "cpu", allow_unfinished: bool = False
 ) -> tuple[TopKSAE, dict[str, Any]]:
-    """Load a checkpoint directory written by `save_sae`: (the SAE on `device`, the cfg.json dict). An unfinished
-    checkpoint (a fit still training, or stopped before its target) is refused unless `allow_unfinished`."""
-    path = Path(path)
+    """Load a checkpoint directory written by `save_sae`, or one on the Hugging Face Hub (`resolve_sae`): (the SAE on
+    `device`, the cfg.json dict). An unfinished checkpoint (a fit still training, or stopped before its target) is
+    refused unless `allow_unfinished`."""
+    path = resolve_sae(path)
     cfg = _read_cfg(path)
     if not allow_unfinished:
         check_finished(path, cfg)
     sae_cfg = _sae_config(cfg, path / CFG_NAME)
-    tensors = _read_tensors(path, cfg["save_id"], expected_shapes(sae_cfg))
+    tensors = _read_tensors(path, cfg.get("save_id"), expected_shapes(sae_cfg))
     sae = TopKSAE(sae_cfg)
     sae.load_state_dict(tensors)
     return sae.to(device), cfg

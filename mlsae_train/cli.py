@@ -214,11 +214,73 @@ def eval_(ctx: click.Context, layers_text: str, **options: Any) -> None:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 def convert_reference_(src: Path, out: Path) -> None:
-    """Convert a published reference checkpoint (tim-lawson/mlsae-*) in SRC into our format in OUT."""
+    """Convert a published reference checkpoint (tim-lawson/mlsae-*) in SRC into our format in OUT (the same as
+    `import-sae SRC OUT --from reference`)."""
     from mlsae_train.checkpoint import convert_reference
 
     convert_reference(src, out)
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("sae")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--format", default="saelens", show_default=True, type=click.Choice(["saelens", "sparsify"]), help="Folder layout."
+)
+@click.option("--layers", "layers_text", default="all", show_default=True, help="Layers to export (default: all).")
+@click.option("--cache", default=None, type=click.Path(path_type=Path), help="The SAE's cache, for the metadata.")
+@click.option("--allow-unfinished", is_flag=True, help="Use an SAE checkpoint whose fit has not finished.")
+@click.option("--overwrite", is_flag=True, help="Replace an export made from another SAE.")
+def export(layers_text: str, **options: Any) -> None:
+    """Write SAE (a directory or a hub id) as one folder per layer that SAELens (`SAE.load_from_disk`) or sparsify
+    (`SparseCoder.load_from_disk`, only for SAEs trained with --no-standardize) loads."""
+    from mlsae_train.interop.exchange import ExportConfig, run_export
+
+    folders = run_export(ExportConfig(layers=parse_layers(layers_text), **options))
+    click.echo(f"wrote {len(folders)} folders in {options['out']} ({folders[0].name}, ...)")
+
+
+@main.command(name="import-sae")
+@click.argument("src")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--from",
+    "source",
+    default="saelens",
+    show_default=True,
+    type=click.Choice(["saelens", "sparsify", "reference"]),
+    help="The tool SRC (a folder or a hub id) comes from.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace what OUT holds.")
+def import_sae(**options: Any) -> None:
+    """Convert a TopK SAE of SAELens, sparsify or the reference code into our format in OUT (what it cannot
+    express is refused)."""
+    from mlsae_train.interop.exchange import ImportSaeConfig, run_import
+
+    click.echo(f"wrote {run_import(ImportSaeConfig(**options))}")
+
+
+@main.command()
+@click.argument("sae")
+@click.argument("repo")
+@click.option("--eval", default=None, type=click.Path(path_type=Path), help="eval.json to upload and tabulate.")
+@click.option("--cache", default=None, type=click.Path(path_type=Path), help="The SAE's cache, for the model card.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--message", default="Upload an mlsae SAE", show_default=True, help="Commit message.")
+@click.option(
+    "--to-folder", default=None, type=click.Path(path_type=Path), help="Write the files here; upload nothing."
+)
+@click.option("--allow-unfinished", is_flag=True, help="Use an SAE checkpoint whose fit has not finished.")
+def push(**options: Any) -> None:
+    """Upload SAE to the Hugging Face Hub repository REPO (owner/name[/subfolder][@revision]): the weights, cfg.json
+    without local paths, the eval table and a model card; never the trainer state."""
+    from mlsae_train.interop.push import PushConfig, run_push
+
+    cfg = PushConfig(**options)
+    files = run_push(cfg)
+    where = cfg.to_folder if cfg.to_folder is not None else f"hf://{cfg.repo}"
+    click.echo(f"wrote {', '.join(files)} to {where}")
 
 
 @main.command()
