@@ -249,3 +249,30 @@ def explore(**options: Any) -> None:
     for line in announce(cfg, sock.getsockname()[1]):
         click.echo(line)
     serve(app, sock, cfg.root_path)
+
+
+@main.command(name="export-delphi")
+@click.argument("latents", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--per-layer/--pooled",
+    default=True,
+    show_default=True,
+    help="One delphi module per layer, or one over every (layer, window) pair.",
+)
+@click.option("--n-splits", default=5, show_default=True, type=int, help="Files per module (ranges of latents).")
+@click.option("--cache", type=click.Path(path_type=Path), help="The latents' cache, for the model name and dataset.")
+@click.option("--include-untrainable", is_flag=True, help="Keep special tokens and position 0.")
+@click.option("--overwrite", is_flag=True, help="Replace an output of this command made from other inputs.")
+@click.pass_context
+def export_delphi(ctx: click.Context, **options: Any) -> None:
+    """Write LATENTS in delphi's latent cache layout under OUT/latents (read by delphi's LatentDataset)."""
+    from mlsae_analyze.delphi import DelphiConfig, run_export_delphi
+
+    cfg = DelphiConfig(**options)
+    with progress(ctx, "export-delphi", "token") as advance:
+        result = run_export_delphi(cfg, advance)
+    click.echo(
+        f"wrote {len(result.modules)} modules ({result.modules[0]}, ...) in {cfg.out}/latents: {result.n_windows} "
+        f"windows of {result.context} tokens, {result.n_locations:,} active latents"
+    )

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from mlsae_analyze.cli import main as analyze_main
 from mlsae_analyze.cosine import CosineConfig
+from mlsae_analyze.delphi import DelphiConfig
 from mlsae_analyze.encode import EncodeConfig
 from mlsae_analyze.examples import ExamplesConfig
 from mlsae_analyze.explorer.build import IndexConfig
@@ -30,6 +31,8 @@ from mlsae_train.cli import main as train_main
 from mlsae_train.compare import CompareConfig
 from mlsae_train.config import TrainConfig
 from mlsae_train.evaluate import EvalConfig
+from mlsae_train.interop.exchange import ExportConfig, ImportSaeConfig
+from mlsae_train.interop.push import PushConfig
 
 CLIS = {"mlsae-cache": cache_main, "mlsae-train": train_main, "mlsae-analyze": analyze_main}
 CONFIGS = {
@@ -38,6 +41,9 @@ CONFIGS = {
     "fit": TrainConfig,
     "eval": EvalConfig,
     "compare": CompareConfig,
+    "export": ExportConfig,
+    "import-sae": ImportSaeConfig,
+    "push": PushConfig,
     "encode": EncodeConfig,
     "variance": VarianceConfig,
     "cosine": CosineConfig,
@@ -47,6 +53,7 @@ CONFIGS = {
     "report": ReportConfig,
     "index": IndexConfig,
     "explore": ExploreConfig,
+    "export-delphi": DelphiConfig,
 }
 PATH_ONLY = {"info", "verify", "convert-reference"}  # a path or two in, nothing to configure
 COMMON = {"debug", "quiet", "log_interval", "config", "version", "help"}

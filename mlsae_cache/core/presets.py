@@ -25,9 +25,10 @@ COMMANDS = frozenset(
         # mlsae-cache
         "harvest", "import", "info", "verify",
         # mlsae-train
-        "fit", "eval", "compare", "convert-reference",
+        "fit", "eval", "compare", "convert-reference", "export", "import-sae", "push",
         # mlsae-analyze
         "encode", "variance", "cosine", "heatmap", "prompt-heatmap", "examples", "report", "index", "explore",
+        "export-delphi",
     }
 )  # fmt: skip
 """Every command of the three CLIs (a preset's tables must name one of them; a test keeps the list true)."""
