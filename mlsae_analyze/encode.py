@@ -1,4 +1,7 @@
-"""Encode every (token, layer) row of a cache with a trained SAE into a latents store (resumable, like harvest)."""
+"""Encode every (token, layer) row of a cache with a trained SAE into a latents store (resumable, like harvest).
+
+An SAE fitted on lens-translated rows carries its lens (mlsae_train/lens.py): each row is translated by its
+layer's translator before it is encoded, as in training."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from mlsae_cache.core.zarrstore import StoreTransaction, holds_nothing, interrup
 from mlsae_cache.store import Cache, open_cache
 from mlsae_train.checkpoint import WEIGHTS_NAME, load_sae
 from mlsae_train.evaluate import check_compatible
+from mlsae_train.lens import Lens, lens_of
 from mlsae_train.sae import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -48,26 +52,37 @@ def sae_fingerprint(sae_dir: Path) -> str:
 
 
 @torch.no_grad()
-def encode_rows(sae: TopKSAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (indices int32, post-ReLU values float32) of rows x [n, d_model]."""
+def encode_rows(
+    sae: TopKSAE, x: np.ndarray, lens: Lens | None = None, position: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (indices int32, post-ReLU values float32) of rows x [n, d_model]; with `lens`, of the rows
+    translated by its layer `position`."""
     xt = torch.from_numpy(x).to(sae.b_dec.device)
+    xt = lens.translate(xt, position) if lens is not None else xt
     enc = sae.encode(sae.standardize(xt.to(sae.b_dec.dtype)).x_std)
     return enc.indices.to(torch.int32).cpu().numpy(), enc.values.float().cpu().numpy()
 
 
-def encode_chunk(sae: TopKSAE, cache: Cache, layers: tuple[int, ...], start: int) -> LatentChunk:
-    """Latents of token chunk [start, start + chunk_tokens) at every layer, with its token arrays."""
+def encode_chunk(
+    sae: TopKSAE, cache: Cache, layers: tuple[int, ...], start: int, lens: Lens | None = None
+) -> LatentChunk:
+    """Latents of token chunk [start, start + chunk_tokens) at every layer, with its token arrays (`lens`: the
+    SAE's lens lined up with `layers`)."""
     stop = min(start + cache.chunk_tokens, cache.n_tokens)
-    parts = [encode_rows(sae, cache.activations(start, stop, cache.layer_index(layer))) for layer in layers]
+    parts = [
+        encode_rows(sae, cache.activations(start, stop, cache.layer_index(layer)), lens, i)
+        for i, layer in enumerate(layers)
+    ]
     indices, values = np.stack([p[0] for p in parts], axis=1), np.stack([p[1] for p in parts], axis=1)
     return LatentChunk(start, indices, values, cache.tokens(start, stop))
 
 
-def _plan(cfg: EncodeConfig) -> tuple[TopKSAE, Cache, LatentsMeta]:
+def _plan(cfg: EncodeConfig) -> tuple[TopKSAE, Cache, LatentsMeta, Lens | None]:
     sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device), cfg.allow_unfinished)
     cache = open_cache(cfg.cache)
     layers = tuple(sae_cfg.get("layers") or cache.layers)
     check_compatible(sae, cache, layers)
+    lens = lens_of(cfg.sae, sae_cfg, sae.b_dec.device)
     meta = LatentsMeta(
         n_latents=sae.cfg.n_latents,
         k=sae.cfg.k,
@@ -79,7 +94,7 @@ def _plan(cfg: EncodeConfig) -> tuple[TopKSAE, Cache, LatentsMeta]:
         chunk_tokens=cache.chunk_tokens,
         total_tokens=cache.n_tokens,
     )
-    return sae, cache, meta
+    return sae, cache, meta, lens.select(layers) if lens is not None else None
 
 
 def _existing(out: Path, meta: LatentsMeta, overwrite: bool) -> LatentsMeta | None:
@@ -102,7 +117,7 @@ def _existing(out: Path, meta: LatentsMeta, overwrite: bool) -> LatentsMeta | No
 
 def run_encode(cfg: EncodeConfig, progress: Progress = no_progress) -> EncodeResult:
     """Write (or resume) the latents of every row of the cache in cfg.out."""
-    sae, cache, meta = _plan(cfg)
+    sae, cache, meta, lens = _plan(cfg)
     out = Path(cfg.out)
     old = _existing(out, meta, cfg.overwrite)
     if old is not None and old.complete:
@@ -115,7 +130,7 @@ def run_encode(cfg: EncodeConfig, progress: Progress = no_progress) -> EncodeRes
         progress(0, total=cache.n_tokens, resumed_at=start)
         try:
             for a in range(start, cache.n_tokens, meta.chunk_tokens):
-                writer.commit(a, encode_chunk(sae, cache, meta.layers, a))
+                writer.commit(a, encode_chunk(sae, cache, meta.layers, a, lens))
                 progress(min(meta.chunk_tokens, cache.n_tokens - a))
         except KeyboardInterrupt:
             raise interrupted(out, writer.meta.n_tokens, "tokens") from None

@@ -34,6 +34,7 @@ from mlsae_cache.store import Cache, CacheMeta
 from mlsae_cache.text import token_stream
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.evaluate import check_compatible
+from mlsae_train.lens import Lens, lens_of
 from mlsae_train.sae import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,10 @@ def _capture(loaded: LoadedModel, layers: tuple[int, ...], ids: np.ndarray, d_mo
     return acts.transpose(0, 1).cpu().numpy()
 
 
-def prompt_totals(sae: TopKSAE, acts: np.ndarray) -> np.ndarray:
-    """totals[l, j] = sum_t a[l, t, j] for rows acts [T, L, d_model]: shape [L, n_latents] float64."""
-    parts = [encode_rows(sae, np.ascontiguousarray(acts[:, layer])) for layer in range(acts.shape[1])]
+def prompt_totals(sae: TopKSAE, acts: np.ndarray, lens: Lens | None = None) -> np.ndarray:
+    """totals[l, j] = sum_t a[l, t, j] for rows acts [T, L, d_model]: shape [L, n_latents] float64 (`lens`: the
+    SAE's lens lined up with the L layers; each layer's rows are translated before they are encoded)."""
+    parts = [encode_rows(sae, np.ascontiguousarray(acts[:, layer]), lens, layer) for layer in range(acts.shape[1])]
     indices, values = np.stack([p[0] for p in parts], axis=1), np.stack([p[1] for p in parts], axis=1)
     return layer_totals(indices, values, sae.cfg.n_latents)[0]
 
@@ -147,11 +149,12 @@ def prompt_layers(cfg: PromptConfig) -> PromptLayers:
     cache = Cache(cfg.cache)
     layers = tuple(sae_cfg.get("layers") or cache.layers)
     check_compatible(sae, cache, layers)
+    lens = lens_of(cfg.sae, sae_cfg, sae.b_dec.device)
     loaded = load_cache_model(cache.meta.model, device=cfg.device, override=cfg.model)
     ids, keep = prompt_tokens(cfg.text, loaded.tokenizer, cache.meta)
     acts = _capture(loaded, layers, ids, sae.cfg.d_model)[keep]
     log.info("prompt: %d tokens, %d kept", len(ids), len(acts))
-    totals = prompt_totals(sae, acts)
+    totals = prompt_totals(sae, acts, lens.select(layers) if lens is not None else None)
     latents = np.flatnonzero(totals.sum(0) > 0)
     dist = layer_distribution(totals[:, latents])
     return PromptLayers(

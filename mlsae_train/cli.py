@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,12 @@ def main() -> None:
     show_default=True,
     help="Refill the loader's block buffers instead of allocating fresh ones (the same batches either way).",
 )
+@click.option(
+    "--lens",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="A tuned lens (mlsae-train lens): fit on lens-translated rows; OUT carries the lens.",
+)
 @click.pass_context
 def fit(ctx: click.Context, layers_text: str, **options: Any) -> None:
     """Train an SAE on the rows of CACHE; write cfg.json, sae.safetensors, metrics.jsonl in OUT. Re-running the
@@ -140,13 +147,17 @@ def format_eval(result: EvalResult) -> str:
     spliced = [result.delta_ce, result.kl, result.kl_spliced_clean]
     columns: list[Sequence[float | None]] = [c or [None] * n for c in spliced]
     header = f"{'layer':>5}  {'FVU':>8}  {'MSE':>10}  {'L0':>6}  {'rows':>8}"
+    header += "  FVU(lens)" if result.fvu_lens is not None else ""
     lines = [header + ("  dCE(nats)  KL(c||s)  KL(s||c)" if result.spliced else "")]
     for i, (layer, mse, l0, rows, dce, kl, reverse) in enumerate(
         zip(result.layer, result.mse, result.l0, result.n_rows, *columns, strict=True)
     ):
         line = f"{layer:>5}  {result.fvu_value(i):>8.4f}  {mse:>10.4g}  {l0:>6.1f}  {rows:>8}"
+        line += f"  {result.fvu_lens[i] or math.nan:>9.4f}" if result.fvu_lens is not None else ""
         lines.append(line + (f"  {dce:>9.4f}  {kl:>8.4f}  {reverse or 0.0:>8.4f}" if result.spliced else ""))
     lines.append(f"mean FVU {result.fvu_mean:.4f}; dead fraction {result.dead_fraction:.4f}; {result.token_range()}")
+    if result.fvu_lens_mean is not None:
+        lines.append(f"mean FVU in the lens space {result.fvu_lens_mean:.4f} (FVU and MSE above: raw units)")
     if result.spliced:
         lines.append(
             f"clean CE {result.clean_ce:.4f} nats/token; mean delta CE {result.delta_ce_mean:.4f}, mean KL(clean || "
@@ -308,3 +319,78 @@ def compare(ctx: click.Context, mlsae: Path, out: Path, singles: tuple[str, ...]
         result = run_compare(cfg, shown.stage("compare", "token"), splice)
     click.echo(format_compare(result))
     click.echo(f"wrote {out}/compare.json")
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Model whose final norm and LM head to use (default: the cache's).")
+@click.option("--epochs", default=8, show_default=True, type=int, help="Passes over the training tokens.")
+@click.option("--max-tokens", default=None, type=COUNT, help="Tokens to train on in all (instead of --epochs).")
+@click.option("--batch-tokens", default=512, show_default=True, type=COUNT, help="Tokens per step (all layers).")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--train-tokens", default=None, type=COUNT, help="Train on the first N tokens only (hold out the rest).")
+@click.option("--block-chunks", default=2, show_default=True, type=int, help="Cache chunks shuffled together.")
+@click.option("--chunk-rows", default=2048, show_default=True, type=COUNT, help="Rows per pass of the LM head.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the token order.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--autocast",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "bf16", "none"]),
+    help="bf16 for the LM head's products (auto: where the device has it).",
+)
+@click.option("--checkpoint-every-steps", default=20, show_default=True, type=int, help="Steps between checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Replace a lens of other settings in OUT.")
+@click.pass_context
+def lens(ctx: click.Context, **options: Any) -> None:
+    """Train a tuned lens on CACHE: one affine translator per stored block, fitted so that the model's final norm
+    and LM head of the translated residual match the model's own final distribution; write it to OUT. Re-running
+    the same command continues an interrupted run."""
+    from mlsae_train.lens_train import LensConfig, run_lens
+
+    cfg = LensConfig(**options)
+    started = time.monotonic()
+    with progress(ctx, "lens", "token") as advance:
+        result = run_lens(cfg, progress=advance)
+    if result.noop:
+        click.echo(f"{cfg.out} is already trained ({result.steps:,} steps, {result.tokens:,} tokens); nothing to do")
+        return
+    kl = ", ".join(f"{v:.3f}" for v in result.kl)
+    click.echo(
+        f"wrote {cfg.out}: {result.steps:,} steps, {result.tokens:,} tokens in {duration(time.monotonic() - started)};"
+        f" last batch KL per layer {kl}\nnext: mlsae-train eval-lens {cfg.out} {cfg.cache} --out DIR, or "
+        f"mlsae-train fit {cfg.cache} SAE --lens {cfg.out}"
+    )
+
+
+@main.command(name="eval-lens")
+@click.argument("lens", type=click.Path(path_type=Path))
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="Write lens_eval.json and lens_kl.png.")
+@click.option("--start", default=None, type=COUNT, help="First token (default: the first one the lens held out).")
+@click.option("--stop", default=None, type=COUNT, help="End of the evaluated token range (default: all).")
+@click.option("--model", default=None, help="Model whose final norm and LM head to use (default: the cache's).")
+@click.option("--batch-tokens", default=256, show_default=True, type=COUNT, help="Tokens per pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--autocast",
+    default="none",
+    show_default=True,
+    type=click.Choice(["auto", "bf16", "none"]),
+    help="bf16 for the LM head's products (none: float32).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an OUT made from another lens or cache.")
+@click.pass_context
+def eval_lens(ctx: click.Context, **options: Any) -> None:
+    """Per-layer KL(p_final || p_layer) of the tuned lens LENS and of the logit lens (identity) on held-out
+    tokens of CACHE, as a table; with --out, also as JSON and a figure."""
+    from mlsae_train.lens_eval import LensEvalConfig, run_eval_lens
+
+    cfg = LensEvalConfig(**options)
+    with progress(ctx, "eval-lens", "token") as advance:
+        result = run_eval_lens(cfg, progress=advance)
+    click.echo(result.table())
+    if cfg.out is not None:
+        click.echo(f"wrote {cfg.out}")

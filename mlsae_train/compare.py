@@ -27,6 +27,7 @@ from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.evaluate import evaluate
+from mlsae_train.lens import Lens, has_lens, lens_of
 from mlsae_train.results import COMPARE_JSON, CompareResult
 from mlsae_train.sae import TopKSAE
 from mlsae_train.splice import SpliceConfig, SpliceTarget, splice_targets
@@ -84,6 +85,11 @@ def load_singles(
         if layer not in layers:
             raise InputError(f"--single {layer}={path}: layer {layer} is not one of the MLSAE's layers {list(layers)}")
         sae, sae_cfg = load_sae(path, device, cfg.allow_unfinished)
+        if has_lens(sae_cfg):
+            raise InputError(
+                f"--single {layer}={path} was fitted on lens-translated rows; compare takes plain single-layer SAEs "
+                "(fit them without --lens)"
+            )
         trained = sae_cfg.get("layers")
         if trained is not None and list(trained) != [layer]:
             raise InputError(f"--single {layer}={path} was trained on layers {trained}, not [{layer}] (fit --layers)")
@@ -101,9 +107,14 @@ def load_singles(
 
 
 def _fvu_dead(
-    sae: TopKSAE, cache: Cache, layers: tuple[int, ...], cfg: CompareConfig, progress: Progress
+    sae: TopKSAE,
+    cache: Cache,
+    layers: tuple[int, ...],
+    cfg: CompareConfig,
+    progress: Progress,
+    lens: Lens | None = None,
 ) -> dict[int, dict]:
-    result = evaluate(sae, cache, layers, cfg.start, cfg.stop, progress=lambda n, /, **facts: progress(n))
+    result = evaluate(sae, cache, layers, cfg.start, cfg.stop, progress=lambda n, /, **facts: progress(n), lens=lens)
     return {
         layer: {"fvu": fvu, "dead_fraction": result.dead_fraction}
         for layer, fvu in zip(layers, result.fvu, strict=True)
@@ -122,15 +133,22 @@ def run_compare(
     cache = Cache(cfg.cache)
     layers = tuple(mlsae_cfg.get("layers") or cache.layers)
     singles = load_singles(cfg, mlsae, layers, device)
+    lens = lens_of(cfg.mlsae, mlsae_cfg, device)  # the MLSAE's own lens, if it was fitted with one
+    lens = lens.select(layers) if lens is not None else None
     start, stop = cache.token_range(cfg.start, cfg.stop)
     progress(0, total=max(stop - start, 0) * (1 + len(singles)))
-    metrics = {"mlsae": _fvu_dead(mlsae, cache, layers, cfg, progress), "single": {}}
+    metrics = {"mlsae": _fvu_dead(mlsae, cache, layers, cfg, progress, lens), "single": {}}
     for layer, sae in singles.items():
         metrics["single"].update(_fvu_dead(sae, cache, (layer,), cfg, progress))
     clean_ce = n_windows = None
     if cfg.splice:
         keys = [("mlsae", layer) for layer in layers] + [("single", layer) for layer in singles]
-        targets = [SpliceTarget(layer, mlsae if kind == "mlsae" else singles[layer]) for kind, layer in keys]
+        targets = [
+            SpliceTarget(layer, mlsae, lens.select((layer,)) if lens else None)
+            if kind == "mlsae"
+            else SpliceTarget(layer, singles[layer])
+            for kind, layer in keys
+        ]
         spliced = splice_targets(cache, targets, cfg.splice_config(), device, progress=splice_progress)
         columns = zip(keys, spliced.delta_ce, spliced.kl, spliced.kl_spliced_clean, strict=True)
         for (kind, layer), dce, kl, reverse in columns:

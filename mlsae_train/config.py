@@ -18,6 +18,8 @@ LOSS_SPACES = ("standardized", "raw")
 class TrainConfig:
     """Everything `mlsae-train fit` takes. Hyperparameter defaults are the paper's (docs/METHOD.md section 4).
 
+    `lens`: a tuned lens (`mlsae-train lens`); rows are translated by it before standardisation.
+
     `decoder_kernel` (kernels.py) chooses how the sparse decoder is computed, not what, and `reuse_buffers` whether
     the loader refills its block buffers (loader.py): like `device` they are left out of `hyperparameters`, so
     cfg.json does not record them and a run may resume with others.
@@ -46,6 +48,7 @@ class TrainConfig:
     reuse_buffers: bool = True
     overwrite: bool = False
     loss_space: str = "standardized"
+    lens: Path | None = None
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device that cannot be used is refused before any work
@@ -87,7 +90,7 @@ class TrainConfig:
             "checkpoint_every_rows",
             "log_every_steps",
         )
-        for name in ("cache", "out", *how):
+        for name in ("cache", "out", "lens", *how):  # the lens is recorded by its fingerprint (trainer.run_record)
             d.pop(name)
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d

@@ -2,6 +2,10 @@
 
 FVU here is dataset-level and in raw units: per layer, sum ||x - x^||^2 / sum ||x - m||^2 with m the
 per-dimension mean of that layer's evaluated rows (accumulated in float64 as sums, so it streams).
+
+For an SAE fitted on lens-translated rows (lens.py), the SAE sees T_l(x) and its reconstruction is mapped back,
+x^ = T_l^-1(sae(T_l(x)).x_hat): `fvu` and `mse` are in raw units, comparable with a plain SAE's, and `fvu_lens`
+is the FVU in the lens space, the one the fit trained.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from mlsae_cache.core.errors import InputError
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import load_sae
+from mlsae_train.lens import Lens, lens_of
 from mlsae_train.results import EvalResult
 from mlsae_train.sae import TopKSAE
 from mlsae_train.splice import SpliceConfig, splice_evaluate
@@ -64,8 +69,10 @@ def evaluate(
     stop: int | None = None,
     batch_tokens: int = 4096,
     progress: Progress = no_progress,
+    lens: Lens | None = None,
 ) -> EvalResult:
-    """Metrics of `sae` on the trainable rows of tokens [start, stop) at `layers`."""
+    """Metrics of `sae` on the trainable rows of tokens [start, stop) at `layers`; with `lens` (lined up with
+    `layers`), of the SAE on translated rows, in raw units and in the lens space (`fvu_lens`)."""
     check_compatible(sae, cache, layers)
     start, stop = cache.token_range(start, stop)
     if not 0 <= start < stop:
@@ -73,6 +80,7 @@ def evaluate(
     device = sae.b_dec.device
     trainable = cache.trainable()
     sums = [_LayerSums(cache.d_model) for _ in layers]
+    lens_sums = [_LayerSums(cache.d_model) for _ in layers]
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool, device=device)
     progress(0, total=stop - start)
     for a in range(start, stop, batch_tokens):
@@ -82,13 +90,19 @@ def evaluate(
             x = torch.from_numpy(cache.activations(a, b, cache.layer_index(layer))[mask]).to(device)
             if len(x) == 0:
                 continue
-            out = sae(x)
+            x_in = lens.translate(x, slot) if lens is not None else x
+            out = sae(x_in)
             fired[out.indices[out.values > 0]] = True
-            sums[slot].add(x.cpu(), out.x_hat.cpu(), out.values.cpu())
+            if lens is None:
+                sums[slot].add(x.cpu(), out.x_hat.cpu(), out.values.cpu())
+                continue
+            sums[slot].add(x.cpu(), lens.untranslate(out.x_hat, slot).cpu(), out.values.cpu())
+            lens_sums[slot].add(x_in.cpu(), out.x_hat.cpu(), out.values.cpu())
         progress(b - a)
     if sum(s.n for s in sums) == 0:
         raise InputError(f"no trainable token in [{start}, {stop}) of {cache.path}")
     fvu = [s.fvu() for s in sums]
+    fvu_lens = [s.fvu() for s in lens_sums] if lens is not None else None
     return EvalResult(
         layer=list(layers),
         fvu=cast("list[float | None]", fvu),  # list is invariant; EvalResult.fvu also admits None
@@ -97,6 +111,8 @@ def evaluate(
         n_rows=[s.n for s in sums],
         dead_fraction=float(1 - fired.float().mean()),
         fvu_mean=float(np.nanmean(fvu)),
+        fvu_lens=cast("list[float | None] | None", fvu_lens),
+        fvu_lens_mean=float(np.nanmean(fvu_lens)) if fvu_lens is not None else None,
     )
 
 
@@ -144,13 +160,16 @@ def run_eval(
     sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device), cfg.allow_unfinished)
     cache = Cache(cfg.cache)
     layers = cfg.layers or tuple(sae_cfg.get("layers") or cache.layers)
+    lens = lens_of(cfg.sae, sae_cfg, sae.b_dec.device)
+    lens = lens.select(layers) if lens is not None else None
     held_out = sae_cfg.get("train_tokens") if sae_cfg.get("cache_fingerprint") == cache.meta.fingerprint else None
     start = cfg.start if cfg.start is not None else held_out or 0
     if held_out and start < held_out:
         log.warning("tokens [%d, %d) were used to train the SAE: the evaluation includes them", start, held_out)
-    result = evaluate(sae, cache, layers, start, cfg.stop, progress=progress)
+    result = evaluate(sae, cache, layers, start, cfg.stop, progress=progress, lens=lens)
     if cfg.splice:
-        spliced = splice_evaluate(sae, cache, layers, cfg.splice_config(start), progress=splice_progress)
+        splice_cfg = cfg.splice_config(start)
+        spliced = splice_evaluate(sae, cache, layers, splice_cfg, progress=splice_progress, lens=lens)
         result = result.with_splice(spliced)
     _, stop = cache.token_range(start, cfg.stop)
     result = replace(result, sae=str(cfg.sae), cache=str(cfg.cache), start=start, stop=stop, held_out=held_out)

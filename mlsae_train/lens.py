@@ -15,7 +15,7 @@ A lens directory (written by `mlsae-train lens`) holds
                       on (model record, head fingerprint, cache fingerprint) and its training settings
 
 An SAE directory fitted with `fit --lens` carries a copy of the lens in its subdirectory `lens/`, and its cfg.json
-names it under `lens` (fingerprint, layers, source), so every consumer applies it without being told: call
+names it under `tuned_lens` (fingerprint, layers, source), so every consumer applies it without being told: call
 `lens_of(sae_dir, sae_cfg)` and, for the rows of block layers[i], `lens.translate(x, i)` / `untranslate`.
 """
 
@@ -49,8 +49,8 @@ CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "lens.safetensors"
 SAE_LENS_DIR = "lens"
 """The subdirectory of an SAE directory that holds the lens it was fitted with."""
-SAE_CFG_KEY = "lens"
-"""The key of an SAE's cfg.json that names its lens: {"fingerprint", "layers", "source"}."""
+SAE_CFG_KEY = "tuned_lens"
+"""The key of an SAE's cfg.json that names its lens: {"fingerprint", "layers", "source"} (null: no lens)."""
 REMAKE = "give the OUT of `mlsae-train lens CACHE OUT`"
 _WEIGHT, _BIAS = "weight", "bias"
 
@@ -215,8 +215,11 @@ def model_key(model: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def check_lens_fits(lens: Lens, cache: Cache, layers: Sequence[int]) -> None:
-    """Refuse a lens for another model than the cache's, of another width, or without one of `layers`."""
+    """Refuse an unfinished lens, one for another model than the cache's or of another width, or one without a
+    translator for one of `layers`."""
     where = lens.meta.get("path", "the lens")
+    if not lens.meta.get("finished", True):
+        raise InputError(f"lens {where} is unfinished (re-run the `mlsae-train lens` command that made it)")
     if lens.d_model != cache.d_model:
         raise InputError(
             f"lens {where} has d_model {lens.d_model} but cache {cache.path} has {cache.d_model} (train a lens on a "

@@ -13,7 +13,7 @@ from mlsae_cache.core.records import Record
 COMPARE_JSON = "compare.json"
 """The file `mlsae-train compare` writes in its OUT."""
 
-PER_LAYER = ("fvu", "mse", "l0", "n_rows")
+PER_LAYER = ("fvu", "mse", "l0", "n_rows", "fvu_lens")
 SPLICED_PER_LAYER = ("delta_ce", "kl", "kl_clean_spliced", "kl_spliced_clean")
 
 
@@ -37,7 +37,8 @@ class SpliceMetrics:
 @dataclass(frozen=True)
 class EvalResult(Record):
     """Per-layer metrics of an SAE on cache rows: FVU (raw units, dataset-level), MSE, L0 and rows per layer;
-    the dead fraction over all layers; with splicing, delta CE and KL per layer and their means. `kl` is
+    the dead fraction over all layers; with splicing, delta CE and KL per layer and their means; for an SAE fitted
+    on lens-translated rows, `fvu_lens` (and its mean), the FVU in the lens space (`fvu` stays in raw units). `kl` is
     KL(p_clean || p_spliced), also named `kl_clean_spliced`; `kl_spliced_clean` is the other direction (the one the
     reference code computes, there summed over a sequence)."""
 
@@ -68,6 +69,8 @@ class EvalResult(Record):
     start: int | None = None
     stop: int | None = None
     held_out: int | None = None
+    fvu_lens: list[float | None] | None = None
+    fvu_lens_mean: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.layer)

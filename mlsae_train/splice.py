@@ -2,8 +2,9 @@
 
 For each SAE layer l, the model runs on held-out context windows with the residual stream after block l
 replaced by the SAE's reconstruction x^ = sae(x).x_hat (a forward hook on block l that returns the replaced
-output, a tensor or a tuple like the block's own), and the forward pass then finishes as usual: the remaining
-blocks, the final norm, the LM head. Per layer, over the evaluated predictions i:
+output, a tensor or a tuple like the block's own; for an SAE fitted on lens-translated rows, the reconstruction
+mapped back through the lens's exact inverse, x^ = T_l^-1(sae(T_l(x)).x_hat)), and the forward pass then
+finishes as usual: the remaining blocks, the final norm, the LM head. Per layer, over the evaluated predictions i:
 
     clean_ce   = mean_i -log p_clean(y_i)
     delta_ce   = mean_i [-log p_spliced(y_i) + log p_clean(y_i)]                    (nats per token)
@@ -49,6 +50,7 @@ from mlsae_cache.models import LoadedModel, find_blocks, load_cache_model
 from mlsae_cache.policy import TrainablePolicy
 from mlsae_cache.store import Cache
 from mlsae_cache.text import TextSpec, window_batches
+from mlsae_train.lens import Lens
 from mlsae_train.results import SpliceMetrics
 from mlsae_train.sae import TopKSAE
 
@@ -102,10 +104,11 @@ class WindowBatch(NamedTuple):
 
 
 class SpliceTarget(NamedTuple):
-    """An SAE spliced in after block `layer`."""
+    """An SAE spliced in after block `layer`; `lens`: its translator for that block alone (None: a plain SAE)."""
 
     layer: int
     sae: TopKSAE
+    lens: Lens | None = None
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -162,8 +165,11 @@ def text_window_batches(
 # ---------------------------------------------------------------------------------------------- the hook
 
 
-def reconstruct(sae: TopKSAE, x: Tensor, mask: Tensor, batch_rows: int = SAE_BATCH_ROWS) -> Tensor:
-    """x with the rows where `mask` is set replaced by the SAE reconstruction (raw units, x's dtype).
+def reconstruct(
+    sae: TopKSAE, x: Tensor, mask: Tensor, batch_rows: int = SAE_BATCH_ROWS, lens: Lens | None = None
+) -> Tensor:
+    """x with the rows where `mask` is set replaced by the SAE reconstruction (raw units, x's dtype); with a
+    one-layer `lens`, T^-1(sae(T(x)).x_hat).
 
     Shapes: x [B, T, d], mask [B, T] bool -> [B, T, d]. The SAE runs on at most `batch_rows` rows at a time.
     """
@@ -171,24 +177,31 @@ def reconstruct(sae: TopKSAE, x: Tensor, mask: Tensor, batch_rows: int = SAE_BAT
     out = flat.clone()
     rows = torch.nonzero(mask.reshape(-1)).squeeze(1)
     for chunk in rows.split(batch_rows):
-        out[chunk] = sae(flat[chunk]).x_hat.to(x.dtype)
+        if lens is None:
+            out[chunk] = sae(flat[chunk]).x_hat.to(x.dtype)
+        else:
+            out[chunk] = lens.untranslate(sae(lens.translate(flat[chunk], 0)).x_hat, 0).to(x.dtype)
     return out.view_as(x)
 
 
-def splice_hook(sae: TopKSAE, mask: Tensor, batch_rows: int = SAE_BATCH_ROWS) -> Callable[[nn.Module, Any, Any], Any]:
+def splice_hook(
+    sae: TopKSAE, mask: Tensor, batch_rows: int = SAE_BATCH_ROWS, lens: Lens | None = None
+) -> Callable[[nn.Module, Any, Any], Any]:
     """A forward hook returning the block's output with the stream replaced at `mask` [B, T] (same type)."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        x_hat = reconstruct(sae, block_output(output), mask, batch_rows)
+        x_hat = reconstruct(sae, block_output(output), mask, batch_rows, lens)
         return (x_hat, *output[1:]) if isinstance(output, tuple) else x_hat
 
     return hook
 
 
 @contextmanager
-def spliced(block: nn.Module, sae: TopKSAE, mask: Tensor, batch_rows: int = SAE_BATCH_ROWS) -> Iterator[None]:
+def spliced(
+    block: nn.Module, sae: TopKSAE, mask: Tensor, batch_rows: int = SAE_BATCH_ROWS, lens: Lens | None = None
+) -> Iterator[None]:
     """Within the block, every forward of the model replaces `block`'s output at `mask` by its reconstruction."""
-    handle = block.register_forward_hook(splice_hook(sae, mask, batch_rows))
+    handle = block.register_forward_hook(splice_hook(sae, mask, batch_rows, lens))
     try:
         yield
     finally:
@@ -266,7 +279,7 @@ def splice_metrics(
         target = token_ids[:, 1:][predicted[:, :-1]]
         clean = _log_probs(model, token_ids, predicted)
         for i, t in enumerate(targets):
-            with spliced(blocks[t.layer], t.sae, mask, sae_batch_rows):
+            with spliced(blocks[t.layer], t.sae, mask, sae_batch_rows, t.lens):
                 after = _log_probs(model, token_ids, predicted)
             ce_clean, ce_spliced, kl, kl_reverse = token_metrics(clean, after, target)
             sums.delta[i] += float((ce_spliced.double() - ce_clean.double()).sum())
@@ -331,7 +344,9 @@ def splice_evaluate(
     cfg: SpliceConfig,
     loaded: LoadedModel | None = None,
     progress: Progress = no_progress,
+    lens: Lens | None = None,
 ) -> SpliceMetrics:
-    """Delta CE and KL of `sae` spliced in at each of `layers` (the model loads on the SAE's device)."""
-    targets = [SpliceTarget(layer, sae) for layer in layers]
+    """Delta CE and KL of `sae` spliced in at each of `layers` (the model loads on the SAE's device); `lens`: the
+    SAE's lens, for the translators of `layers`."""
+    targets = [SpliceTarget(layer, sae, lens.select((layer,)) if lens else None) for layer in layers]
     return splice_targets(cache, targets, cfg, sae.b_dec.device, loaded, progress)

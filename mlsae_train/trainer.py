@@ -32,6 +32,7 @@ from mlsae_train.checkpoint import save_sae
 from mlsae_train.config import TrainConfig
 from mlsae_train.distributed import ONE_PROCESS, World, process_group
 from mlsae_train.kernels import resolve_decoder_kernel
+from mlsae_train.lens import SAE_CFG_KEY, Lens, carry_lens, check_lens_fits, load_lens, sae_lens_record
 from mlsae_train.loader import Batch, LoaderConfig, RowLoader
 from mlsae_train.loss import DeadLatentTracker, active_mask, auxk_loss, fvu_per_layer, l0, total_loss
 from mlsae_train.outdir import clear_out, plan_out, resume_config
@@ -83,6 +84,7 @@ class Run:
     loader: RowLoader
     world: World = ONE_PROCESS
     model: nn.Module | None = None  # what the forward goes through: the SAE, or its DistributedDataParallel wrapper
+    lens: Lens | None = None  # translates the rows (positions: slots of `layers`) before the SAE sees them
     rows: int = 0
     step: int = 0
     resumed: bool = False  # from a saved trainer state
@@ -112,7 +114,9 @@ def _open_cache(cfg: TrainConfig) -> tuple[Cache, tuple[int, ...]]:
     return cache, tuple(sorted(layers))
 
 
-def run_record(cfg: TrainConfig, cache: Cache, layers: tuple[int, ...], sae_cfg: SaeConfig) -> dict[str, Any]:
+def run_record(
+    cfg: TrainConfig, cache: Cache, layers: tuple[int, ...], sae_cfg: SaeConfig, lens: Lens | None = None
+) -> dict[str, Any]:
     """What cfg.json records beside the architecture, and what a resume must match."""
     return {
         **cfg.hyperparameters(),
@@ -123,7 +127,17 @@ def run_record(cfg: TrainConfig, cache: Cache, layers: tuple[int, ...], sae_cfg:
         "model": cache.meta.model.get("name"),
         "hook": cache.meta.hook,
         "n_latents": sae_cfg.n_latents,
+        SAE_CFG_KEY: sae_lens_record(lens) if lens is not None else None,
     }
+
+
+def _lens(cfg: TrainConfig, cache: Cache, layers: tuple[int, ...], device: torch.device) -> Lens | None:
+    """The lens of `fit --lens`, checked against the cache and lined up with `layers` (None without one)."""
+    if cfg.lens is None:
+        return None
+    lens = load_lens(cfg.lens, device)
+    check_lens_fits(lens, cache, layers)
+    return lens.select(layers)
 
 
 def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str, Any]]:
@@ -142,13 +156,14 @@ def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str
         reuse_buffers=cfg.reuse_buffers,
     )
     loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
-    record = run_record(cfg, cache, layers, sae_cfg)
+    lens = _lens(cfg, cache, layers, device)
+    record = run_record(cfg, cache, layers, sae_cfg, lens)
     state, clear = plan_out(cfg, record)
     autocast = torch.bfloat16 if cfg.autocast == "bf16" else None
     sae = TopKSAE(sae_cfg, torch.Generator().manual_seed(cfg.seed), autocast, cfg.decoder_kernel).to(device)
     optimizer = make_optimizer(sae.parameters(), cfg.lr)
     tracker = DeadLatentTracker(sae_cfg.n_latents, device)
-    run = Run(cfg, cache, layers, sae, optimizer, tracker, loader, world, clear_out=clear)
+    run = Run(cfg, cache, layers, sae, optimizer, tracker, loader, world, clear_out=clear, lens=lens)
     if state is not None:
         sae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -168,6 +183,8 @@ def start_out(run: Run, stack: ExitStack) -> None:
     stack.enter_context(StoreLock(out))
     if run.clear_out:
         clear_out(out)
+    if run.lens is not None:
+        carry_lens(run.lens, out)  # before the first checkpoint, whose cfg.json names it
     if run.resumed:
         log.info("continuing the run in %s at %d rows", out, run.rows)
         truncate_metrics(out / METRICS_NAME, run.step)
@@ -393,6 +410,8 @@ def train(run: Run, record: dict[str, Any], progress: Progress) -> dict[str, Any
         for batch, _ in batches:
             if run.rows >= run.target_rows:
                 break
+            if run.lens is not None:  # the translation comes before the SAE's standardisation
+                batch = batch._replace(x=run.lens.translate(batch.x, batch.layer))
             if run.step == 0:
                 init_b_dec(run, batch.x)
             last = run.rows + cfg.batch_rows >= run.target_rows

@@ -31,6 +31,8 @@ from mlsae_train.cli import main as train_main
 from mlsae_train.compare import CompareConfig
 from mlsae_train.config import TrainConfig
 from mlsae_train.evaluate import EvalConfig
+from mlsae_train.lens_eval import LensEvalConfig
+from mlsae_train.lens_train import LensConfig
 from mlsae_train.interop.exchange import ExportConfig, ImportSaeConfig
 from mlsae_train.interop.push import PushConfig
 
@@ -44,6 +46,8 @@ CONFIGS = {
     "export": ExportConfig,
     "import-sae": ImportSaeConfig,
     "push": PushConfig,
+    "lens": LensConfig,
+    "eval-lens": LensEvalConfig,
     "encode": EncodeConfig,
     "variance": VarianceConfig,
     "cosine": CosineConfig,

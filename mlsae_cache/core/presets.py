@@ -25,7 +25,7 @@ COMMANDS = frozenset(
         # mlsae-cache
         "harvest", "import", "info", "verify",
         # mlsae-train
-        "fit", "eval", "compare", "convert-reference", "export", "import-sae", "push",
+        "fit", "eval", "compare", "convert-reference", "export", "import-sae", "push", "lens", "eval-lens",
         # mlsae-analyze
         "encode", "variance", "cosine", "heatmap", "prompt-heatmap", "examples", "report", "index", "explore",
         "export-delphi",
