@@ -135,7 +135,8 @@ export function histogram(counts, max, title) {
  * A heatmap of rows x columns of SVG cells: rowLabels on the left, colLabels below (thinned), cell colour
  * color(value / scale). opts: values (rows of numbers), rowLabels, colLabels, scale, color, cell (px),
  * title, xTitle, yTitle, onCell(r, c), tip(r, c) -> lines, selected [r, c] | null with selectedAttrs, testid,
- * cellAttrs(r, c).
+ * cellAttrs(r, c); rowAttrs(r) -> attributes of a <g> holding row r's cells; rowHref(r) -> a link for row r's
+ * label; overlay(svg, {left, top, cw, ch}) draws over the cells.
  */
 export function heatmap(opts) {
   const rows = opts.values.length;
@@ -150,6 +151,7 @@ export function heatmap(opts) {
   const color = opts.color || blue;
   const scale = opts.scale > 0 ? opts.scale : 1;
   for (let r = 0; r < rows; r++) {
+    const group = opts.rowAttrs ? s("g", opts.rowAttrs(r)) : svg;
     for (let c = 0; c < cols; c++) {
       const v = opts.values[r][c];
       const cell = s("rect", { x: m.left + c * cw, y: m.top + r * ch, width: cw, height: ch, fill: v > 0 ? color(v / scale) : "#fbfcfd", ...(opts.cellAttrs ? opts.cellAttrs(r, c) : {}) });
@@ -158,13 +160,17 @@ export function heatmap(opts) {
         cell.addEventListener("mouseleave", hideTip);
       }
       if (opts.onCell) cell.addEventListener("click", () => opts.onCell(r, c));
-      svg.append(cell);
+      group.append(cell);
     }
+    if (group !== svg) svg.append(group);
   }
   const rowEvery = labelEvery(rows, rows * ch, 12);
   opts.rowLabels.forEach((label, r) => {
-    if (r % rowEvery === 0) svg.append(s("text", { x: m.left - 4, y: m.top + r * ch + ch / 2 + 4, "text-anchor": "end" }, label));
+    if (r % rowEvery !== 0) return;
+    const text = s("text", { x: m.left - 4, y: m.top + r * ch + ch / 2 + 4, "text-anchor": "end" }, label);
+    svg.append(opts.rowHref ? s("a", { href: opts.rowHref(r), class: "row-link" }, text) : text);
   });
+  if (opts.overlay) opts.overlay(svg, { left: m.left, top: m.top, cw, ch });
   const colEvery = labelEvery(cols, cols * cw, 26, opts.colLabels);
   opts.colLabels.forEach((label, c) => {
     if (c % colEvery === 0) svg.append(s("text", { x: m.left + c * cw + cw / 2, y: m.top + rows * ch + 13, "text-anchor": "middle" }, label));
@@ -178,8 +184,9 @@ export function heatmap(opts) {
   return svg;
 }
 
-/** Per-layer histograms as one heatmap: rows = layers, columns = activation bins, colour = log(1 + rows). */
-export function layerHistograms(layers, perLayer, max) {
+/** Per-layer histograms as one heatmap: rows = layers, columns = activation bins, colour = log(1 + rows);
+ * `marks` (per layer, a value or null) are drawn as ticks on their layer's row, labelled `markLabel`. */
+export function layerHistograms(layers, perLayer, max, marks = null, markLabel = "value") {
   const top = Math.max(1, ...perLayer.flat());
   const bins = perLayer[0] ? perLayer[0].length : 0;
   const values = perLayer.map((row) => row.map((c) => Math.log10(1 + c)));
@@ -196,8 +203,21 @@ export function layerHistograms(layers, perLayer, max) {
     yTitle: "layer",
     testid: "layer-histograms",
     tip: (r, c) => [`layer ${layers[r]}, activation ${fmt((c / bins) * max)} – ${fmt(((c + 1) / bins) * max)}`, `${fmt(perLayer[r][c], 8)} rows`],
+    overlay: marks ? (svg, g) => drawMarks(svg, g, layers, marks, max, bins, markLabel) : null,
   });
-  return [chart, legend("rows per bin (log scale)", top, (t) => blue(t))];
+  const notes = marks ? [s("svg", { width: 220, height: 16 }, s("rect", { x: 0, y: 3, width: 3, height: 11, class: "mark" }), s("text", { x: 8, y: 13 }, markLabel))] : [];
+  return [chart, legend("rows per bin (log scale)", top, (t) => blue(t)), ...notes];
+}
+
+function drawMarks(svg, g, layers, marks, max, bins, label) {
+  marks.forEach((value, r) => {
+    if (value === null || value === undefined || !(value > 0)) return;
+    const x = g.left + Math.min(1, value / (max || 1)) * bins * g.cw;
+    const mark = s("rect", { x: x - 1.5, y: g.top + r * g.ch - 1, width: 3, height: g.ch + 2, class: "mark", "data-testid": "hist-mark", "data-layer": layers[r], "data-value": value });
+    mark.addEventListener("mousemove", (e) => showTip(e, `layer ${layers[r]}: ${label} ${fmt(value, 4)}${value > max ? " (beyond the store's largest)" : ""}`));
+    mark.addEventListener("mouseleave", hideTip);
+    svg.append(mark);
+  });
 }
 
 /** One value per layer as bars with a y axis (for eval metrics). */

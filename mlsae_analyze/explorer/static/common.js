@@ -34,11 +34,14 @@ export function query() {
   return new URLSearchParams(location.search);
 }
 
-/** Change some query parameters (null removes one); push a history entry when `push`. */
+/** Change some query parameters (null removes one, an array sets the key once per item); push a history entry when `push`. */
 export function setQuery(updates, push = false) {
   const params = query();
   for (const [key, value] of Object.entries(updates)) {
-    if (value === null || value === undefined || value === "") params.delete(key);
+    if (Array.isArray(value)) {
+      params.delete(key);
+      for (const item of value) params.append(key, String(item));
+    } else if (value === null || value === undefined || value === "") params.delete(key);
     else params.set(key, String(value));
   }
   const text = params.toString();
@@ -77,13 +80,22 @@ export async function api(path, params = {}) {
     if (value !== null && value !== undefined && value !== "") search.set(key, String(value));
   }
   const text = search.toString();
-  const response = await fetch(`api/v1/${path}${text ? "?" + text : ""}`, { headers: { Accept: "application/json" } });
+  return answer(await fetch(`api/v1/${path}${text ? "?" + text : ""}`, { headers: { Accept: "application/json" } }));
+}
+
+async function answer(response) {
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
     const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail || response.statusText);
     throw new ApiError(response.status, detail, body.rebuild);
   }
   return body;
+}
+
+/** POST api/v1/<path> with a JSON body; the answer's JSON, or an ApiError. */
+export async function post(path, body) {
+  const headers = { Accept: "application/json", "Content-Type": "application/json" };
+  return answer(await fetch(`api/v1/${path}`, { method: "POST", headers, body: JSON.stringify(body) }));
 }
 
 /** Show an API failure: the stale-index banner with the rebuild command, or the error in the banner. */
@@ -109,6 +121,12 @@ export function fmt(x, digits = 3) {
   const a = Math.abs(x);
   if (a >= 1e5 || a < 1e-3) return x.toExponential(Math.max(0, digits - 1));
   return Number(x.toPrecision(digits)).toLocaleString("en-US", { maximumFractionDigits: 6 });
+}
+
+/** A number with exactly three decimals (the live pages' logits and changes), "–" for none. */
+export function fix3(x) {
+  if (x === null || x === undefined || Number.isNaN(x)) return "–";
+  return (Object.is(x, -0) ? 0 : x).toFixed(3);
 }
 
 export function pct(x) {
