@@ -124,7 +124,7 @@ def _shape(cfg: dict[str, Any], src: Path) -> SaeConfig:
     try:
         return SaeConfig(int(cfg["d_in"]), int(cfg["d_sae"]), int(k), _check_expressible(src, cfg))
     except (KeyError, TypeError, ValueError) as e:
-        raise StoreError(f"{src / CFG_NAME} lacks or has an invalid d_in, d_sae or k ({e}) (download it again)") from e
+        raise StoreError(f"{src / CFG_NAME} lacks or has an invalid d_in, d_sae or k ({e}) (check --from)") from e
 
 
 def fold_saelens(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -96,7 +96,7 @@ LENS_TENSORS = {
         (lambda p: (p / "cfg.json").unlink(), StoreError, "not an SAE checkpoint"),
         (lambda p: (p / "sae.safetensors").unlink(), StoreError, "no sae.safetensors"),
         (lambda p: (p / "cfg.json").write_text("{not json"), StoreError, "not valid JSON"),
-        (edit_cfg(format="sparsify"), StoreError, "convert-reference"),
+        (edit_cfg(format="sparsify"), StoreError, "import-sae"),
         (edit_cfg(version=2), StoreError, "version 2"),
         (edit_cfg(d_model=9), StoreError, r"\(24, 9\)"),
         (edit_cfg(k=0), StoreError, "invalid SAE configuration"),
