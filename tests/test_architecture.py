@@ -18,9 +18,12 @@ MAX_FUNCTION_LINES, MAX_FILE_LINES = 60, 500
 STORE_NAMES = {
     "activations", "token_ids", "sequence", "position", "trainable", "layer_mean", "layer_sq_norm", "chunk_sum",
     "chunk_sq_norm_sum", "chunk_count", "indices", "values", "counts", "totals", "probs", "layer_var", "layer_std",
-    "n_layers_active",
+    "n_layers_active", "locations",
 }  # fmt: skip
-OWNERS = {"mlsae_cache.store", "mlsae_analyze.latents", "mlsae_analyze.results", "mlsae_analyze.explorer.index"}
+OWNERS = {
+    "mlsae_cache.store", "mlsae_analyze.latents", "mlsae_analyze.results", "mlsae_analyze.explorer.index",
+    "mlsae_analyze.delphi",
+}  # fmt: skip
 
 
 def modules() -> dict[str, ast.Module]:
