@@ -216,6 +216,17 @@ export function hideTip() {
 
 // ---------------------------------------------------------------------------------------------- page helpers
 
+/** Where a live route is needed and the server has no model: how to start one (and no request is sent). */
+export function liveModelNeeded(what) {
+  return h(
+    "div",
+    { class: "panel", "data-testid": "no-model" },
+    h("p", {}, `${what} needs a live model, and this explorer was started without one. Stop it and start it again with one (\`cache\`: the model the cache was harvested from; or a model directory or hub id):`),
+    h("code", { class: "cmd" }, "mlsae-analyze explore INDEX --model cache"),
+    h("p", { class: "muted" }, "INDEX being the index directory it serves now; --device picks where the model runs, --max-prompt-tokens the longest prompt."),
+  );
+}
+
 /** The keyboard help in the footer. */
 export function keys(...pairs) {
   const footer = document.getElementById("keys");

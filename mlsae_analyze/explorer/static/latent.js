@@ -3,6 +3,7 @@
 // (top / quantile / random), each a window of tokens tinted by activation with a strip of the latent at that token
 // at every layer. State in the URL: layer, kind, show (examples listed), ex (the highlighted example).
 import { histogram, layerBars, layerHistograms } from "./charts.js";
+import { ownTextSection } from "./owntext.js";
 import {
   actColor, api, count, fmt, h, hideTip, intParam, keys, legend, pathNumber, pct, query, s, setQuery,
   showProblem, showTip, tokenSpan, tokenText, typing,
@@ -102,17 +103,23 @@ export async function render(main) {
   const j = pathNumber();
   const [meta, lat] = await Promise.all([api("meta"), api(`latent/${j}`)]);
   document.title = `Latent ${j} · mlsae explorer`;
-  const view = { meta, lat, j, st: state(meta), examples: null };
+  const view = { meta, lat, j, st: state(meta), examples: null, marks: null };
   const barsBox = h("div", { class: "panel" });
   const histBox = h("div", { class: "panel row" });
   const tabsBox = h("div", {});
   const listBox = h("div", { class: "examples", "data-testid": "examples" });
   const moreBox = h("div", { class: "pager" });
+  const own = ownTextSection(meta, j, (marks) => {
+    view.marks = marks;
+    drawHistograms(view, histBox);
+  });
+  view.own = own;
   const nav = h("span", { class: "nav" }, j > 0 ? h("a", { href: `latent/${j - 1}` }, "← previous") : "", "  ", j + 1 < meta.n_latents ? h("a", { href: `latent/${j + 1}` }, "next →") : "");
   main.replaceChildren(
     h("h1", {}, `Latent ${j} `, nav),
     chips(lat, meta),
     h("div", { class: "row" }, barsBox, histBox),
+    own.node,
     h("div", { class: "row" }, logitsPanel(lat, meta), similarPanel(lat)),
     h("h2", {}, "Examples"),
     tabsBox,
@@ -141,9 +148,9 @@ export async function render(main) {
 async function draw(view, boxes, select) {
   const { meta, lat, j, st } = view;
   boxes.barsBox.replaceChildren(layerBars({ layers: meta.layers, probs: lat.layer_probs, counts: lat.counts, max: lat.max, mean: lat.mean_layer, std: lat.layer_std, selected: st.layer === "all" ? null : st.layer, onSelect: (b) => select({ layer: b, show: PAGE, ex: null }), title: `P(layer) of latent ${j}: click a bar for that layer's examples` }));
-  const tab = st.layer === "all" ? null : meta.layers.indexOf(st.layer);
-  const counts = tab === null ? lat.histogram.all : lat.histogram.layers[tab];
-  boxes.histBox.replaceChildren(histogram(counts, lat.histogram.max, tab === null ? "Activations, all layers (each token's max)" : `Activations at layer ${st.layer}`), h("div", {}, ...layerHistograms(meta.layers, lat.histogram.layers, lat.histogram.max)));
+  drawHistograms(view, boxes.histBox);
+  const likeliest = meta.layers[lat.layer_probs.reduce((best, p, i) => ((p || 0) > (lat.layer_probs[best] || 0) ? i : best), 0)];
+  view.own.setLayer(st.layer === "all" ? likeliest : st.layer);
   const tabButton = (label, layer) => h("button", { type: "button", "aria-pressed": String(st.layer === layer), "data-testid": "layer-tab", "data-layer": layer, onclick: () => select({ layer, show: PAGE, ex: null }) }, label);
   const kindButton = (kind) => h("button", { type: "button", "aria-pressed": String(st.kind === kind), "data-testid": "kind-tab", "data-kind": kind, onclick: () => select({ kind, show: PAGE, ex: null }) }, kind);
   boxes.tabsBox.replaceChildren(
@@ -163,6 +170,14 @@ async function draw(view, boxes, select) {
   boxes.listBox.replaceChildren(...exampleList(view.examples, j, lat, meta, st.ex));
   const shown = view.examples.examples.length;
   boxes.moreBox.replaceChildren(h("span", { class: "muted" }, `${shown} of ${view.examples.total} examples`), shown < view.examples.total ? h("button", { type: "button", onclick: () => select({ show: st.show + PAGE }, false) }, "Show more") : "");
+}
+
+/** The selected tab's histogram and the per-layer ones (with the own text's largest values marked, if any). */
+function drawHistograms(view, histBox) {
+  const { meta, lat, st } = view;
+  const tab = st.layer === "all" ? null : meta.layers.indexOf(st.layer);
+  const counts = tab === null ? lat.histogram.all : lat.histogram.layers[tab];
+  histBox.replaceChildren(histogram(counts, lat.histogram.max, tab === null ? "Activations, all layers (each token's max)" : `Activations at layer ${st.layer}`), h("div", {}, ...layerHistograms(meta.layers, lat.histogram.layers, lat.histogram.max, view.marks, "largest on your text")));
 }
 
 function onKey(e, view, select) {

@@ -1,7 +1,7 @@
 // `/`: the model, SAE and stores; per-layer eval results; the P_j(l) heatmap of every latent that fires, sorted by
 // mean layer (canvas; hover previews a column, click opens its latent; arrow keys move, Enter opens).
 import { valuesPerLayer } from "./charts.js";
-import { api, blue, count, fmt, h, hideTip, keys, legend, runs, showTip, typing } from "./common.js";
+import { api, blue, count, fmt, h, hideTip, keys, legend, liveModelNeeded, runs, showTip, typing } from "./common.js";
 
 function summary(meta) {
   const card = (title, items) =>
@@ -28,8 +28,23 @@ function notes(meta) {
   const out = [];
   if (!meta.has_logits) out.push(h("p", { class: "note", "data-testid": "no-logits" }, `No logit effects: ${meta.logits_note || "the index was built without a model"}.`));
   if (meta.token_text) out.push(h("p", { class: "note" }, meta.token_text));
-  out.push(h("p", { class: "note" }, "Prompts need a live model: this version of the explorer serves the stores only."));
   return out;
+}
+
+/** A prompt box that opens the prompt page with its text (Enter), or how to start the server with a model. */
+function promptBox(meta) {
+  if (!meta.live) return [h("h2", {}, "Your own prompt"), liveModelNeeded("Running a prompt")];
+  const area = h("textarea", { rows: 2, "data-testid": "overview-prompt", "aria-label": "prompt", placeholder: "Type a prompt, then Enter to see its latents at every layer (Shift+Enter: a new line)" });
+  const open = () => {
+    if (area.value.trim()) location.href = `prompt?${new URLSearchParams({ text: area.value }).toString()}`;
+  };
+  area.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      open();
+    }
+  });
+  return [h("h2", {}, "Your own prompt"), h("div", { class: "prompt-form" }, area, h("button", { type: "button", "data-testid": "overview-prompt-open", onclick: open }, "Open"))];
 }
 
 function evalSection(meta) {
@@ -127,6 +142,7 @@ export async function render(main) {
     h("h1", {}, "Overview"),
     summary(meta),
     ...notes(meta),
+    ...promptBox(meta),
     h("h2", {}, "Reconstruction per layer"),
     ...evalSection(meta),
     h("h2", {}, "Where latents fire over layers"),

@@ -4,24 +4,12 @@
 // (latent x layer heatmap at the token, the latent's token x layer heatmap and histograms), Recon (logits with the
 // reconstruction spliced in) and Steer. State in the URL (promptdata.js); without a live model the page says how
 // to start one and sends no request to the live routes.
-import { api, fmt, h, hideTip, keys, post, setQuery, showProblem, showTip, tokenSpan, tokenText, typing } from "./common.js";
+import { api, fmt, h, hideTip, keys, liveModelNeeded, post, setQuery, showProblem, showTip, tokenSpan, tokenText, typing } from "./common.js";
 import { TABS, promptState, stateParams, strongestAt, topAt } from "./promptdata.js";
 import { reconPanel, steerPanel } from "./promptlive.js";
 import { histogramPanel, latentLayerPanel, metricsPanel, tokenLayerPanel } from "./promptviews.js";
 
 const PREVIEW_ROWS = 12;
-export const START_WITH_MODEL = "mlsae-analyze explore INDEX --model cache";
-
-/** What the page shows when the server has no live model: how to start one (no request is sent). */
-export function noModel(what) {
-  return h(
-    "div",
-    { class: "panel", "data-testid": "no-model" },
-    h("p", {}, `${what} needs a live model, and this explorer was started without one. Stop it and start it again with the model (\`cache\`: the one the cache was harvested from, or a model directory or hub id):`),
-    h("code", { class: "cmd" }, START_WITH_MODEL),
-    h("p", { class: "muted" }, "with INDEX the index directory it serves now; --device picks where the model runs, --max-prompt-tokens the longest prompt."),
-  );
-}
 
 function textBox(st, submit) {
   const area = h("textarea", { id: "prompt-text", rows: 3, "data-testid": "prompt-input", "aria-label": "prompt", placeholder: "Type a prompt, then Enter (Shift+Enter: a new line)" });
@@ -99,7 +87,7 @@ export async function render(main) {
   const meta = await api("meta");
   document.title = "Prompt · mlsae explorer";
   if (!meta.live) {
-    main.replaceChildren(h("h1", {}, "Prompt"), noModel("This page runs your text through the model and the SAE: it"));
+    main.replaceChildren(h("h1", {}, "Prompt"), liveModelNeeded("This page runs your text through the model and the SAE: it"));
     return;
   }
   const view = { meta, st: promptState(meta), data: null, deltaCe: null, hover: null, infos: new Map(), autoSteer: true, loaded: 0 };
