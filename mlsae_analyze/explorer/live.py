@@ -40,6 +40,7 @@ from mlsae_cache.hooks import block_output
 from mlsae_cache.models import LoadedModel, find_blocks, find_final_norm, load_cache_model
 from mlsae_cache.store import CacheMeta
 from mlsae_cache.text import token_stream
+from mlsae_train.lens import Lens
 from mlsae_train.sae import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,10 @@ class LiveModel:
         cache_meta: CacheMeta,
         max_prompt_tokens: int = 256,
         lru_size: int = 8,
+        lens: Lens | None = None,
     ) -> None:
         self.loaded, self.sae, self.layers = loaded, sae, tuple(layers)
+        self.lens = lens.select(self.layers).to(sae.b_dec.device) if lens is not None else None
         self.meta, self.max_prompt_tokens = cache_meta, max_prompt_tokens
         self.model: nn.Module = loaded.model
         self.blocks = find_blocks(self.model)
@@ -207,16 +210,31 @@ class LiveModel:
         indices, values, fvus = self._encode(streams, trainable)
         return PromptRun(ids, trainable, streams, calls, logits, indices, values, fvus)
 
+    def sae_rows(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Rows [n, d] of block `layer` as the SAE reads them: float32, translated by the lens it was fitted with."""
+        x = x.to(self.sae.b_dec.device, torch.float32)
+        return self.lens.translate(x, self.layers.index(layer)) if self.lens is not None else x
+
+    def raw_change(self, delta: torch.Tensor, layer: int) -> torch.Tensor:
+        """A change [n, d] of the SAE's input space in raw units of the stream: (I + A_l)^-1 delta under a lens."""
+        if self.lens is None:
+            return delta
+        return delta @ self.lens.inverse()[self.layers.index(layer)].T
+
     def _encode(self, streams: list[torch.Tensor], trainable: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
-        """Top-k of every stored layer's rows, and the FVU of the trainable ones."""
+        """Top-k of every stored layer's rows, and the FVU of the trainable ones in raw units (under a lens, of
+        the reconstruction mapped back through the lens's inverse)."""
         indices, values, fvus = [], [], []
+        keep = torch.from_numpy(trainable)
         for layer in self.layers:
-            x = streams[layer].float().to(self.sae.b_dec.device)
-            out = self.sae(x)
+            x = streams[layer].float()
+            out = self.sae(self.sae_rows(x, layer))
+            x_hat = out.x_hat.float()
+            if self.lens is not None:
+                x_hat = self.lens.untranslate(x_hat, self.layers.index(layer))
             indices.append(out.indices.to(torch.int32).cpu().numpy())
             values.append(out.values.float().cpu().numpy())
-            keep = torch.from_numpy(trainable).to(x.device)
-            fvus.append(fvu(x[keep].cpu().numpy(), out.x_hat[keep].float().cpu().numpy()))
+            fvus.append(fvu(x[keep].cpu().numpy(), x_hat.cpu()[keep].numpy()))
         return np.stack(indices), np.stack(values), fvus
 
     # ------------------------------------------------------------------------------------------ re-runs
@@ -268,9 +286,16 @@ class LiveModel:
 
 
 def load_live_model(
-    model: str, device: str, sae: TopKSAE, layers: Sequence[int], cache_meta: CacheMeta, max_prompt_tokens: int
+    model: str,
+    device: str,
+    sae: TopKSAE,
+    layers: Sequence[int],
+    cache_meta: CacheMeta,
+    max_prompt_tokens: int,
+    lens: Lens | None = None,
 ) -> LiveModel:
-    """Load `model` on `device` ("cache": the model the cache names) and check that it fits the SAE."""
+    """Load `model` on `device` ("cache": the model the cache names) and check that it fits the SAE; `lens`: the
+    lens the SAE was fitted with (its rows are translated before encoding, and reconstructions mapped back)."""
     loaded = load_cache_model(cache_meta.model, device=str(resolve_device(device)), override=_override(model))
     n_blocks, d_model = loaded.info.n_layers, loaded.info.d_model
     if d_model != sae.cfg.d_model or max(layers) >= n_blocks:
@@ -278,7 +303,8 @@ def load_live_model(
             f"model {loaded.info.name} ({n_blocks} blocks, d_model {d_model}) does not fit the SAE (layers "
             f"{list(layers)}, d_model {sae.cfg.d_model}); pass the model the cache was harvested from"
         )
-    return LiveModel(loaded, sae.to(next(loaded.model.parameters()).device), layers, cache_meta, max_prompt_tokens)
+    sae = sae.to(next(loaded.model.parameters()).device)
+    return LiveModel(loaded, sae, layers, cache_meta, max_prompt_tokens, lens=lens)
 
 
 def _override(model: str) -> str | None:

@@ -57,7 +57,8 @@ def spliced_logits(live: LiveModel, run: PromptRun, layer: int) -> Spliced:
     check_layer(live, layer)
     x = run.streams[layer].float()[None]
     mask = torch.from_numpy(run.trainable)[None].to(x.device)
-    x_hat = reconstruct(live.sae, x, mask)[0]
+    lens = live.lens.select((layer,)) if live.lens is not None else None
+    x_hat = reconstruct(live.sae, x, mask, lens=lens)[0]
     logits = live.rerun(run, layer, x_hat)
     predicted = run.predicted.to(logits.device)
     target = run.ids.to(logits.device)[1:][predicted[:-1]]
@@ -91,7 +92,8 @@ def edit_fn(live: LiveModel, edits: list[Edit], where: PositionsFn, typical: Typ
     `where` picks among start..start+n-1.
 
     Add: x + f sigma W_dec[j]; clamp: x + (f - a_j) sigma W_dec[j], sigma the row's std as the SAE standardises
-    it (1 without standardisation) and a_j the SAE's activation of latent j at the row.
+    it (1 without standardisation) and a_j the SAE's activation of latent j at the row. Under a lens the change
+    is made in the lens's space and mapped to the stream by (I + A_l)^-1.
     """
     n = live.sae.cfg.n_latents
     for e in edits:
@@ -104,7 +106,7 @@ def edit_fn(live: LiveModel, edits: list[Edit], where: PositionsFn, typical: Typ
         if block not in by_block:
             return h
         x = h[0].to(live.sae.b_dec.dtype)
-        std = live.sae.standardize(x)
+        std = live.sae.standardize(live.sae_rows(x, block))
         enc = live.sae.encode(std.x_std) if any(e.mode == "clamp" for e, _ in by_block[block]) else None
         mask = torch.from_numpy(where(start, len(x))).to(x.device)
         delta = torch.zeros_like(x)
@@ -113,7 +115,7 @@ def edit_fn(live: LiveModel, edits: list[Edit], where: PositionsFn, typical: Typ
             if enc is not None and e.mode == "clamp":
                 amount = amount - torch.where(enc.indices == e.latent, enc.values, 0.0).sum(-1).to(x.dtype)
             delta += (amount * mask)[:, None] * std.sigma * live.sae.W_dec[e.latent]
-        return (x + delta).to(h.dtype)[None]
+        return (x + live.raw_change(delta, block)).to(h.dtype)[None]
 
     return apply
 

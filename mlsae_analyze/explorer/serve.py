@@ -83,12 +83,14 @@ def live_views(cfg: ExploreConfig, stores: Any) -> Any:
     from mlsae_cache.core.devices import resolve_device
     from mlsae_cache.store import read_meta
     from mlsae_train.checkpoint import load_sae
+    from mlsae_train.lens import lens_of
 
     assert cfg.model is not None
-    sae, _ = load_sae(stores.paths["sae"], resolve_device(cfg.device), allow_unfinished=True)
+    sae, sae_cfg = load_sae(stores.paths["sae"], resolve_device(cfg.device), allow_unfinished=True)
+    lens = lens_of(stores.paths["sae"], sae_cfg)
     cache_meta = read_meta(stores.paths["cache"])
     layers = stores.index.meta.layers
-    live = load_live_model(cfg.model, cfg.device, sae, layers, cache_meta, cfg.max_prompt_tokens)
+    live = load_live_model(cfg.model, cfg.device, sae, layers, cache_meta, cfg.max_prompt_tokens, lens)
     return LiveViews(live, stores.index)
 
 

@@ -25,6 +25,7 @@ from mlsae_cache.models import find_blocks
 from mlsae_cache.store import read_meta
 from mlsae_cache.text import separator_id
 from mlsae_train.checkpoint import load_sae
+from mlsae_train.lens import Lens
 from mlsae_train.sae import SaeConfig, TopKSAE
 from tests.explorer.live_stores import PROMPT, LiveStores, make_live_stores
 
@@ -259,3 +260,38 @@ def test_concurrent_requests_get_the_answers_of_sequential_ones(client: TestClie
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda t: client.post("/api/v1/prompt", json={"text": t}).json(), texts * 2))
     assert together == alone * 2
+
+
+def test_the_lens_an_sae_carries_is_applied_to_encoding_splicing_and_steering(
+    live_stores: LiveStores, live: LiveModel
+) -> None:
+    n, d = len(live.layers), live.sae.cfg.d_model
+    g = torch.Generator().manual_seed(0)
+    A, b = 0.1 * torch.randn(n, d, d, generator=g), 0.1 * torch.randn(n, d, generator=g)
+    lensed = load_live_model(
+        str(live_stores.model), "cpu", live.sae, live.layers, read_meta(live_stores.cache), 256, Lens(live.layers, A, b)
+    )
+    run = lensed.run(PROMPT)
+    translated = [run.streams[layer].float() @ (torch.eye(d) + A[i]).T + b[i] for i, layer in enumerate(live.layers)]
+    for i in range(n):
+        indices, _ = encode_rows(live.sae, translated[i].numpy())
+        assert np.array_equal(np.sort(indices, -1), np.sort(run.indices[i], -1))
+    i, layer, p = 1, live.layers[1], 4
+
+    def splice(x: torch.Tensor) -> torch.Tensor:
+        y_hat = live.sae(x.float() @ (torch.eye(d) + A[i]).T + b[i]).x_hat.detach()
+        back = torch.linalg.solve(torch.eye(d) + A[i], (y_hat - b[i]).T).T
+        return torch.where(torch.from_numpy(run.trainable)[:, None], back, x.float())
+
+    _, logits = _streams(lensed, run.ids, {layer: _replacing(splice)})
+    assert torch.allclose(ops.recon_logits(lensed, run, layer).logits, logits, atol=1e-4)
+    views = LiveViews(lensed, ExplorerIndex(live_stores.index))
+    apply = ops.edit_fn(
+        lensed, [Edit(2, layer, 3.0, "add", "raw")], positions_fn(f"only:{p}", len(run.ids)), views.typical
+    )
+    with torch.inference_mode():
+        change = apply(layer, run.streams[layer][None], 0)[0] - run.streams[layer]
+    sigma = translated[i][p].std(correction=1)
+    want = torch.linalg.solve(torch.eye(d) + A[i], 3.0 * sigma * live.sae.W_dec[2].detach())
+    assert torch.allclose(change[p], want, atol=1e-4)
+    assert float(change[:p].abs().max()) == 0.0
