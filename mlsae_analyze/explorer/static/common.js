@@ -98,6 +98,11 @@ export async function post(path, body) {
   return answer(await fetch(`api/v1/${path}`, { method: "POST", headers, body: JSON.stringify(body) }));
 }
 
+/** Hide the banner of an earlier failure. */
+export function clearProblem() {
+  document.getElementById("banner").hidden = true;
+}
+
 /** Show an API failure: the stale-index banner with the rebuild command, or the error in the banner. */
 export function showProblem(error) {
   const banner = document.getElementById("banner");

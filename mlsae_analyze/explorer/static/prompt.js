@@ -4,7 +4,7 @@
 // (latent x layer heatmap at the token, the latent's token x layer heatmap and histograms), Recon (logits with the
 // reconstruction spliced in) and Steer. State in the URL (promptdata.js); without a live model the page says how
 // to start one and sends no request to the live routes.
-import { api, fmt, h, hideTip, keys, liveModelNeeded, post, setQuery, showProblem, showTip, tokenSpan, tokenText, typing } from "./common.js";
+import { api, clearProblem, fmt, h, hideTip, keys, liveModelNeeded, post, setQuery, showProblem, showTip, tokenSpan, tokenText, typing } from "./common.js";
 import { TABS, promptState, stateParams, strongestAt, topAt } from "./promptdata.js";
 import { reconPanel, steerPanel } from "./promptlive.js";
 import { histogramPanel, latentLayerPanel, metricsPanel, tokenLayerPanel } from "./promptviews.js";
@@ -132,6 +132,7 @@ async function load(view, boxes) {
     const data = await post("prompt", { text: st.text });
     if (ticket !== view.loaded) return;
     view.data = data;
+    clearProblem();
     boxes.status.replaceChildren();
     paint(view, boxes);
     const full = await post("prompt", { text: st.text, delta_ce: true }); // L re-runs: asked once the page is drawn

@@ -87,11 +87,12 @@ function positionsRow(ctx) {
   const { st, data } = ctx.view;
   const [kind, at] = st.positions === "all" ? ["all", ctx.pos] : st.positions.split(":");
   const kindField = select("positions", [["all", "all"], ["from", "from token"], ["only", "only token"]], kind, "positions");
-  const atField = number("", at, "positions-at", { min: 0, max: data.tokens.length - 1 });
+  const atField = number("token", at, "positions-at", { min: 0, max: data.tokens.length - 1, disabled: kind === "all" });
   const update = () => {
     const k = kindField.querySelector("select").value;
     const p = Math.max(0, Math.min(data.tokens.length - 1, Number(atField.querySelector("input").value) || 0));
     ctx.view.st.positions = k === "all" ? "all" : `${k}:${p}`;
+    atField.querySelector("input").disabled = k === "all";
     ctx.save();
   };
   kindField.querySelector("select").addEventListener("change", update);
@@ -159,7 +160,7 @@ function steerResult(r, data, body) {
     h("tr", { "data-testid": "steer-change", "data-position": c.position, class: data.trainable[c.position] ? null : "untrainable" }, h("td", {}, c.position), h("td", { class: "tokens" }, tokenText(c.token)), h("td", {}, changeCells(c.increases)), h("td", {}, changeCells(c.decreases))),
   );
   return [
-    h("p", { class: "muted" }, `Applied at positions ${body.positions}:`),
+    h("p", { class: "muted" }, `Applied ${body.positions === "all" ? "at every token" : body.positions.startsWith("from:") ? `from token ${body.positions.slice(5)} on` : `at token ${body.positions.slice(5)} only`}:`),
     h("ul", {}, scales),
     h("div", { class: "scroll" }, h("table", { class: "changes" }, h("tr", {}, h("th", {}, "token"), h("th", {}, ""), h("th", {}, "logits raised most (next-token)"), h("th", {}, "lowered most")), rows)),
   ];
