@@ -394,3 +394,26 @@ def eval_lens(ctx: click.Context, **options: Any) -> None:
     click.echo(result.table())
     if cfg.out is not None:
         click.echo(f"wrote {cfg.out}")
+
+
+@main.command(name="import-lens")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--cache", required=True, type=click.Path(path_type=Path), help="A cache of the lens's model.")
+@click.option(
+    "--indexing",
+    default="shifted",
+    show_default=True,
+    type=click.Choice(["shifted", "reference"]),
+    help="shifted: block l gets translator l+1 (the library's meaning); reference: translator l (the authors' code).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace what OUT holds.")
+def import_lens(**options: Any) -> None:
+    """Convert a lens of the tuned-lens library (SRC: config.json + params.pt) into an mlsae lens in OUT, for the
+    blocks of CACHE."""
+    from mlsae_train.lens_import import ImportLensConfig
+    from mlsae_train.lens_import import import_lens as run_import
+
+    cfg = ImportLensConfig(**options)
+    lens = run_import(cfg)
+    click.echo(f"wrote {cfg.out}: translators of blocks {list(lens.layers)} ({cfg.indexing} indexing)")

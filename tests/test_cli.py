@@ -32,6 +32,7 @@ from mlsae_train.compare import CompareConfig
 from mlsae_train.config import TrainConfig
 from mlsae_train.evaluate import EvalConfig
 from mlsae_train.lens_eval import LensEvalConfig
+from mlsae_train.lens_import import ImportLensConfig
 from mlsae_train.lens_train import LensConfig
 from mlsae_train.interop.exchange import ExportConfig, ImportSaeConfig
 from mlsae_train.interop.push import PushConfig
@@ -48,6 +49,7 @@ CONFIGS = {
     "push": PushConfig,
     "lens": LensConfig,
     "eval-lens": LensEvalConfig,
+    "import-lens": ImportLensConfig,
     "encode": EncodeConfig,
     "variance": VarianceConfig,
     "cosine": CosineConfig,

@@ -239,3 +239,45 @@ def test_a_lens_run_of_other_settings_is_refused(trained: Path, caches: Caches) 
     with pytest.raises(InputError, match="other settings"):
         run_lens(LensConfig(caches.llama, trained, **{**SMALL, "lr": 0.5}, train_tokens=768))
     assert (trained / WEIGHTS_NAME).read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------- tuned-lens library
+
+
+def library_lens(path: Path, n_layers: int, d: int) -> Path:
+    """A lens in the tuned-lens library's layout: config.json and params.pt of translators 0..n_layers-1."""
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for i in range(n_layers):
+        state[f"{i}.weight"], state[f"{i}.bias"] = torch.randn(d, d, generator=g), torch.randn(d, generator=g)
+    torch.save(state, path / "params.pt")
+    config = {"base_model_name_or_path": "tiny", "d_model": d, "num_hidden_layers": n_layers, "bias": True}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(("indexing", "shift"), [("shifted", 1), ("reference", 0)], ids=["shifted", "reference"])
+def test_import_lens_gives_each_block_the_translator_of_its_indexing(
+    caches: Caches, tmp_path: Path, indexing: str, shift: int
+) -> None:
+    src = library_lens(tmp_path / "src", 3, 32)
+    args = ["--quiet", "import-lens", str(src), str(tmp_path / "out"), "--cache", str(caches.llama)]
+    ran = CliRunner().invoke(main, [*args, "--indexing", indexing])
+    assert ran.exit_code == 0, ran.output
+    lens, state = load_lens(tmp_path / "out"), torch.load(src / "params.pt")
+    assert lens.layers == (0, 1, 2) and lens.meta["indexing"] == indexing
+    h = torch.randn(7, 32)
+    for block in range(3):
+        i = block + shift
+        # the library's own transform: h + translator_i(h), a Linear with weight [out, in]
+        want = h + h @ state[f"{i}.weight"].T + state[f"{i}.bias"] if i < 3 else h
+        torch.testing.assert_close(lens.translate(h, block), want)
+
+
+def test_import_lens_refuses_a_lens_of_another_model(caches: Caches, tmp_path: Path) -> None:
+    src = library_lens(tmp_path / "src", 3, 16)
+    args = ["--quiet", "import-lens", str(src), str(tmp_path / "out"), "--cache", str(caches.llama)]
+    ran = CliRunner().invoke(main, args)
+    assert ran.exit_code == 2 and "d_model 16" in ran.output and len(ran.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
