@@ -145,6 +145,14 @@ def test_hover_previews_a_token_without_changing_the_url(watched: Watched, live_
     page.mouse.move(5, 5)  # leaving the strip shows the selected token again
     expect(preview).to_have_attribute("data-position", "2")
     assert page.url == before
+    page.keyboard.press("ArrowRight")
+    url_says(page, pos="3")
+    page.keyboard.press("ArrowDown")
+    url_says(page, pos="3", layer="0")
+    expect(page.locator("[data-testid=token].selected")).to_have_attribute("data-position", "3")
+    page.locator("[data-testid=rank][data-value=quantile]").click()
+    url_says(page, rank="quantile")
+    expect(page.locator("[data-testid=rank][data-value=quantile]")).to_have_attribute("aria-pressed", "true")
     watched.check()
 
 
