@@ -49,7 +49,7 @@ def parse_hub_ref(text: str) -> HubRef | None:
     return HubRef("/".join(parts[:2]), "/".join(parts[2:]) or None, revision or None)
 
 
-def download(ref: HubRef) -> Path:
+def download(ref: HubRef, text: str = "") -> Path:
     """The local folder of `ref` in the hub cache, downloaded first if needed (and allowed: HF_HUB_OFFLINE=1 reads
     the cache only)."""
     from huggingface_hub import snapshot_download
@@ -61,9 +61,10 @@ def download(ref: HubRef) -> Path:
         )
     except Exception as e:  # huggingface_hub raises its own types: not found, offline, no such revision
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        local = "" if text.startswith(PREFIX) else f"{text} is no local path, and "
         raise NotFoundError(
-            f"cannot get {ref} from the Hugging Face Hub: {first} (check the id and revision; offline, "
-            "download it once online)"
+            f"{local}cannot get {ref} from the Hugging Face Hub: {first} (check the path, or the id and revision; "
+            "offline, download it once online)"
         ) from e
     folder = Path(root) / ref.subfolder if ref.subfolder else Path(root)
     if not folder.is_dir():
@@ -74,7 +75,7 @@ def download(ref: HubRef) -> Path:
 def local_sae_dir(path: str | Path) -> Path:
     """`path` itself, or the local folder of the hub folder it names."""
     ref = parse_hub_ref(str(path))
-    return Path(path) if ref is None else download(ref)
+    return Path(path) if ref is None else download(ref, str(path))
 
 
 def upload(folder: Path, ref: HubRef, message: str, private: bool, api: Any = None) -> Any:

@@ -33,6 +33,9 @@ WEIGHTS_NAME = "sae_weights.safetensors"
 WHAT = "a SAELens SAE folder (cfg.json and sae_weights.safetensors)"
 UNIT_NORM_TOL = 1e-4
 """Largest |norm - 1| of a decoder row for which rescale_acts_by_decoder_norm is set on export."""
+SAELENS_CONFIG_VERSION = "6.0.0"
+"""The SAELens version whose config layout the export follows: without one, SAELens reads the config as one
+written before 6.0 and drops its metadata."""
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 _NORMALISATION = {"none": False, "layer_norm": True}
 
@@ -45,6 +48,7 @@ def hook_name(layer: int) -> str:
 def _metadata(layer: int, prov: Provenance) -> dict[str, Any]:
     position_0 = prov.policy.get("exclude_position_0", True)
     return {
+        "sae_lens_version": SAELENS_CONFIG_VERSION,
         "model_name": prov.model,
         "hook_name": hook_name(layer),
         "hook_head_index": None,

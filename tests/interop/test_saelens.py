@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from sae_lens import SAE
 x = load_file("in.safetensors")["x"]
 sae = SAE.load_from_disk("export/blocks.1.hook_resid_post")
+meta = sae.cfg.metadata
+assert (meta.hook_name, meta.context_size, meta.model_name) == ("blocks.1.hook_resid_post", 50, "tiny"), meta
 with torch.no_grad():
     feats = sae.encode(x)
     recon = sae.decode(feats)
