@@ -2,7 +2,7 @@
 // activation at every token and layer of it, its largest per layer (marked on the page's histograms by the
 // caller), and a link that opens the prompt page with an edit of this latent at the layer of the tab shown.
 import { heatmap } from "./charts.js";
-import { actColor, fmt, h, legend, liveModelNeeded, post, showProblem, tokenSpan } from "./common.js";
+import { actColor, fmt, h, legend, post, showProblem, tokenSpan } from "./common.js";
 import { latentGrid } from "./promptdata.js";
 
 /** The prompt page's URL with text `text` and one edit of latent j at `layer` (factor 1, add, typical units). */
@@ -49,7 +49,10 @@ function grid(data, j) {
  * setLayer points the steer link at the layer of the tab shown.
  */
 export function ownTextSection(meta, j, onMarks) {
-  if (!meta.live) return { node: h("div", { class: "panel" }, h("h2", {}, "Test your own text"), liveModelNeeded("Running your own text")), setLayer: () => {} };
+  if (!meta.live) {
+    const note = h("p", { class: "note", "data-testid": "no-model" }, "Test your own text: this needs a live model; restart the explorer with ", h("code", {}, "mlsae-analyze explore INDEX --model cache"), ".");
+    return { node: note, setLayer: () => {} };
+  }
   const area = h("textarea", { rows: 2, "data-testid": "own-text-input", "aria-label": "your text", placeholder: "Type a text, then Enter (Shift+Enter: a new line)" });
   const out = h("div", { "data-testid": "own-text" });
   const link = h("a", { "data-testid": "steer-link", href: steerHref(j, meta.layers[0], "") }, "steer with this latent");
