@@ -173,6 +173,13 @@ def examples(ctx: click.Context, latent_ids: str | None, **options: Any) -> None
     type=click.Path(path_type=Path),
     help="A directory with variance/ and eval.json of the MLSAE trained for one length (repeatable).",
 )
+@click.option(
+    "--lens-variance",
+    type=click.Path(path_type=Path),
+    help="A `variance` OUT of the same MLSAE fitted with a tuned lens: add the lens-vs-plain section.",
+)
+@click.option("--lens-eval", type=click.Path(path_type=Path), help="The lens MLSAE's `mlsae-train eval --out` JSON.")
+@click.option("--lens-kl", type=click.Path(path_type=Path), help="An `mlsae-train eval-lens --out` directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an output of this command made from other inputs.")
 def report(**options: Any) -> None:
     """One self-contained report, OUT/report.md and OUT/report.html, with the SAE's settings and training curve,

@@ -21,11 +21,13 @@ from mlsae_analyze.comparison import comparison_figure
 from mlsae_analyze.findings import findings_section
 from mlsae_analyze.latents import read_latents_meta
 from mlsae_analyze.layers import layer_runs
+from mlsae_analyze.lens_report import lens_figures, lens_section
 from mlsae_analyze.report_parts import cache_section, examples_excerpt, read_study_point, sae_section, to_html
 from mlsae_analyze.results import COSINE_JSON, CosineResult, VarianceOutput, VarianceSummary
 from mlsae_cache.core.errors import InputError, MlsaeError, NotFoundError, RuntimeFailure
 from mlsae_cache.core.outputs import output_dir
 from mlsae_cache.store import read_meta
+from mlsae_train.lens_eval import LENS_EVAL_JSON, LensEvalResult
 from mlsae_train.results import COMPARE_JSON, CompareResult, EvalResult
 
 SUMMARY_MEANINGS = {
@@ -223,7 +225,8 @@ def cosine_section(result: CosineResult, figure: str) -> list[str]:
 class ReportConfig:
     """Everything `mlsae-analyze report` takes (CLI options map one-to-one onto these fields): the report
     directory, a variance OUT, and optionally an eval JSON, a cosine OUT, directories of PNGs to include, an
-    examples OUT, a title (default: the model and SAE) and a compare OUT (Findings)."""
+    examples OUT, a title (default: the model and SAE), a compare OUT (Findings), and the variance OUT, eval JSON
+    and eval-lens OUT of the same MLSAE fitted with a tuned lens (the lens section, lens_report.py)."""
 
     out: Path
     variance: Path
@@ -235,6 +238,9 @@ class ReportConfig:
     compare: Path | None = None
     sae: Path | None = None
     study: tuple[Path, ...] = ()
+    lens_variance: Path | None = None
+    lens_eval: Path | None = None
+    lens_kl: Path | None = None
     overwrite: bool = False
 
 
@@ -352,6 +358,7 @@ def write_report(cfg: ReportConfig, out: Path) -> Path:
     study = [read_study_point(path) for path in cfg.study]
     if comparison:
         lines += findings_section(variance.summary, cosine, comparison, link["compare"], study)
+    lines += _lens_part(cfg, variance, evaluation, out)
     lines += sae_section(sae_dir, out / "figures", out) if sae_dir else []
     lines += cache_section(cache_path)
     lines += heatmap_section(link)
@@ -368,6 +375,18 @@ def write_report(cfg: ReportConfig, out: Path) -> Path:
 
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
+
+
+def _lens_part(cfg: ReportConfig, plain: VarianceOutput, evaluation: EvalResult | None, out: Path) -> list[str]:
+    """The lens-vs-plain section when --lens-variance is given (its figures drawn into out/figures)."""
+    if cfg.lens_variance is None:
+        return []
+    lens = VarianceOutput.read(cfg.lens_variance)
+    lens_eval = EvalResult.read(cfg.lens_eval) if cfg.lens_eval else None
+    kl = LensEvalResult.read(cfg.lens_kl / LENS_EVAL_JSON) if cfg.lens_kl else None
+    paths = lens_figures(plain, lens, kl, out / "figures")
+    link = {key: path.relative_to(out).as_posix() for key, path in paths.items()}
+    return lens_section(plain, lens, (evaluation, lens_eval), kl, link)
 
 
 def sources(cfg: ReportConfig, variance: VarianceOutput) -> tuple[Path | None, str | None]:
