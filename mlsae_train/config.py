@@ -20,6 +20,10 @@ class TrainConfig:
 
     `lens`: a tuned lens (`mlsae-train lens`); rows are translated by it before standardisation.
 
+    `seed` seeds the initial weights and, unless `data_seed` is given, the row order (`row_seed`): a sweep
+    (sweep.py) trains members of several seeds on one row order, and a member equals the single run with its
+    `seed` and the sweep's `data_seed`.
+
     `decoder_kernel` (kernels.py) chooses how the sparse decoder is computed, not what, and `reuse_buffers` whether
     the loader refills its block buffers (loader.py): like `device` they are left out of `hyperparameters`, so
     cfg.json does not record them and a run may resume with others.
@@ -34,6 +38,7 @@ class TrainConfig:
     max_rows: int | None = None
     layers: tuple[int, ...] | None = None
     seed: int = 0
+    data_seed: int | None = None
     device: str = "auto"
     resume: bool = False
     standardize: bool = True
@@ -78,6 +83,11 @@ class TrainConfig:
         if self.decoder_kernel not in DECODER_KERNELS:
             raise InputError(f"--decoder-kernel {self.decoder_kernel!r} is not one of {', '.join(DECODER_KERNELS)}")
 
+    @property
+    def row_seed(self) -> int:
+        """The seed of the loader's row order: `data_seed`, or `seed` when it is not given."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def hyperparameters(self) -> dict[str, Any]:
         """What determines the trained weights (not paths, device, decoder kernel, logging); compared on resume."""
         d = asdict(self)
@@ -93,4 +103,5 @@ class TrainConfig:
         for name in ("cache", "out", "lens", *how):  # the lens is recorded by its fingerprint (trainer.run_record)
             d.pop(name)
         d["layers"] = list(self.layers) if self.layers is not None else None
+        d["data_seed"] = self.row_seed  # recorded as the seed it is, so `--seed 3` and `--data-seed 3` agree
         return d

@@ -34,8 +34,10 @@ class OutPlan(NamedTuple):
 
 
 def _differences(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
-    """The settings that differ; a setting a run recorded before it existed counts as its default."""
+    """The settings that differ; a setting a run recorded before it existed counts as its default (the row order's
+    seed as the run's seed)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults["data_seed"] = saved.get("seed", defaults["seed"])
     return [
         f"{k} {saved.get(k, defaults.get(k))!r} -> {v!r}"
         for k, v in record.items()

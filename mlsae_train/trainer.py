@@ -16,10 +16,10 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from contextlib import ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypedDict
+from typing import IO, Any, NamedTuple, TypedDict
 
 import torch
 from torch import nn
@@ -150,7 +150,7 @@ def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str
     loader_cfg = LoaderConfig(
         cfg.batch_rows,
         cfg.block_units,
-        cfg.seed,
+        cfg.row_seed,
         rank=world.rank,
         world_size=world.world_size,
         reuse_buffers=cfg.reuse_buffers,
@@ -399,33 +399,50 @@ def _train_saving_on_interrupt(run: Run, record: dict[str, Any], progress: Progr
 
 def train(run: Run, record: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """The loop: steps to the target rows, logging and checkpointing at intervals; returns the last log line."""
-    cfg = run.cfg
-    next_checkpoint = (run.rows // cfg.checkpoint_every_rows + 1) * cfg.checkpoint_every_rows
     line: dict[str, Any] = {}
-    started, rows_at_start = time.perf_counter(), run.rows
+    clock = (time.perf_counter(), run.rows)
     # a resumed run that already reached its target reads no data
     batches = run.loader.batches(run.rows) if run.rows < run.target_rows else iter(())
-    metrics = (Path(cfg.out) / METRICS_NAME).open("a") if run.world.is_main else nullcontext()
-    with metrics as log_file:
+    with open_metrics(run) as log_file:
         for batch, _ in batches:
             if run.rows >= run.target_rows:
                 break
-            if run.lens is not None:  # the translation comes before the SAE's standardisation
-                batch = batch._replace(x=run.lens.translate(batch.x, batch.layer))
-            if run.step == 0:
-                init_b_dec(run, batch.x)
-            last = run.rows + cfg.batch_rows >= run.target_rows
-            logged = run.step == 0 or (run.step + 1) % cfg.log_every_steps == 0 or last
-            m = train_step(run, batch, measure_raw=logged)  # the raw-unit FVU on logged steps only
+            m, line, logged = advance(run, translated(run, batch), record, log_file, clock)
             batch.release()  # the loader may refill its buffer
-            rate = (run.rows - rows_at_start) / max(time.perf_counter() - started, 1e-9)
-            line = _log_line(run, m, rate)
-            if log_file is not None and logged:
-                log_file.write(json.dumps(line) + "\n")
-                log_file.flush()
-            if run.rows >= next_checkpoint:
-                checkpoint(run, record)
-                next_checkpoint += cfg.checkpoint_every_rows
             shown = {"fvu": m.fvu} if logged else {}
-            progress(cfg.batch_rows, **shown, l0=m.l0, dead=m.dead_fraction)
+            progress(run.cfg.batch_rows, **shown, l0=m.l0, dead=m.dead_fraction)
     return line
+
+
+def open_metrics(run: Run) -> AbstractContextManager[IO[str] | None]:
+    """OUT's metrics log, opened to append (rank 0; None on the other ranks)."""
+    return (Path(run.cfg.out) / METRICS_NAME).open("a") if run.world.is_main else nullcontext()
+
+
+def translated(run: Run, batch: Batch) -> Batch:
+    """The batch as the SAE sees it: translated by the run's lens first, if it has one (before standardisation)."""
+    return batch if run.lens is None else batch._replace(x=run.lens.translate(batch.x, batch.layer))
+
+
+def advance(
+    run: Run, batch: Batch, record: dict[str, Any], log_file: IO[str] | None, clock: tuple[float, int]
+) -> tuple[StepMetrics, dict[str, Any], bool]:
+    """The loop's body, shared by `fit` and a sweep (sweep.py): one step of `run` on `batch` (b_dec initialised on
+    the first), its metrics line (written on logged steps: the first, every log_every_steps-th, the last) and a
+    checkpoint when the step passes a multiple of checkpoint_every_rows. `clock`: the time and rows from which the
+    rate is measured. Returns (metrics, line, logged); the batch is not released (a sweep steps several SAEs on it)."""
+    cfg = run.cfg
+    if run.step == 0:
+        init_b_dec(run, batch.x)
+    last = run.rows + cfg.batch_rows >= run.target_rows
+    logged = run.step == 0 or (run.step + 1) % cfg.log_every_steps == 0 or last
+    m = train_step(run, batch, measure_raw=logged)  # the raw-unit FVU on logged steps only
+    started, rows_at_start = clock
+    line = _log_line(run, m, (run.rows - rows_at_start) / max(time.perf_counter() - started, 1e-9))
+    if log_file is not None and logged:
+        log_file.write(json.dumps(line) + "\n")
+        log_file.flush()
+    every = cfg.checkpoint_every_rows
+    if run.rows // every > (run.rows - cfg.batch_rows) // every:
+        checkpoint(run, record)
+    return m, line, logged
