@@ -24,8 +24,10 @@ REPRO_SINGLE_DEAD_ROWS ?= 900
 # the training-length study: the MLSAE trained for these rows (16x apart), each dead after 1% of its rows
 REPRO_STUDY_ROWS ?= 500000 2000000 8000000
 REPRO_FIT_ARGS = --config $(REPRO_PRESET)
+# `make reproduce-lens`: the same MLSAE fitted on tuned-lens-translated rows, set beside the plain one in a report
+REPRO_LENS ?= $(REPRO)/lens
 
-.PHONY: install interop demo reproduce test lint bench clean
+.PHONY: install interop demo reproduce reproduce-lens test lint bench clean
 
 # The tests against SAELens, sparsify and delphi run those libraries in a second venv: their pins conflict with
 # ours (sae-lens brings transformer-lens and wandb; SAE-Dashboard pins transformers < 4.57). torch first, as above;
@@ -113,6 +115,30 @@ reproduce: $(STAMP)
 		--compare $(REPRO)/compare $(foreach r,$(REPRO_STUDY_ROWS),--study $(REPRO)/length-$(r)) \
 		--title "mlsae reproduce: SmolLM2-135M on Python's docs, x16 k=32"
 	@echo "report: $(REPRO)/report/report.html (Findings section first)"
+
+# The tuned-lens variant with reproduce's settings: a lens trained on the training tokens, the MLSAE fitted again on
+# lens-translated rows, both evaluated (held-out FVU and delta CE), encoded and analysed, and a report that sets the
+# lens MLSAE beside the plain one (fitting the plain one first when `make reproduce` has not). Re-running it skips or
+# resumes each step.
+reproduce-lens: $(STAMP)
+	$(BIN)/mlsae-cache harvest $(REPRO_CACHE) --config $(REPRO_PRESET)
+	$(BIN)/mlsae-train lens $(REPRO_CACHE) $(REPRO_LENS)/lens --config $(REPRO_PRESET)
+	$(BIN)/mlsae-train eval-lens $(REPRO_LENS)/lens $(REPRO_CACHE) --out $(REPRO_LENS)/lens-eval --overwrite
+	$(BIN)/mlsae-train fit $(REPRO_CACHE) $(REPRO)/mlsae $(REPRO_FIT_ARGS) --batch-rows $(REPRO_BATCH_ROWS) \
+		$(if $(REPRO_ROWS),--max-rows $(REPRO_ROWS))
+	$(BIN)/mlsae-train fit $(REPRO_CACHE) $(REPRO_LENS)/mlsae $(REPRO_FIT_ARGS) --batch-rows $(REPRO_BATCH_ROWS) \
+		$(if $(REPRO_ROWS),--max-rows $(REPRO_ROWS)) --lens $(REPRO_LENS)/lens
+	for m in $(REPRO)/mlsae $(REPRO_LENS)/mlsae; do \
+		$(BIN)/mlsae-train eval $$m $(REPRO_CACHE) --config $(REPRO_PRESET) --out $$m-eval.json || exit 1; \
+	done
+	$(BIN)/mlsae-analyze encode $(REPRO)/mlsae $(REPRO_CACHE) $(REPRO)/latents
+	$(BIN)/mlsae-analyze variance $(REPRO)/latents $(REPRO)/variance --config $(REPRO_PRESET)
+	$(BIN)/mlsae-analyze encode $(REPRO_LENS)/mlsae $(REPRO_CACHE) $(REPRO_LENS)/latents
+	$(BIN)/mlsae-analyze variance $(REPRO_LENS)/latents $(REPRO_LENS)/variance --config $(REPRO_PRESET)
+	$(BIN)/mlsae-analyze report $(REPRO_LENS)/report --variance $(REPRO)/variance --eval $(REPRO)/mlsae-eval.json \
+		--lens-variance $(REPRO_LENS)/variance --lens-eval $(REPRO_LENS)/mlsae-eval.json \
+		--lens-kl $(REPRO_LENS)/lens-eval --overwrite --title "mlsae reproduce, tuned lens: SmolLM2-135M on Python's docs"
+	@echo "report: $(REPRO_LENS)/report/report.html (the tuned-lens section first)"
 
 # The benchmarks of README "Performance". sparsify is installed without its unrelated
 # dependencies (never touching torch), only here.
