@@ -14,6 +14,7 @@ from mlsae_cache.core.outputs import output_dir
 from mlsae_train.checkpoint import convert_reference, load_sae, resolve_sae, save_sae
 from mlsae_train.interop import saelens, sparsify
 from mlsae_train.interop.provenance import provenance
+from mlsae_train.lens import has_lens
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class ExportConfig:
 def run_export(cfg: ExportConfig) -> list[Path]:
     """Write one folder per layer of cfg.sae into cfg.out in cfg.format (all at once); returns the folders."""
     sae, sae_cfg = load_sae(cfg.sae, "cpu", cfg.allow_unfinished)
+    if has_lens(sae_cfg):
+        raise InputError(
+            f"SAE {cfg.sae} was fitted on tuned-lens translated rows, which {cfg.format} cannot express (it encodes "
+            "the raw residual stream); export an SAE fitted without --lens"
+        )
     prov = provenance(sae_cfg, cfg.cache)
     layers = cfg.layers if cfg.layers is not None else prov.layers
     if not layers:
@@ -93,9 +99,20 @@ def run_import(cfg: ImportSaeConfig) -> Path:
     src = resolve_sae(cfg.src)
     readers = {"saelens": saelens.read_saelens, "sparsify": sparsify.read_sparsify}
     imported = None if cfg.source == "reference" else readers[cfg.source](src)  # refused before OUT is touched
-    _clear(Path(cfg.out), cfg.overwrite)
+    out = Path(cfg.out)
     if imported is None:
-        return convert_reference(src, cfg.out)
+        if not cfg.overwrite:
+            _clear(out, overwrite=False)  # refused before converting, not after
+        beside = out.parent / f".{out.name}.import"
+        shutil.rmtree(beside, ignore_errors=True)
+        try:
+            convert_reference(src, beside)  # refused here leaves OUT as it was
+            _clear(out, cfg.overwrite)
+            beside.rename(out)
+        finally:
+            shutil.rmtree(beside, ignore_errors=True)
+        return out
+    _clear(out, cfg.overwrite)
     sae, extra = imported
     record: dict[str, Any] = {**extra, "imported_from": {"format": cfg.source, "source": str(cfg.src)}}
     return save_sae(sae, cfg.out, record)

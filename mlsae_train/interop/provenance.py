@@ -78,6 +78,7 @@ def provenance(sae_cfg: dict[str, Any], cache: Path | None = None) -> Provenance
 def public_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     """cfg.json without the local paths it records as provenance (what is published)."""
     public = {k: v for k, v in cfg.items() if not k.endswith("_path") and k not in LOCAL_KEYS}
-    if isinstance(public.get("imported_from"), dict):
-        public["imported_from"] = {k: v for k, v in public["imported_from"].items() if k != "source"}
+    for key in ("imported_from", "tuned_lens"):  # their `source` is a local path
+        if isinstance(public.get(key), dict):
+            public[key] = {k: v for k, v in public[key].items() if k != "source"}
     return public

@@ -18,6 +18,8 @@ from mlsae_train.checkpoint import CFG_NAME, WEIGHTS_NAME, load_sae, resolve_sae
 from mlsae_train.interop.hub import PREFIX, HubRef, parse_hub_ref, upload
 from mlsae_train.interop.modelcard import model_card
 from mlsae_train.interop.provenance import provenance, public_cfg
+from mlsae_train.lens import SAE_LENS_DIR, has_lens
+from mlsae_train.lens import WEIGHTS_NAME as LENS_WEIGHTS
 from mlsae_train.results import EvalResult
 
 EVAL_NAME = "eval.json"
@@ -53,6 +55,14 @@ def prepare(cfg: PushConfig, folder: Path) -> list[str]:
     public = public_cfg(sae_cfg)
     shutil.copyfile(resolve_sae(cfg.sae) / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     (folder / CFG_NAME).write_text(json.dumps(public, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    if has_lens(sae_cfg):  # the lens travels with the SAE, as in the SAE directory, without local paths
+        src, dst = resolve_sae(cfg.sae) / SAE_LENS_DIR, folder / SAE_LENS_DIR
+        dst.mkdir()
+        shutil.copyfile(src / LENS_WEIGHTS, dst / LENS_WEIGHTS)
+        lens_cfg = public_cfg(json.loads((src / CFG_NAME).read_text(encoding="utf-8")))
+        (dst / CFG_NAME).write_text(json.dumps(lens_cfg, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        for path in dst.iterdir():
+            follow_umask(path)
     if result is not None:
         dataclasses.replace(result, sae=None, cache=None).write(folder / EVAL_NAME)
     title = ref.repo_id + (f"/{ref.subfolder}" if ref.subfolder else "")

@@ -163,3 +163,50 @@ def test_a_foreign_directory_points_to_import_sae(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="import-sae SRC OUT --from saelens") as info:
         load_sae(src)
     assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def lens_sae(tmp_path_factory: pytest.TempPathFactory, random_cache: Path) -> Path:
+    """An SAE fitted on rows translated by a random lens (the SAE directory carries the lens)."""
+    from mlsae_train.config import TrainConfig
+    from mlsae_train.trainer import fit
+    from tests.train.test_lens import random_lens
+    from tests.train.test_lens_sae import FIT, saved_lens
+
+    root = tmp_path_factory.mktemp("lens-sae")
+    lens = saved_lens(root / "lens", random_lens((0, 1, 2), 16))
+    fit(TrainConfig(cache=random_cache, out=root / "sae", lens=lens, **FIT))
+    return root / "sae"
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_export_refuses_a_lens_sae(tmp_path: Path, lens_sae: Path, fmt: str) -> None:
+    code, output = invoke("export", str(lens_sae), str(tmp_path / "out"), "--format", fmt)
+    assert code == 2 and output.startswith("Error: ") and output.count("\n") == 1, output
+    assert "tuned-lens translated rows" in output and not (tmp_path / "out").exists()
+
+
+def test_a_pushed_lens_sae_carries_its_lens_without_local_paths(tmp_path: Path, lens_sae: Path) -> None:
+    from mlsae_train.lens import lens_of
+
+    code, output = invoke("push", str(lens_sae), "me/lensed", "--to-folder", str(tmp_path / "up"))
+    assert code == 0, output
+    texts = [p.read_text(encoding="utf-8") for p in (tmp_path / "up").rglob("*.json")]
+    assert texts and not any(str(tmp_path.parent) in t or "_path" in t for t in texts)
+    _, cfg = load_sae(tmp_path / "up")
+    got, want = lens_of(tmp_path / "up", cfg), lens_of(lens_sae, load_sae(lens_sae)[1])
+    assert got is not None and want is not None
+    assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
+
+
+def test_a_failed_reference_import_leaves_out_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{not json")
+    code, output = invoke(
+        "import-sae", str(tmp_path / "src"), str(tmp_path / "out"), "--from", "reference", "--overwrite"
+    )
+    assert code == 2 and output.count("\n") == 1, output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
