@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mlsae_train.results import CompareResult, EvalResult
     from mlsae_train.sae import SaeConfig, TopKSAE
     from mlsae_train.splice import SpliceConfig
+    from mlsae_train.sweep import SweepConfig, SweepResult, run_sweep
     from mlsae_train.trainer import FitResult, fit
 
 _EXPORTS: dict[str, str] = {
@@ -41,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "convert_reference": "mlsae_train.checkpoint",
     "LoaderConfig": "mlsae_train.loader",
     "RowLoader": "mlsae_train.loader",
+    "SweepConfig": "mlsae_train.sweep",
+    "SweepResult": "mlsae_train.sweep",
+    "run_sweep": "mlsae_train.sweep",
 }
 """Exported name -> the submodule that defines it."""
 
@@ -54,6 +58,8 @@ __all__ = [
     "RowLoader",
     "SaeConfig",
     "SpliceConfig",
+    "SweepConfig",
+    "SweepResult",
     "TopKSAE",
     "TrainConfig",
     "convert_reference",
@@ -61,6 +67,7 @@ __all__ = [
     "load_sae",
     "run_compare",
     "run_eval",
+    "run_sweep",
     "save_sae",
 ]
 

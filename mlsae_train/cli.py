@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from mlsae_cache.config import parse_layers
-from mlsae_cache.core.cli import COUNT, mlsae_group, progress, silence_library_progress, stages
+from mlsae_cache.core.cli import COUNT, Values, mlsae_group, progress, silence_library_progress, stages
 from mlsae_cache.core.progress import duration, no_progress
 from mlsae_train.results import CompareResult, EvalResult
 
@@ -36,6 +37,7 @@ def main() -> None:
 @click.option("--max-rows", default=None, type=COUNT, help="Rows to train on, e.g. 2M (default: one epoch).")
 @click.option("--layers", "layers_text", default="all", show_default=True, help="all, or blocks like 0,2,5 or 0-29.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initial weights and the row order.")
+@click.option("--data-seed", default=None, type=int, help="Seed of the row order alone (default: --seed).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--resume",
@@ -108,6 +110,37 @@ def fit(ctx: click.Context, layers_text: str, **options: Any) -> None:
         result = run_fit(cfg, progress=advance if reports else no_progress)
     if reports:
         click.echo(fit_summary(cfg, result, time.monotonic() - started))
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--expansion-factor", default="64", show_default=True, type=Values(int), help="R: one or more, e.g. 4,8.")
+@click.option("--k", default="32", show_default=True, type=Values(int), help="Latents kept per row: one or more.")
+@click.option("--lr", default="1e-4", show_default=True, type=Values(float), help="Learning rates: one or more.")
+@click.option("--seed", default="0", show_default=True, type=Values(int), help="Seeds of the initial weights.")
+@click.option("--data-seed", default=None, type=int, help="Seed of the shared row order (default: the first --seed).")
+@click.pass_context
+def sweep(ctx: click.Context, layers_text: str, **options: Any) -> None:
+    """Train an SAE for every combination of the listed values on one pass over the rows of CACHE (each batch read
+    once), each written to OUT/NAME (e.g. x8-k32-lr0.0001-seed0) as fit writes it, equal to the fit with those
+    values and --data-seed. Re-running the same command continues every member and skips finished ones."""
+    from mlsae_train.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(layers=parse_layers(layers_text), **options)
+    with progress(ctx, "sweep", "row") as advance:
+        result = run_sweep(cfg, progress=advance)
+    click.echo(result.summary(cfg.cache))
+
+
+# The rest of fit's options, as fit has them, after the sweep's own (the swept ones take lists; a re-run continues a
+# sweep, which has no --resume) and before the options every command has.
+_OWN = sum(p.expose_value for p in sweep.params)
+sweep.params[_OWN:_OWN] = [
+    copy.copy(p)
+    for p in fit.params
+    if isinstance(p, click.Option) and p.expose_value and p.name not in {p.name for p in sweep.params} | {"resume"}
+]
 
 
 def given_options(ctx: click.Context, renamed: dict[str, str]) -> set[str]:
@@ -193,7 +226,7 @@ def splice_options(func: Any) -> Any:
 
 
 @main.command(name="eval")
-@click.argument("sae", type=click.Path(path_type=Path))
+@click.argument("sae")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", default=None, type=click.Path(path_type=Path), help="Write the metrics as JSON.")
 @click.option(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mlsae_cache.core.errors import InputError, Interrupted
-from mlsae_cache.core.progress import Progress, no_progress
+from mlsae_cache.core.progress import Progress, duration, no_progress
 from mlsae_train.config import TrainConfig
 from mlsae_train.distributed import World
 from mlsae_train.kernels import DecoderKernel
@@ -111,6 +111,22 @@ class SweepResult:
     def rows_per_s(self) -> float:
         """Rows of the stream per second: the rate at which every member trained."""
         return self.rows / max(self.seconds, 1e-9)
+
+    def summary(self, cache: Path) -> str:
+        """A line per member (its steps and last logged FVU, L0 and dead fraction, or that it was already trained),
+        then what the sweep read and how fast, and what to run next."""
+        lines = []
+        for name, r in self.members.items():
+            fvu, l0, dead = (r.final.get(k, math.nan) for k in ("fvu", "l0", "dead_fraction"))
+            done = f"already trained ({r.steps:,} steps); nothing to do" if r.noop else f"{r.steps:,} steps"
+            lines.append(f"{name}: {done}" + ("" if r.noop else f", FVU {fvu:.4f}, L0 {l0:.1f}, dead {dead:.3f}"))
+        trained = sum(not r.noop for r in self.members.values())
+        lines += [
+            f"wrote {trained} of {len(self.members)} SAEs in {self.out}: {self.rows:,} rows read once in "
+            f"{duration(self.seconds)}, {self.rows_per_s:,.0f} rows/s per SAE",
+            f"next: mlsae-train eval {self.out}/NAME {cache} (each member is an SAE directory, as fit writes it)",
+        ]
+        return "\n".join(lines)
 
 
 class _Member:

@@ -31,11 +31,12 @@ from mlsae_train.cli import main as train_main
 from mlsae_train.compare import CompareConfig
 from mlsae_train.config import TrainConfig
 from mlsae_train.evaluate import EvalConfig
+from mlsae_train.interop.exchange import ExportConfig, ImportSaeConfig
+from mlsae_train.interop.push import PushConfig
 from mlsae_train.lens_eval import LensEvalConfig
 from mlsae_train.lens_import import ImportLensConfig
 from mlsae_train.lens_train import LensConfig
-from mlsae_train.interop.exchange import ExportConfig, ImportSaeConfig
-from mlsae_train.interop.push import PushConfig
+from mlsae_train.sweep import SweepConfig
 
 CLIS = {"mlsae-cache": cache_main, "mlsae-train": train_main, "mlsae-analyze": analyze_main}
 CONFIGS = {
@@ -50,6 +51,7 @@ CONFIGS = {
     "lens": LensConfig,
     "eval-lens": LensEvalConfig,
     "import-lens": ImportLensConfig,
+    "sweep": SweepConfig,
     "encode": EncodeConfig,
     "variance": VarianceConfig,
     "cosine": CosineConfig,

@@ -198,3 +198,21 @@ class Count(click.ParamType):
 
 
 COUNT = Count()
+
+
+class Values(click.ParamType):
+    """One or more numbers, comma-separated (`16,32`); a preset gives them as a TOML list (`k = [16, 32]`)."""
+
+    def __init__(self, kind: type[int] | type[float]) -> None:
+        self.kind, self.name = kind, f"{kind.__name__}s"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
+        if isinstance(value, tuple):
+            return value
+        texts = [str(value)] if isinstance(value, int | float) else str(value).split(",")
+        if not all(t.strip() for t in texts):
+            self.fail(f"{value!r} lists no value or an empty one (give one or more, e.g. 16,32)", param, ctx)
+        try:
+            return tuple(self.kind(t.strip()) for t in texts)
+        except ValueError:
+            self.fail(f"{value!r} is not a list of {self.kind.__name__} values (write e.g. 16,32)", param, ctx)

@@ -26,7 +26,7 @@ COMMANDS = frozenset(
         "harvest", "import", "info", "verify",
         # mlsae-train
         "fit", "eval", "compare", "convert-reference", "export", "import-sae", "push", "lens", "eval-lens",
-        "import-lens",
+        "import-lens", "sweep",
         # mlsae-analyze
         "encode", "variance", "cosine", "heatmap", "prompt-heatmap", "examples", "report", "index", "explore",
         "export-delphi",
