@@ -19,7 +19,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("sae", type=click.Path(path_type=Path))
+@click.argument("sae")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -95,7 +95,7 @@ def heatmap(**options: Any) -> None:
 
 
 @main.command("prompt-heatmap")
-@click.argument("sae", type=click.Path(path_type=Path))
+@click.argument("sae")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--text", required=True, help="The prompt (untrainable tokens are skipped, as in the cache).")
@@ -194,7 +194,7 @@ def report(**options: Any) -> None:
 @click.argument("latents", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--variance", required=True, type=click.Path(path_type=Path), help="The `variance` OUT of LATENTS.")
-@click.option("--sae", required=True, type=click.Path(path_type=Path), help="The SAE directory that encoded LATENTS.")
+@click.option("--sae", required=True, help="The SAE (directory or hub id) that encoded LATENTS.")
 @click.option("--cache", type=click.Path(path_type=Path), help="The cache of LATENTS [default: the one it names].")
 @click.option("--model", default=None, help="Model for the logit effects and token text [default: the cache's].")
 @click.option("--logits/--no-logits", default=True, show_default=True, help="Compute logit effects (loads a model).")

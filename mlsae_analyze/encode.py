@@ -19,7 +19,7 @@ from mlsae_cache.core.errors import StoreError
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.core.zarrstore import StoreTransaction, holds_nothing, interrupted
 from mlsae_cache.store import Cache, open_cache
-from mlsae_train.checkpoint import WEIGHTS_NAME, load_sae
+from mlsae_train.checkpoint import WEIGHTS_NAME, load_sae, resolve_sae
 from mlsae_train.evaluate import check_compatible
 from mlsae_train.lens import Lens, lens_of
 from mlsae_train.sae import TopKSAE
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    sae: Path
+    sae: Path | str
     cache: Path
     out: Path
     device: str = "auto"
@@ -78,18 +78,19 @@ def encode_chunk(
 
 
 def _plan(cfg: EncodeConfig) -> tuple[TopKSAE, Cache, LatentsMeta, Lens | None]:
-    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device), cfg.allow_unfinished)
+    sae_dir = resolve_sae(cfg.sae)  # a hub id: its local snapshot
+    sae, sae_cfg = load_sae(sae_dir, resolve_device(cfg.device), cfg.allow_unfinished)
     cache = open_cache(cfg.cache)
     layers = tuple(sae_cfg.get("layers") or cache.layers)
     check_compatible(sae, cache, layers)
-    lens = lens_of(cfg.sae, sae_cfg, sae.b_dec.device)
+    lens = lens_of(sae_dir, sae_cfg, sae.b_dec.device)
     meta = LatentsMeta(
         n_latents=sae.cfg.n_latents,
         k=sae.cfg.k,
         layers=layers,
-        sae_fingerprint=sae_fingerprint(cfg.sae),
+        sae_fingerprint=sae_fingerprint(sae_dir),
         cache_fingerprint=cache.meta.fingerprint,
-        sae_path=str(cfg.sae),
+        sae_path=str(sae_dir),
         cache_path=str(cfg.cache),
         chunk_tokens=cache.chunk_tokens,
         total_tokens=cache.n_tokens,

@@ -32,7 +32,7 @@ from mlsae_cache.hooks import ResidCapture
 from mlsae_cache.models import LoadedModel, base_model, find_blocks, load_cache_model
 from mlsae_cache.store import Cache, CacheMeta
 from mlsae_cache.text import token_stream
-from mlsae_train.checkpoint import load_sae
+from mlsae_train.checkpoint import load_sae, resolve_sae
 from mlsae_train.evaluate import check_compatible
 from mlsae_train.lens import Lens, lens_of
 from mlsae_train.sae import TopKSAE
@@ -45,7 +45,7 @@ class PromptConfig:
     """A single-prompt heatmap: the SAE, the cache whose model it reads, the text; `model` overrides the
     cache's model (needed for an imported cache, which names none)."""
 
-    sae: Path
+    sae: Path | str
     cache: Path
     out: Path
     text: str
@@ -145,11 +145,12 @@ def prompt_totals(sae: TopKSAE, acts: np.ndarray, lens: Lens | None = None) -> n
 
 def prompt_layers(cfg: PromptConfig) -> PromptLayers:
     """Run the cache's model over cfg.text and return where each active latent sits over layers."""
-    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device), cfg.allow_unfinished)
+    sae_dir = resolve_sae(cfg.sae)  # a hub id: its local snapshot
+    sae, sae_cfg = load_sae(sae_dir, resolve_device(cfg.device), cfg.allow_unfinished)
     cache = Cache(cfg.cache)
     layers = tuple(sae_cfg.get("layers") or cache.layers)
     check_compatible(sae, cache, layers)
-    lens = lens_of(cfg.sae, sae_cfg, sae.b_dec.device)
+    lens = lens_of(sae_dir, sae_cfg, sae.b_dec.device)
     loaded = load_cache_model(cache.meta.model, device=cfg.device, override=cfg.model)
     ids, keep = prompt_tokens(cfg.text, loaded.tokenizer, cache.meta)
     acts = _capture(loaded, layers, ids, sae.cfg.d_model)[keep]

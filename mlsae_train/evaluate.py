@@ -22,7 +22,7 @@ from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import InputError
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import Cache
-from mlsae_train.checkpoint import load_sae
+from mlsae_train.checkpoint import load_sae, resolve_sae
 from mlsae_train.lens import Lens, lens_of
 from mlsae_train.results import EvalResult
 from mlsae_train.sae import TopKSAE
@@ -126,7 +126,7 @@ class EvalConfig:
     max_windows, batch_windows: see SpliceConfig).
     """
 
-    sae: Path
+    sae: Path | str
     cache: Path
     out: Path | None = None
     start: int | None = None
@@ -157,10 +157,11 @@ def run_eval(
 ) -> EvalResult:
     """Evaluate cfg.sae on cfg.cache (tokens done go to `progress`, windows spliced to `splice_progress`) and
     write the result to cfg.out when given."""
-    sae, sae_cfg = load_sae(cfg.sae, resolve_device(cfg.device), cfg.allow_unfinished)
+    sae_dir = resolve_sae(cfg.sae)  # a hub id: its local snapshot
+    sae, sae_cfg = load_sae(sae_dir, resolve_device(cfg.device), cfg.allow_unfinished)
     cache = Cache(cfg.cache)
     layers = cfg.layers or tuple(sae_cfg.get("layers") or cache.layers)
-    lens = lens_of(cfg.sae, sae_cfg, sae.b_dec.device)
+    lens = lens_of(sae_dir, sae_cfg, sae.b_dec.device)
     lens = lens.select(layers) if lens is not None else None
     held_out = sae_cfg.get("train_tokens") if sae_cfg.get("cache_fingerprint") == cache.meta.fingerprint else None
     start = cfg.start if cfg.start is not None else held_out or 0

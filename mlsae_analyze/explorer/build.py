@@ -55,7 +55,7 @@ class IndexConfig:
     latents: Path
     out: Path
     variance: Path
-    sae: Path
+    sae: Path | str
     cache: Path | None = None
     model: str | None = None
     logits: bool = True
@@ -231,13 +231,14 @@ class _Inputs:
 
 
 def _open_inputs(cfg: IndexConfig) -> _Inputs:
-    from mlsae_train.checkpoint import load_sae
+    from mlsae_train.checkpoint import load_sae, resolve_sae
 
-    sae, _ = load_sae(cfg.sae, "cpu", cfg.allow_unfinished)
+    sae_dir = resolve_sae(cfg.sae)  # a hub id: its local snapshot
+    sae, _ = load_sae(sae_dir, "cpu", cfg.allow_unfinished)
     latents = Latents(cfg.latents)
     variance = VarianceOutput.read(cfg.variance)
     cache = open_cache(cfg.cache if cfg.cache is not None else latents.meta.cache_path)
-    paths = {"latents": cfg.latents, "variance": cfg.variance, "sae": cfg.sae, "cache": cache.path}
+    paths = {"latents": cfg.latents, "variance": cfg.variance, "sae": sae_dir, "cache": cache.path}
     paths = {name: Path(p).resolve() for name, p in paths.items()}
     sources = {name: Source(str(paths[name]), fingerprint(name, paths[name])) for name in SOURCES}
     _check_together(latents, variance, cache, sources["sae"].fingerprint, cfg)

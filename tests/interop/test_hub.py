@@ -161,3 +161,24 @@ def test_push_to_a_folder_writes_the_same_files(tmp_path: Path, cache: Path) -> 
     assert load_sae(tmp_path / "f")[0].cfg == load_sae(sae_dir)[0].cfg
     again = CliRunner().invoke(main, ["--quiet", "push", str(sae_dir), "me/saes", "--to-folder", str(tmp_path / "f")])
     assert again.exit_code == 2 and "is not empty" in again.output and again.output.count("\n") == 1
+
+
+def test_encode_and_index_take_a_hub_id(hub_cache: Path, tmp_path: Path, cache: Path) -> None:
+    from mlsae_analyze.cli import main as analyze
+
+    sae_dir = saved_sae(tmp_path / "sae", cache, standardize=True)
+    cache_repo(hub_cache, "me/saes", {f"mlsae/{p.name}": p for p in sae_dir.iterdir()})
+    runner = CliRunner()
+    for sae, out in ((str(sae_dir), "local"), ("hf://me/saes/mlsae", "hub")):
+        result = runner.invoke(analyze, ["encode", sae, str(cache), str(tmp_path / out), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    from mlsae_analyze.latents import Latents
+
+    local, hub = Latents(tmp_path / "local"), Latents(tmp_path / "hub")
+    assert local.meta.sae_fingerprint == hub.meta.sae_fingerprint
+    a, b = local.chunk(0, 10**9), hub.chunk(0, 10**9)
+    assert (a.indices == b.indices).all() and (a.values == b.values).all()
+    assert runner.invoke(analyze, ["variance", str(tmp_path / "hub"), str(tmp_path / "var")]).exit_code == 0
+    args = ["index", str(tmp_path / "hub"), str(tmp_path / "idx"), "--variance", str(tmp_path / "var")]
+    result = runner.invoke(analyze, [*args, "--sae", "hf://me/saes/mlsae", "--no-logits"])
+    assert result.exit_code == 0, result.output
