@@ -71,7 +71,7 @@ function previewPanel(view, p, hovering, select) {
   const { data, st } = view;
   const top = topAt(data, p, st.rank).slice(0, PREVIEW_ROWS);
   const rows = top.map((x) =>
-    h("tr", { "data-testid": "preview-row", "data-latent": x.latent, "data-layer": x.layer }, h("td", {}, h("a", { href: `latent/${x.latent}` }, x.latent)), h("td", {}, x.layer), h("td", { class: "num" }, fmt(x.value, 3)), h("td", { class: "num" }, x.quantile === null ? "new" : fmt(x.quantile, 2)), h("td", {}, h("button", { type: "button", onclick: () => select({ latent: x.latent, layer: x.layer }) }, "select"))),
+    h("tr", { "data-testid": "preview-row", "data-latent": x.latent, "data-layer": x.layer }, h("td", {}, h("a", { href: `latent/${x.latent}` }, x.latent)), h("td", {}, x.layer), h("td", { class: "num" }, fmt(x.value, 3)), h("td", { class: "num", title: x.quantile === null ? "it never fired at this layer in the stores" : null }, x.quantile === null ? "unseen" : fmt(x.quantile, 2)), h("td", {}, h("button", { type: "button", onclick: () => select({ latent: x.latent, layer: x.layer }) }, "select"))),
   );
   return h(
     "aside",
