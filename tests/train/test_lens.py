@@ -5,6 +5,10 @@ resume gives the same translators), and bad input."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +34,7 @@ from mlsae_train.lens import (
 )
 from mlsae_train.lens_eval import LENS_EVAL_JSON, LENS_KL_PNG, LensEvalConfig, LensEvalResult, run_eval_lens
 from mlsae_train.lens_train import LensConfig, run_lens
+from mlsae_train.state import STATE_NAME
 from tests.cache.conftest import small_config
 
 SMALL = {"batch_tokens": 64, "chunk_rows": 96, "block_chunks": 2, "epochs": 3, "device": "cpu", "lr": 3e-3}
@@ -192,6 +197,26 @@ def test_a_crash_and_resume_gives_the_same_translators(caches: Caches, tmp_path:
     ref, run = load_lens(tmp_path / "ref"), load_lens(tmp_path / "run")
     assert torch.equal(ref.weight, run.weight) and torch.equal(ref.bias, run.bias)
     assert run_lens(LensConfig(caches.llama, tmp_path / "run", **opts)).noop
+
+
+def test_a_sigkill_and_resume_gives_the_same_translators(caches: Caches, tmp_path: Path) -> None:
+    opts = ["--epochs", "12", "--batch-tokens", "64", "--chunk-rows", "96", "--lr", "0.003", "--device", "cpu"]
+    opts += ["--train-tokens", "768", "--checkpoint-every-steps", "3"]
+    cmd = [sys.executable, "-m", "mlsae_train", "--quiet", "lens", str(caches.llama)]
+    subprocess.run([*cmd, str(tmp_path / "ref"), *opts], check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, str(tmp_path / "run"), *opts], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / STATE_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, "training finished before it could be killed"
+    assert not load_lens(tmp_path / "run").meta["finished"]
+    subprocess.run([*cmd, str(tmp_path / "run"), *opts], check=True, capture_output=True)
+    ref, run = load_lens(tmp_path / "ref"), load_lens(tmp_path / "run")
+    assert torch.equal(ref.weight, run.weight) and torch.equal(ref.bias, run.bias)
 
 
 def test_cli_trains_and_evaluates_a_lens(caches: Caches, tmp_path: Path) -> None:
