@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from mlsae_train.compare import CompareConfig, run_compare
     from mlsae_train.config import TrainConfig
     from mlsae_train.evaluate import EvalConfig, run_eval
+    from mlsae_train.lens import Lens, has_lens, lens_of, load_lens
+    from mlsae_train.lens_eval import LensEvalConfig, LensEvalResult, run_eval_lens
+    from mlsae_train.lens_train import LensConfig, run_lens
     from mlsae_train.loader import LoaderConfig, RowLoader
     from mlsae_train.results import CompareResult, EvalResult
     from mlsae_train.sae import SaeConfig, TopKSAE
@@ -45,6 +48,15 @@ _EXPORTS: dict[str, str] = {
     "SweepConfig": "mlsae_train.sweep",
     "SweepResult": "mlsae_train.sweep",
     "run_sweep": "mlsae_train.sweep",
+    "Lens": "mlsae_train.lens",
+    "has_lens": "mlsae_train.lens",
+    "lens_of": "mlsae_train.lens",
+    "load_lens": "mlsae_train.lens",
+    "LensConfig": "mlsae_train.lens_train",
+    "run_lens": "mlsae_train.lens_train",
+    "LensEvalConfig": "mlsae_train.lens_eval",
+    "LensEvalResult": "mlsae_train.lens_eval",
+    "run_eval_lens": "mlsae_train.lens_eval",
 }
 """Exported name -> the submodule that defines it."""
 
@@ -54,6 +66,10 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "FitResult",
+    "Lens",
+    "LensConfig",
+    "LensEvalConfig",
+    "LensEvalResult",
     "LoaderConfig",
     "RowLoader",
     "SaeConfig",
@@ -64,9 +80,14 @@ __all__ = [
     "TrainConfig",
     "convert_reference",
     "fit",
+    "has_lens",
+    "lens_of",
+    "load_lens",
     "load_sae",
     "run_compare",
     "run_eval",
+    "run_eval_lens",
+    "run_lens",
     "run_sweep",
     "save_sae",
 ]
