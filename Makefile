@@ -147,6 +147,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/harvest.py --tokens 65536
 	$(PY) benchmarks/harvest_shards.py
 	$(PY) benchmarks/train.py $(if $(wildcard $(DEMO)/cache/zarr.json),--cache $(DEMO)/cache)
+	$(PY) benchmarks/fit.py
 	$(PY) benchmarks/train_ddp.py
 	$(PY) benchmarks/decoder.py
 	$(PY) benchmarks/analyze.py

@@ -1,0 +1,182 @@
+"""End-to-end training from a cache on disk, each figure the median of interleaved repeats with its range.
+
+    .venv/bin/python benchmarks/fit.py [--repeats 5] [--steps 12] [--k 32] [--lr 1e-4,3e-4] [--autocast none bf16]
+
+Sweep: `run_sweep` of the members (every combination of --expansion-factor, --k, --lr and --seed, as
+`mlsae-train sweep` takes them) against a separate `fit` of each member, one after another, on the same cache.
+Printed per encoder dtype: a separate fit's rows/s; the sweep's rows/s per SAE (the rate of its shared row stream,
+at which every member trains) and its SAE-rows/s (that times the members: rows trained, summed over the SAEs, per
+second, which is also what the separate fits give one after another); and the ratio of the two SAE-rows/s, the
+sweep's speed-up on the whole grid. Each repeat runs the variants back to back, in an order that alternates, so a
+busy machine slows both alike; each figure is the median over repeats, with the range.
+
+A run's rate is taken between its first and its last step (from its progress callback), so it leaves out the
+start-up (opening the cache, b_dec's initialisation, the loader's first block) and the final checkpoint, which a
+sweep and separate fits both pay once per SAE; metrics are logged and AuxK runs as by default.
+
+The cache: SmolLM2-135M's shape (d_model 576) of random float16 rows, --layers layers of --tokens tokens, written as
+a memory-mapped .npy and imported as `mlsae-cache import` does; or --cache DIR.
+
+Further end-to-end figures (fit against the floor of a step, against sparsify) are to be added beside `sweep_rows`
+as more variants of `interleaved`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlsae_cache.importer import ImportConfig, import_array
+from mlsae_train.sweep import SweepConfig, run_sweep
+from mlsae_train.trainer import fit
+
+
+def synthetic_cache(root: Path, tokens: int, layers: int, d_model: int) -> Path:
+    """A cache of random float16 rows [tokens, layers, d_model] (layer scales 1 to 10, as a residual stream grows),
+    through a memory-mapped .npy written 4,096 tokens at a time."""
+    npy = root / "acts.npy"
+    mm = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(tokens, layers, d_model))
+    rng = np.random.default_rng(0)
+    scales = np.geomspace(1.0, 10.0, layers)[None, :, None]
+    for a in range(0, tokens, 4096):
+        n = min(4096, tokens - a)
+        mm[a : a + n] = (rng.standard_normal((n, layers, d_model), dtype=np.float32) * scales).astype(np.float16)
+    mm.flush()
+    del mm
+    import_array(ImportConfig(out=root / "cache", activations=npy))
+    npy.unlink()
+    return root / "cache"
+
+
+class StepClock:
+    """A progress callback that notes when each step ends: `rows` and `seconds` span the first step's end to the
+    last's."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.rows = 0
+
+    def __call__(self, n: int, /, **facts: Any) -> None:
+        if n:
+            self.rows += n if self.times else 0
+            self.times.append(time.perf_counter())
+
+    @property
+    def seconds(self) -> float:
+        return self.times[-1] - self.times[0]
+
+
+def sweep_rows(sweep: SweepConfig, scratch: Path) -> dict[str, Callable[[], float]]:
+    """The two variants of the sweep comparison, each returning SAE-rows/s: the members fitted one after another,
+    and the sweep."""
+    members = sweep.members()
+
+    def separate() -> float:
+        rows = seconds = 0.0
+        for member in members.values():
+            clock = StepClock()
+            fit(replace(member, out=scratch / "fit"), progress=clock)
+            rows, seconds = rows + clock.rows, seconds + clock.seconds
+            shutil.rmtree(scratch / "fit")
+        return rows / seconds
+
+    def together() -> float:
+        clock = StepClock()
+        run_sweep(replace(sweep, out=scratch / "sweep"), progress=clock)
+        shutil.rmtree(scratch / "sweep")
+        return len(members) * clock.rows / clock.seconds
+
+    return {"separate fits": separate, "sweep": together}
+
+
+def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each variant once per repeat, back to back, the order reversed every other repeat; its results in order."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(repeats):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            results[name].append(variants[name]())
+    return results
+
+
+def median_range(values: list[float], fmt: str = ",.0f") -> str:
+    """`median (min-max)`."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", type=Path, default=None, help="a cache (default: a synthetic SmolLM2-shaped one)")
+    p.add_argument("--tokens", type=int, default=24576)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=576)
+    p.add_argument("--expansion-factor", default="8")
+    p.add_argument("--k", default="32")
+    p.add_argument("--lr", default="1e-4,3e-4")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--batch-rows", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=12, help="steps per run (the rate is over all but the first)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--autocast", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
+    p.add_argument("--device", default="cpu")
+    return p.parse_args()
+
+
+def sweep_config(args: argparse.Namespace, cache: Path, autocast: str) -> SweepConfig:
+    def values(text: str, kind: type) -> tuple[Any, ...]:
+        return tuple(kind(v) for v in text.split(","))
+
+    return SweepConfig(
+        cache=cache,
+        out=Path("unused"),
+        expansion_factor=values(args.expansion_factor, int),
+        k=values(args.k, int),
+        lr=values(args.lr, float),
+        seed=values(args.seed, int),
+        batch_rows=args.batch_rows,
+        max_rows=args.steps * args.batch_rows,
+        checkpoint_every_rows=10**12,  # the final checkpoint only
+        device=args.device,
+        autocast=autocast,
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}; load {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cache = args.cache or synthetic_cache(root, args.tokens, args.layers, args.d_model)
+        print(f"cache {cache}; {args.steps} steps of {args.batch_rows} rows per run, {args.repeats} repeats")
+        print(
+            "| encoder | members | separate fit rows/s | sweep rows/s per SAE | sweep SAE-rows/s | "
+            "sweep / separate |\n|---|---|---|---|---|---|"
+        )
+        for autocast in args.autocast:
+            cfg = sweep_config(args, cache, autocast)
+            n = len(cfg.members())
+            variants = sweep_rows(cfg, root)
+            interleaved(variants, 1)  # warm-up: the page cache, the allocator
+            got = interleaved(variants, args.repeats)
+            sep, swp = got["separate fits"], got["sweep"]
+            ratio = [s / f for s, f in zip(swp, sep, strict=True)]
+            print(
+                f"| {'fp32' if autocast == 'none' else 'bf16'} | {n} | {median_range(sep)} | "
+                f"{median_range([s / n for s in swp])} | {median_range(swp)} | {median_range(ratio, '.2f')} |"
+            )
+    print(f"load {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
