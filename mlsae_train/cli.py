@@ -361,7 +361,7 @@ def compare(ctx: click.Context, mlsae: Path, out: Path, singles: tuple[str, ...]
 @click.option("--epochs", default=8, show_default=True, type=int, help="Passes over the training tokens.")
 @click.option("--max-tokens", default=None, type=COUNT, help="Tokens to train on in all (instead of --epochs).")
 @click.option("--batch-tokens", default=512, show_default=True, type=COUNT, help="Tokens per step (all layers).")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--lr", default=1e-2, show_default=True, type=float, help="Adam learning rate.")
 @click.option("--train-tokens", default=None, type=COUNT, help="Train on the first N tokens only (hold out the rest).")
 @click.option("--block-chunks", default=2, show_default=True, type=int, help="Cache chunks shuffled together.")
 @click.option("--chunk-rows", default=2048, show_default=True, type=COUNT, help="Rows per pass of the LM head.")

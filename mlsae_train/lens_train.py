@@ -58,7 +58,7 @@ class LensConfig:
     epochs: int = 8
     max_tokens: int | None = None
     batch_tokens: int = 512
-    lr: float = 1e-3
+    lr: float = 1e-2
     train_tokens: int | None = None
     block_chunks: int = 2
     chunk_rows: int = 2048
