@@ -220,9 +220,9 @@ function drawMarks(svg, g, layers, marks, max, bins, label) {
   });
 }
 
-/** One value per layer as bars with a y axis (for eval metrics). */
-export function valuesPerLayer(layers, values, title) {
-  const W = Math.max(360, Math.min(900, 60 + layers.length * 22));
+/** One value per layer as bars with a y axis (for eval metrics); `width` in px, else from the layer count. */
+export function valuesPerLayer(layers, values, title, width = null) {
+  const W = width || Math.max(360, Math.min(900, 60 + layers.length * 22));
   const H = 170;
   const m = { left: 52, right: 10, top: 24, bottom: 34 };
   const iw = W - m.left - m.right;

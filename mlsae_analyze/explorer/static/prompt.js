@@ -5,7 +5,7 @@
 // reconstruction spliced in) and Steer. State in the URL (promptdata.js); without a live model the page says how
 // to start one and sends no request to the live routes.
 import { api, clearProblem, fmt, h, hideTip, keys, liveModelNeeded, post, setQuery, showProblem, showTip, tokenSpan, tokenText, typing } from "./common.js";
-import { TABS, promptState, stateParams, strongestAt, topAt } from "./promptdata.js";
+import { TABS, promptState, stateParams, topAt } from "./promptdata.js";
 import { reconPanel, steerPanel } from "./promptlive.js";
 import { histogramPanel, latentLayerPanel, metricsPanel, tokenLayerPanel } from "./promptviews.js";
 
@@ -28,12 +28,16 @@ function textBox(st, submit) {
   return form;
 }
 
-/** The selection the page shows: the URL's, or the last token and the strongest latent there. */
+/** The selection the page shows: the URL's, or the last token and the strongest latent there (by the rank
+ * chosen; at the selected layer if one is active there). */
 function effective(view) {
   const { data, st } = view;
   const last = data.tokens.length - 1;
   const pos = st.pos !== null && st.pos >= 0 && st.pos <= last ? st.pos : last;
-  return { pos, latent: st.latent ?? strongestAt(data, pos) };
+  if (st.latent !== null) return { pos, latent: st.latent };
+  const top = topAt(data, pos, st.rank);
+  const best = top.find((x) => x.layer === st.layer) || top[0];
+  return { pos, latent: best ? best.latent : null };
 }
 
 /** Latent j's value at token p: at the selected layer, or its largest over layers. */
@@ -63,7 +67,10 @@ function strip(view, sel, select, preview) {
   });
   const box = h("div", { class: "tokens doc prompt-strip", "data-testid": "prompt-tokens" }, spans.flat());
   box.addEventListener("mouseleave", () => preview(null));
-  const what = sel.latent === null ? "no latent selected" : `tinted by latent ${sel.latent} ${st.layer === null ? "(its largest value over layers)" : `at layer ${st.layer}`}, from 0 to its largest in this prompt (${fmt(scale)})`;
+  const where = st.layer === null ? "" : ` at layer ${st.layer}`;
+  const active = tint.some((v, p) => v > 0 && data.trainable[p]);
+  const range = active ? `, from 0 to its largest in this prompt (${fmt(scale)})` : ` (not active${where} at any trainable token of this prompt)`;
+  const what = sel.latent === null ? "no latent selected" : `tinted by latent ${sel.latent}${st.layer === null ? " (its largest value over layers)" : where}${range}`;
   return [box, h("p", { class: "muted" }, `${data.tokens.length} tokens, ${what}; grey: untrainable (not tinted). Hover a token to preview it, click to select it.`)];
 }
 

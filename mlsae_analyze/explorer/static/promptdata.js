@@ -100,18 +100,6 @@ export function latentGrid(data, j) {
   );
 }
 
-/** The latent of largest value at token p over layers (null when none is active there). */
-export function strongestAt(data, p) {
-  let best = null;
-  let top = 0;
-  data.layers.forEach((_, l) =>
-    data.indices[l][p].forEach((j, slot) => {
-      if (data.values[l][p][slot] > top) [best, top] = [j, data.values[l][p][slot]];
-    }),
-  );
-  return best;
-}
-
 /** Each (latent, layer) active at token p as {latent, layer, value, quantile}, strongest first by `rank`. */
 export function topAt(data, p, rank) {
   const out = [];

@@ -156,9 +156,11 @@ function changeCells(items) {
 
 function steerResult(r, data, body) {
   const scales = r.scales.map((x, i) => h("li", {}, `latent ${x.latent} at layer ${x.layer}, ${body.edits[i].mode} ${body.edits[i].factor}${body.edits[i].unit === "typical" ? " × typical" : ""}: ${body.edits[i].mode === "add" ? "adds" : "sets it to"} ${fix3(x.raw)} (raw activation units)`));
-  const rows = r.changes.map((c) =>
-    h("tr", { "data-testid": "steer-change", "data-position": c.position, class: data.trainable[c.position] ? null : "untrainable" }, h("td", {}, c.position), h("td", { class: "tokens" }, tokenText(c.token)), h("td", {}, changeCells(c.increases)), h("td", {}, changeCells(c.decreases))),
-  );
+  const rows = r.changes.map((c) => {
+    const still = [...c.increases, ...c.decreases].every((t) => t.value === 0); // nothing moved: no token to name
+    const cells = still ? [h("td", { colspan: 2, class: "muted" }, h("span", { class: "v", "data-testid": "change-value", "data-value": 0 }, fix3(0)), " (no logit changed)")] : [h("td", {}, changeCells(c.increases)), h("td", {}, changeCells(c.decreases))];
+    return h("tr", { "data-testid": "steer-change", "data-position": c.position, "data-still": String(still), class: data.trainable[c.position] ? null : "untrainable" }, h("td", {}, c.position), h("td", { class: "tokens" }, tokenText(c.token)), cells);
+  });
   return [
     h("p", { class: "muted" }, `Applied ${body.positions === "all" ? "at every token" : body.positions.startsWith("from:") ? `from token ${body.positions.slice(5)} on` : `at token ${body.positions.slice(5)} only`}:`),
     h("ul", {}, scales),

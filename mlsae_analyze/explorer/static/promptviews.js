@@ -108,7 +108,8 @@ export function metricsPanel(data, deltaCe) {
     h("tr", {}, h("th", {}, "FVU"), data.fvu.map((v, l) => h("td", { "data-testid": "fvu", "data-layer": data.layers[l], "data-value": v }, fix3(v)))),
     h("tr", {}, h("th", {}, "ΔCE (nats)"), data.layers.map((b, l) => h("td", { "data-testid": "delta-ce", "data-layer": b, "data-value": deltaCe ? deltaCe[l] : null }, deltaCe ? fix3(deltaCe[l]) : "…"))),
   );
-  const charts = [valuesPerLayer(data.layers, data.fvu, "FVU of this prompt per layer (trainable tokens)")];
-  charts.push(deltaCe ? valuesPerLayer(data.layers, deltaCe, "ΔCE per layer, reconstruction spliced (nats/token)") : h("p", { class: "muted", "data-testid": "delta-ce-pending" }, "ΔCE per layer: computing (one re-run of the model per layer)…"));
+  const width = Math.max(360, Math.min(480, 60 + data.layers.length * 22));
+  const charts = [valuesPerLayer(data.layers, data.fvu, "FVU of this prompt per layer (trainable tokens)", width)];
+  charts.push(deltaCe ? valuesPerLayer(data.layers, deltaCe, "ΔCE per layer, reconstruction spliced (nats/token)", width) : h("p", { class: "muted", "data-testid": "delta-ce-pending" }, "ΔCE per layer: computing (one re-run of the model per layer)…"));
   return [h("div", { class: "row" }, charts), h("div", { class: "scroll" }, table)];
 }
