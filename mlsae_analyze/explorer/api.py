@@ -215,8 +215,8 @@ class Logits(BaseModel):
     next_token: str | None = Field(description="The prompt's next token, if any.")
     clean: list[TokenValue] = Field(description="Top logits of the model.")
     recon: list[TokenValue] = Field(description="Top logits with the reconstruction spliced in at `layer`.")
-    increases: list[TokenValue]
-    decreases: list[TokenValue]
+    increases: list[TokenValue] = Field(description="Largest rises of the log-probability (nats) with the splice.")
+    decreases: list[TokenValue] = Field(description="Largest falls of the log-probability (nats) with the splice.")
     delta_ce: float = Field(description="Over the prompt's trainable positions (nats).")
     kl: float = Field(description="KL(clean || spliced) over the same positions (nats).")
 

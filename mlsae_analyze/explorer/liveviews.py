@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 import mlsae_analyze.explorer.api as api
 import mlsae_analyze.explorer.liveops as ops
@@ -89,7 +90,8 @@ class LiveViews:
         ops.check_position(run, body.position)
         spliced = ops.recon_logits(self.live, run, body.layer)
         clean, recon = run.logits[body.position], spliced.logits[body.position]
-        change = recon - clean
+        # logits move by a constant the softmax ignores (a reconstruction can lift them all): rank log-probabilities
+        change = torch.log_softmax(recon, -1) - torch.log_softmax(clean, -1)
         ids = run.ids.tolist()
         following = ids[body.position + 1] if body.position + 1 < len(ids) else None
         return api.Logits(

@@ -114,6 +114,11 @@ def test_recon_logits_equal_an_independent_splice(client: TestClient, live: Live
         top = torch.topk(logits[position], 10)
         assert [t["value"] for t in got["recon"]] == pytest.approx(top.values.tolist(), abs=1e-4)
         assert [t["token"] for t in got["recon"]] == live.token_text(top.indices)
+        change = torch.log_softmax(logits[position], -1) - torch.log_softmax(run.logits[position], -1)
+        assert [t["value"] for t in got["increases"]] == pytest.approx(torch.topk(change, 10).values.tolist(), abs=1e-4)
+        assert [t["value"] for t in got["decreases"]] == pytest.approx(
+            (-torch.topk(-change, 10).values).tolist(), abs=1e-4
+        )
         scored = torch.arange(len(run.ids) - 1)[run.trainable[:-1]]
         clean, after = (torch.log_softmax(lg[scored], -1) for lg in (run.logits, logits))
         target = run.ids[1:][scored]
