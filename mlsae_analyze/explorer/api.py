@@ -225,6 +225,9 @@ class SteerRequest(PromptRequest):
     edits: list[Edit]
     positions: str = Field("all", description="all, from:P or only:P.")
     top: int = Field(5, ge=1, le=50)
+    measure: Literal["logit", "logprob"] = Field(
+        "logit", description="Rank and report changes of the logits, or of the log-probabilities (nats)."
+    )
 
 
 class PositionChange(BaseModel):

@@ -134,15 +134,24 @@ def _first_layer(edits: list[Edit]) -> int:
 
 
 def steer(
-    live: LiveModel, run: PromptRun, edits: list[Edit], positions: str, typical: TypicalFn, n: int
+    live: LiveModel,
+    run: PromptRun,
+    edits: list[Edit],
+    positions: str,
+    typical: TypicalFn,
+    n: int,
+    logprob: bool = False,
 ) -> PositionChanges:
-    """Logit changes at every position from `edits` at `positions` (all, from:P, only:P). The model re-runs from
-    the earliest edited layer; the baseline is re-run the same way, so a zero edit changes nothing at all."""
+    """Logit changes (`logprob`: log-probability changes) at every position from `edits` at `positions` (all,
+    from:P, only:P). The model re-runs from the earliest edited layer; the baseline is re-run the same way, so a
+    zero edit changes nothing at all."""
     first = _first_layer(edits)
     apply = edit_fn(live, edits, positions_fn(positions, len(run.ids)), typical)
     with live.lock, torch.inference_mode():
         base = live.rerun(run, first, run.streams[first])
         steered = live.rerun(run, first, apply(first, run.streams[first][None], 0)[0], apply)
+    if logprob:
+        steered, base = torch.log_softmax(steered, -1), torch.log_softmax(base, -1)
     change = steered - base
     return PositionChanges([top(c, n) for c in change], [top(c, n, largest=False) for c in change])
 

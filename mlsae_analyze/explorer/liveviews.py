@@ -115,7 +115,8 @@ class LiveViews:
     def steer(self, body: api.SteerRequest) -> api.Steer:
         run = self.live.run(body.text)
         edits = self._edits(body.edits)
-        changes = ops.steer(self.live, run, edits, body.positions, self.typical, body.top)
+        logprob = body.measure == "logprob"
+        changes = ops.steer(self.live, run, edits, body.positions, self.typical, body.top, logprob)
         tokens = self.live.token_text(run.ids)
         return api.Steer(
             changes=[

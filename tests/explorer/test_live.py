@@ -300,3 +300,21 @@ def test_the_lens_an_sae_carries_is_applied_to_encoding_splicing_and_steering(
     want = torch.linalg.solve(torch.eye(d) + A[i], 3.0 * sigma * live.sae.W_dec[2].detach())
     assert torch.allclose(change[p], want, atol=1e-4)
     assert float(change[:p].abs().max()) == 0.0
+
+
+def test_steering_changes_in_log_probability_are_the_logit_changes_less_their_log_sum_exp_shift(
+    live: LiveModel, live_stores: LiveStores
+) -> None:
+    views = LiveViews(live, ExplorerIndex(live_stores.index))
+    run, layer = live.run(PROMPT), live.layers[1]
+    edit = [Edit(1, layer, 5.0, "add", "raw")]
+    apply = ops.edit_fn(live, edit, positions_fn("all", len(run.ids)), views.typical)
+    with torch.inference_mode():
+        steered = live.rerun(run, layer, apply(layer, run.streams[layer][None], 0)[0], apply)
+        base = live.rerun(run, layer, run.streams[layer])
+    want = torch.log_softmax(steered, -1) - torch.log_softmax(base, -1)
+    got = ops.steer(live, run, edit, "all", views.typical, 3, logprob=True)
+    for p in range(len(run.ids)):
+        assert got.increases[p].values == pytest.approx(torch.topk(want[p], 3).values.tolist(), abs=1e-4)
+    zero = ops.steer(live, run, [Edit(1, layer, 0.0)], "all", views.typical, 3, logprob=True)
+    assert all(v == 0.0 for c in zero.increases + zero.decreases for v in c.values)
