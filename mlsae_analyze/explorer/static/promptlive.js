@@ -56,7 +56,7 @@ function reconResult(r) {
       h("b", { "data-testid": "recon-kl", "data-value": r.kl }, fix3(r.kl)),
       " nats.",
     ),
-    h("div", { class: "row" }, logitList("Clean (top logits)", r.clean, "clean"), logitList(`Reconstruction at layer ${r.layer}`, r.recon, "recon"), logitList("Increased most", r.increases, "increases", true), logitList("Decreased most", r.decreases, "decreases", true)),
+    h("div", { class: "row" }, logitList("Clean (top logits)", r.clean, "clean"), logitList(`Reconstruction at layer ${r.layer}`, r.recon, "recon"), logitList("Log-prob raised most (nats)", r.increases, "increases", true), logitList("Log-prob lowered most (nats)", r.decreases, "decreases", true)),
   ];
 }
 
