@@ -13,6 +13,7 @@ import torch
 import mlsae_train.trainer as trainer
 from mlsae_analyze.encode import EncodeConfig, run_encode
 from mlsae_analyze.latents import Latents
+from mlsae_analyze.prompt import prompt_totals
 from mlsae_cache.core.errors import InputError
 from mlsae_cache.harvest import run_harvest
 from mlsae_cache.models import load_model
@@ -178,3 +179,15 @@ def test_lens_of_a_plain_sae_is_none(lensed_sae: tuple[Path, Path, Lens]) -> Non
     carried = lens_of(lensed, load_sae(lensed)[1])
     assert carried is not None and torch.equal(carried.weight, lens.weight)
     assert load_lens(lensed / "lens").fingerprint == carried.fingerprint
+
+
+def test_prompt_totals_translate_each_layer_by_its_own_translator(lensed_sae: tuple[Path, Path, Lens]) -> None:
+    _, plain, lens = lensed_sae
+    sae, _ = load_sae(plain)
+    acts = np.random.default_rng(0).normal(size=(20, 3, 16)).astype(np.float32)
+    got = prompt_totals(sae, acts, lens)
+    moved = np.stack([lens.translate(torch.from_numpy(acts[:, i]), i).numpy() for i in range(3)], axis=1)
+    np.testing.assert_allclose(got, prompt_totals(sae, moved), rtol=1e-6)
+    raw = prompt_totals(sae, acts)
+    np.testing.assert_array_equal(got[[0, 2]], raw[[0, 2]])  # only block 1's translator is not the identity
+    assert not np.allclose(got[1], raw[1])
