@@ -167,7 +167,7 @@ def fit_summary(cfg: TrainConfig, result: FitResult, seconds: float) -> str:
         )
     lines = [
         f"wrote {out}: {result.steps:,} steps, {result.rows:,} rows in {duration(seconds)}; FVU {fvu:.4f} (last "
-        f"batch, raw units), L0 {l0:.1f}, dead {dead:.3f}",
+        f"batch, {'lens space' if cfg.lens else 'raw units'}), L0 {l0:.1f}, dead {dead:.3f}",
         *(f"note: {n}" for n in notes),
         f"next: mlsae-train eval {out} {cfg.cache}  (held-out FVU), or mlsae-analyze encode {out} {cfg.cache} LATENTS",
     ]
