@@ -192,6 +192,13 @@ class Prompt(BaseModel):
     delta_ce: list[float] | None = Field(None, description="Per layer, when asked for.")
 
 
+class PromptDeltaCe(BaseModel):
+    """Delta CE of the prompt with the reconstruction spliced in at each layer in turn (one re-run per layer)."""
+
+    layers: list[int]
+    delta_ce: list[float]
+
+
 class Edit(BaseModel):
     latent: int
     layer: int = Field(description="Block index.")

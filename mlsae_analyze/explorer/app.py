@@ -164,6 +164,11 @@ def _live_routes(live: LiveViews | None) -> APIRouter:
         """The prompt's tokens and top-k latents at every layer and token, with the per-layer FVU."""
         return _live(live, body).prompt(body)
 
+    @router.post("/delta_ce")
+    def delta_ce(body: api.PromptRequest) -> api.PromptDeltaCe:
+        """The prompt's delta CE with each layer's reconstruction spliced in, in turn (one re-run per layer)."""
+        return _live(live, body).delta_ce(body)
+
     @router.post("/logits")
     def logits(body: api.LogitsRequest) -> api.Logits:
         """Top logits at a position, clean and with the reconstruction spliced in at a layer."""

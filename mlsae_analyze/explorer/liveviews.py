@@ -41,7 +41,7 @@ def activation_quantiles(index: ExplorerIndex, indices: np.ndarray, values: np.n
 
 def _nullable(a: np.ndarray) -> list:
     """Nested lists of a float array with None for NaN."""
-    rounded = np.round(a, 4).astype(object)
+    rounded = np.round(a, 3).astype(object)
     rounded[np.isnan(a)] = None
     return list(rounded.tolist())
 
@@ -84,6 +84,10 @@ class LiveViews:
             fvu=run.fvu,
             delta_ce=ops.layer_delta_ce(self.live, run) if body.delta_ce else None,
         )
+
+    def delta_ce(self, body: api.PromptRequest) -> api.PromptDeltaCe:
+        run = self.live.run(body.text)
+        return api.PromptDeltaCe(layers=list(self.live.layers), delta_ce=ops.layer_delta_ce(self.live, run))
 
     def logits(self, body: api.LogitsRequest) -> api.Logits:
         run = self.live.run(body.text)

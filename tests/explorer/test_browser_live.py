@@ -212,7 +212,12 @@ def test_a_steer_link_opens_with_its_edit_applied(watched: Watched, live_server:
     want = call(
         live_server,
         "prompt/steer",
-        {"text": PROMPT, "edits": [{"latent": 3, "layer": 1, "factor": 2, "unit": "raw"}], "positions": "only:4"},
+        {
+            "text": PROMPT,
+            "edits": [{"latent": 3, "layer": 1, "factor": 2, "unit": "raw"}],
+            "positions": "only:4",
+            "measure": "logprob",
+        },
     )
     for change in want["changes"]:
         row = page.locator(f"[data-testid=steer-change][data-position='{change['position']}']")

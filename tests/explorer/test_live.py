@@ -318,3 +318,13 @@ def test_steering_changes_in_log_probability_are_the_logit_changes_less_their_lo
         assert got.increases[p].values == pytest.approx(torch.topk(want[p], 3).values.tolist(), abs=1e-4)
     zero = ops.steer(live, run, [Edit(1, layer, 0.0)], "all", views.typical, 3, logprob=True)
     assert all(v == 0.0 for c in zero.increases + zero.decreases for v in c.values)
+
+
+def test_the_delta_ce_route_gives_each_layers_splice(client: TestClient, live: LiveModel) -> None:
+    got = client.post("/api/v1/prompt/delta_ce", json={"text": PROMPT}).json()
+    assert got["layers"] == list(live.layers)
+    run = live.run(PROMPT)
+    want = [ops.recon_logits(live, run, layer).delta_ce for layer in live.layers]
+    assert got["delta_ce"] == pytest.approx(want, abs=1e-7)
+    inline = client.post("/api/v1/prompt", json={"text": PROMPT, "delta_ce": True}).json()["delta_ce"]
+    assert inline == pytest.approx(want, abs=1e-7)

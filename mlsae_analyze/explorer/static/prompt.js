@@ -142,7 +142,7 @@ async function load(view, boxes) {
     clearProblem();
     boxes.status.replaceChildren();
     paint(view, boxes);
-    const full = await post("prompt", { text: st.text, delta_ce: true }); // L re-runs: asked once the page is drawn
+    const full = await post("prompt/delta_ce", { text: st.text }); // L re-runs: asked once the page is drawn
     if (ticket !== view.loaded) return;
     view.deltaCe = full.delta_ce;
     boxes.metrics.replaceChildren(...metricsPanel(view.data, view.deltaCe));

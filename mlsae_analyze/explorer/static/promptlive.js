@@ -141,7 +141,7 @@ async function runSteer(ctx, out) {
   const { st } = ctx.view;
   out.replaceChildren(h("p", { class: "muted" }, "Steering…"));
   try {
-    const body = { text: st.text, edits: st.edits.map((e) => ({ ...e })), positions: st.positions, top: 5 };
+    const body = { text: st.text, edits: st.edits.map((e) => ({ ...e })), positions: st.positions, top: 5, measure: "logprob" };
     const r = await post("prompt/steer", body);
     out.replaceChildren(...steerResult(r, ctx.data, body));
   } catch (error) {
@@ -158,13 +158,13 @@ function steerResult(r, data, body) {
   const scales = r.scales.map((x, i) => h("li", {}, `latent ${x.latent} at layer ${x.layer}, ${body.edits[i].mode} ${body.edits[i].factor}${body.edits[i].unit === "typical" ? " × typical" : ""}: ${body.edits[i].mode === "add" ? "adds" : "sets it to"} ${fix3(x.raw)} (raw activation units)`));
   const rows = r.changes.map((c) => {
     const still = [...c.increases, ...c.decreases].every((t) => t.value === 0); // nothing moved: no token to name
-    const cells = still ? [h("td", { colspan: 2, class: "muted" }, h("span", { class: "v", "data-testid": "change-value", "data-value": 0 }, fix3(0)), " (no logit changed)")] : [h("td", {}, changeCells(c.increases)), h("td", {}, changeCells(c.decreases))];
+    const cells = still ? [h("td", { colspan: 2, class: "muted" }, h("span", { class: "v", "data-testid": "change-value", "data-value": 0 }, fix3(0)), " (nothing changed)")] : [h("td", {}, changeCells(c.increases)), h("td", {}, changeCells(c.decreases))];
     return h("tr", { "data-testid": "steer-change", "data-position": c.position, "data-still": String(still), class: data.trainable[c.position] ? null : "untrainable" }, h("td", {}, c.position), h("td", { class: "tokens" }, tokenText(c.token)), cells);
   });
   return [
     h("p", { class: "muted" }, `Applied ${body.positions === "all" ? "at every token" : body.positions.startsWith("from:") ? `from token ${body.positions.slice(5)} on` : `at token ${body.positions.slice(5)} only`}:`),
     h("ul", {}, scales),
-    h("div", { class: "scroll" }, h("table", { class: "changes" }, h("tr", {}, h("th", {}, "token"), h("th", {}, ""), h("th", {}, "logits raised most (next-token)"), h("th", {}, "lowered most")), rows)),
+    h("div", { class: "scroll" }, h("table", { class: "changes" }, h("tr", {}, h("th", {}, "token"), h("th", {}, ""), h("th", {}, "next-token log-probability raised most (nats)"), h("th", {}, "lowered most")), rows)),
   ];
 }
 
