@@ -121,9 +121,9 @@ class SweepResult:
             done = f"already trained ({r.steps:,} steps); nothing to do" if r.noop else f"{r.steps:,} steps"
             lines.append(f"{name}: {done}" + ("" if r.noop else f", FVU {fvu:.4f}, L0 {l0:.1f}, dead {dead:.3f}"))
         trained = sum(not r.noop for r in self.members.values())
+        read = f": {self.rows:,} rows read once in {duration(self.seconds)}, {self.rows_per_s:,.0f} rows/s per SAE"
         lines += [
-            f"wrote {trained} of {len(self.members)} SAEs in {self.out}: {self.rows:,} rows read once in "
-            f"{duration(self.seconds)}, {self.rows_per_s:,.0f} rows/s per SAE",
+            f"wrote {trained} of {len(self.members)} SAEs in {self.out}" + (read if trained else ""),
             f"next: mlsae-train eval {self.out}/NAME {cache} (each member is an SAE directory, as fit writes it)",
         ]
         return "\n".join(lines)
