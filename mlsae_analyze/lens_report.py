@@ -111,7 +111,7 @@ def _reconstruction_rows(plain: EvalResult | None, lens: EvalResult | None) -> l
         ("mean FVU, raw units", "fvu_mean"),
         ("mean FVU, lens space", "fvu_lens_mean"),
         ("mean delta CE (nats/token)", "delta_ce_mean"),
-        ("mean KL(clean || spliced)", "kl_mean"),
+        ("mean KL(clean \\|\\| spliced)", "kl_mean"),  # a bare pipe would end the table cell
         ("dead fraction", "dead_fraction"),
     ]
     get = lambda r, k: _finite(getattr(r, k, None)) if r is not None else None  # noqa: E731

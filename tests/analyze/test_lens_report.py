@@ -72,6 +72,7 @@ def test_report_sets_the_lens_mlsae_beside_the_plain_one(tmp_path: Path, side: s
     assert f"Verdict: **{'qualitatively unchanged' if side == 'unchanged' else 'changed'}**." in text
     assert "| mean FVU, raw units | 0.3 | 0.35 |" in text and "| mean FVU, lens space | - | 0.315 |" in text
     assert "| mean delta CE (nats/token) | 0.03 | 0.035 |" in text
+    assert "| mean KL(clean \\|\\| spliced) | 0.015 | 0.0175 |" in text
     assert "at 3 of 3 layers before the last" in text
     rows = re.findall(r"^\| Spread within a token vs over tokens \(pooled.*$", text, re.M)
     assert len(rows) == 1 and rows[0].endswith("| yes |" if side == "unchanged" else "| **no** |")
