@@ -168,7 +168,7 @@ def draw_lens_kl(result: LensEvalResult, path: Path) -> Path:
         ax.plot(result.layer, np.maximum(values, floor), style, label=label, markersize=4)
     ax.set_yscale("log")
     ax.set_xlabel("block (residual stream after it)")
-    ax.set_ylabel("KL(p_final || p_layer), nats/token")
+    ax.set_ylabel(f"KL(p_final || p_layer), nats/token\n(0 drawn at {floor:g})")
     ax.set_title(f"Lens KL by layer, {result.n_tokens:,} tokens [{result.start:,}, {result.stop:,})", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend()
