@@ -328,3 +328,14 @@ def test_the_delta_ce_route_gives_each_layers_splice(client: TestClient, live: L
     assert got["delta_ce"] == pytest.approx(want, abs=1e-7)
     inline = client.post("/api/v1/prompt", json={"text": PROMPT, "delta_ce": True}).json()["delta_ce"]
     assert inline == pytest.approx(want, abs=1e-7)
+
+
+def test_the_prompt_payload_is_sparse_not_dense(client: TestClient, live: LiveModel) -> None:
+    """(L, P, k) arrays, not the (L, P, n_latents) the paper's app sent (tens of MB for 20 tokens)."""
+    response = client.post("/api/v1/prompt", json={"text": PROMPT})
+    got = response.json()
+    n_layers, n_tokens, k = len(live.layers), len(got["tokens"]), live.sae.cfg.k
+    for name in ("indices", "values", "quantiles"):
+        assert np.asarray(got[name], dtype=float).shape == (n_layers, n_tokens, k)
+    assert len(response.content) < 3 * 12 * n_layers * n_tokens * k  # three arrays of numbers of <= 12 characters
+    assert live.sae.cfg.n_latents > 12 * k  # so a dense payload could not pass the bound above
