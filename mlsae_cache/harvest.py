@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -193,13 +193,34 @@ def run_harvest(
     if done is not None:
         return done
     plan = plan_harvest(cfg, meta, existing)
+    here = cfg.num_shards == 1 and not cfg.dry_run
+    # the text is opened and its first batch drawn before the plan is shown: unreadable text is the only line
+    batches = text_batches(cfg, loaded.tokenizer, _batch_size(cfg, existing, meta)) if here else None
     on_plan(plan)
     if cfg.dry_run:
         return HarvestResult(existing.n_tokens if existing else 0, False, False, True, "dry run: nothing written")
     check_space(plan)
-    if cfg.num_shards > 1:
+    if batches is None:
         return harvest_shard(cfg, out, meta, loaded, progress)
-    return _harvest_here(cfg, existing, meta, loaded, progress)
+    return _harvest_here(cfg, existing, meta, loaded, progress, batches)
+
+
+def _fresh(cfg: HarvestConfig, existing: CacheMeta | None) -> bool:
+    """Whether OUT is made afresh: a store with no committed row (a creation cut short, say) is, since nothing in
+    it can be lost."""
+    return existing is None or cfg.overwrite or existing.n_tokens == 0
+
+
+def _batch_size(cfg: HarvestConfig, existing: CacheMeta | None, meta: CacheMeta) -> int:
+    """The windows per batch: a resumed or extended cache keeps its own, so rows match an uninterrupted run."""
+    batch_size = meta.batch_size if _fresh(cfg, existing) or existing is None else existing.batch_size
+    if batch_size != cfg.batch_windows:
+        log.warning(
+            "continuing with the cache's batch size %d (not %d) so rows match an uninterrupted run",
+            batch_size,
+            cfg.batch_windows,
+        )
+    return batch_size
 
 
 def _harvest_here(
@@ -208,20 +229,12 @@ def _harvest_here(
     meta: CacheMeta,
     loaded: LoadedModel,
     progress: Progress,
+    batches: Iterator[np.ndarray],
 ) -> HarvestResult:
-    """The single-process harvest: create, resume or extend OUT, or complete a parallel harvest whose workers
-    are all done."""
+    """The single-process harvest of `batches`: create, resume or extend OUT, or complete a parallel harvest whose
+    workers are all done."""
     out = Path(cfg.out)
-    # A store with no committed row (a creation cut short, say) is made afresh: nothing in it can be lost.
-    fresh = existing is None or cfg.overwrite or existing.n_tokens == 0
-    batch_size = meta.batch_size if fresh or existing is None else existing.batch_size
-    if batch_size != cfg.batch_windows:
-        log.warning(
-            "continuing with the cache's batch size %d (not %d) so rows match an uninterrupted run",
-            batch_size,
-            cfg.batch_windows,
-        )
-    batches = text_batches(cfg, loaded.tokenizer, batch_size)
+    fresh = _fresh(cfg, existing)
     with StoreTransaction(out) as tx:
         plan = None if existing is None or cfg.overwrite else read_plan(out)
         if plan is not None:  # a parallel harvest: complete it if its shards are done, never write over them

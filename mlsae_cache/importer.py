@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlsae_cache.core.boundary import library_cause
 from mlsae_cache.core.errors import InputError, Interrupted, NotFoundError
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.core.zarrstore import StoreTransaction
@@ -33,9 +34,12 @@ def _load(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise NotFoundError(f"{what} file {path} does not exist (give a .npy file)")
     try:
-        return np.load(path, mmap_mode="r")
-    except ValueError as e:
-        raise InputError(f"{what} file {path} is not a .npy array ({e})") from e
+        arr = np.load(path, mmap_mode="r")
+    except Exception as e:  # numpy raises ValueError, EOFError, OSError, ... for what is not a whole .npy file
+        raise InputError(f"{what} file {path} is not a .npy array ({library_cause(e)}); give a file of np.save") from e
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"{what} file {path} is not a .npy array (an .npz archive?); give a file of np.save")
+    return arr
 
 
 def _digest(arr: np.ndarray, step: int) -> str:
@@ -64,6 +68,8 @@ def _meta(cfg: ImportConfig, acts: np.ndarray, ctx: int, dtype: str) -> CacheMet
 
 def _rows(acts: np.ndarray, ids: np.ndarray | None, start: int, stop: int, ctx: int, dtype: str) -> Rows:
     x = torch.from_numpy(np.array(acts[start:stop], dtype=np.float32)).transpose(0, 1).contiguous()  # layer-major
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"--activations holds NaN or infinite values in rows {start}..{stop - 1} (clean the array)")
     check_range(x.abs().amax(dim=(1, 2)), dtype, tuple(range(acts.shape[1])))
     index = np.arange(start, stop)
     token_ids = np.zeros(stop - start, np.int32) if ids is None else np.asarray(ids[start:stop], np.int32)
@@ -76,18 +82,31 @@ def _rows(acts: np.ndarray, ids: np.ndarray | None, start: int, stop: int, ctx: 
     return Rows(to_storage(x, dtype), tokens)
 
 
-def import_array(cfg: ImportConfig, progress: Progress = no_progress) -> CacheMeta:
-    """Write `cfg.activations` [token, layer, d_model] as a complete cache; every row is trainable."""
+def _inputs(cfg: ImportConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """The activations and token ids of `cfg`, checked: a 3-D array of real numbers and whole, non-negative ids
+    one per token."""
     acts = _load(cfg.activations, "--activations")
     if acts.ndim != 3 or 0 in acts.shape:
         raise InputError(f"--activations {cfg.activations} has shape {acts.shape}; expected (token, layer, d_model)")
+    if acts.dtype.kind not in "fiu":
+        raise InputError(f"--activations {cfg.activations} holds {acts.dtype} values; give real numbers (floats)")
+    if cfg.chunk_tokens < 1:
+        raise InputError(f"--chunk-tokens must be at least 1, got {cfg.chunk_tokens}")
+    if cfg.context_length is not None and cfg.context_length < 1:
+        raise InputError(f"--context-length must be at least 1, got {cfg.context_length}")
     ids = _load(cfg.token_ids, "--token-ids") if cfg.token_ids else None
     if ids is not None and ids.shape != acts.shape[:1]:
         raise InputError(f"--token-ids has shape {ids.shape} but --activations has {acts.shape[0]} tokens")
+    if ids is not None and (ids.dtype.kind not in "iu" or (ids.size and int(ids.min()) < 0)):
+        raise InputError(f"--token-ids {cfg.token_ids} must hold non-negative integers, not {ids.dtype} values")
+    return acts, ids
+
+
+def import_array(cfg: ImportConfig, progress: Progress = no_progress) -> CacheMeta:
+    """Write `cfg.activations` [token, layer, d_model] as a complete cache; every row is trainable."""
+    acts, ids = _inputs(cfg)
     dtype = cfg.dtype or (acts.dtype.name if acts.dtype.name in ("float16", "float32") else "float32")
     ctx = cfg.context_length or acts.shape[0]
-    if ctx < 1:
-        raise InputError(f"--context-length must be at least 1, got {ctx}")
     out = Path(cfg.out)
     if existing_cache(out) is not None and not cfg.overwrite:
         raise InputError(f"{out} already holds a cache (use --overwrite to replace it)")

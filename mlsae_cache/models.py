@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlsae_cache.core.boundary import held_logs
 from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import InputError, NotFoundError
 
@@ -118,7 +119,9 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(e, OSError | ValueError) and first else f"{type(e).__name__}: {first}".rstrip(": ")
 
 
 def _source(spec: str, meta: dict[str, Any], model_cache: Path | None) -> tuple[str, dict[str, Any]]:
@@ -153,9 +156,10 @@ def load_model(
     source, kwargs = _source(spec, {"gguf_file": gguf_file, "revision": revision}, model_cache)
     name = source if spec not in EMBEDDED and _looks_like_path(spec) else spec
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=COMPUTE_DTYPES[dtype_name], **kwargs)
-    except (OSError, ValueError) as e:
+        with held_logs():  # what transformers logs before failing is said by our one line
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=COMPUTE_DTYPES[dtype_name], **kwargs)
+    except Exception as e:  # a missing, truncated or foreign file: whatever transformers or safetensors raise
         raise NotFoundError(
             f"could not load model {spec!r}: {_first_line(e)} (give smollm2-135m, a local directory, or a hub id "
             "reachable from this machine)"
@@ -238,6 +242,7 @@ def load_cache_tokenizer(
         raise InputError("this cache was imported from an array and names no model (give the model with --model)")
     source, kwargs = _source(spec, model_meta if override is None else {}, model_cache)
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+        with held_logs():
+            return AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as e:  # a missing or foreign tokenizer file: whatever transformers raises
         raise NotFoundError(f"could not load the tokenizer of {spec!r}: {_first_line(e)} (pass --model)") from e

@@ -48,6 +48,7 @@ from mlsae_cache.core.zarrstore import (
     create_array,
     get_array,
     holds_nothing,
+    open_checked,
     read_array,
     read_root_attribute,
     set_root_attribute,
@@ -90,6 +91,9 @@ TOKEN_DTYPES: dict[str, type[np.generic]] = {
 """Array name -> dtype of each TokenRows field, in field order."""
 
 assert tuple(TOKEN_DTYPES) == TokenRows._fields
+
+_ARRAYS = (_ACTIVATIONS, *TOKEN_DTYPES, _LAYER, _LAYER_MEAN, _LAYER_SQ_NORM, _CHUNK_SUM, _CHUNK_SQ, _CHUNK_COUNT)
+"""Every array of the format (a reader refuses a store missing one)."""
 
 
 @dataclass(frozen=True)
@@ -357,7 +361,7 @@ class Cache:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.meta = read_meta(self.path)
-        self._group = _open(self.path, "r")
+        self._group = open_checked(self.path, _ARRAYS, KIND)
         self._activations: zarr.Array | None = None
 
     @property
@@ -465,4 +469,4 @@ def open_cache(path: Path | str, require_complete: bool = True) -> Cache:
 def verify(path: Path | str) -> int:
     """Checksum every committed chunk of the cache at `path` (see core.zarrstore.verify_group)."""
     meta = read_meta(path)
-    return verify_group(path, meta.n_tokens, meta.chunk_tokens)
+    return verify_group(path, meta.n_tokens, meta.chunk_tokens, arrays=_ARRAYS, kind=KIND)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mlsae_cache.core.boundary import held_logs, library_cause
 from mlsae_cache.core.errors import InputError, NotFoundError
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -43,26 +44,59 @@ def pydoc_documents() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
+FORMATS = {"text": "text", "json": "JSON", "parquet": "Parquet"}
+
+
+def unreadable(spec: TextSpec, e: BaseException) -> InputError:
+    """The one-line error for text the datasets library could not read: which source, as what, and why."""
+    suffix = Path(spec.dataset).suffix.lower()
+    if suffix in LOCAL_BUILDERS:
+        what = f"dataset file {spec.dataset} cannot be read as {FORMATS[LOCAL_BUILDERS[suffix]]}"
+        fix = "fix or convert the file, or give another --dataset"
+    else:
+        what = f"dataset {spec.dataset!r} cannot be read"
+        fix = "check the id, --dataset-config, --split and --streaming, or give a local file"
+    return InputError(f"{what}: {library_cause(e)} ({fix})")
+
+
+def _local_file(spec: TextSpec) -> Path:
+    """The local text file `spec` names, refused with a one-line error when it is missing, a directory, empty or
+    of an unsupported kind."""
+    path = Path(spec.dataset).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise InputError(
+            f"dataset {spec.dataset} is a directory (give one .txt, .jsonl, .json or .parquet file, pydoc, or a hub id)"
+        )
+    if not path.is_file():
+        raise NotFoundError(
+            f"dataset file {spec.dataset} does not exist (give a .txt, .jsonl, .json or "
+            ".parquet file, pydoc, or a hub id)"
+        )
+    if suffix not in LOCAL_BUILDERS:
+        raise InputError(
+            f"dataset file {spec.dataset} has an unsupported suffix {suffix!r} (use one of {', '.join(LOCAL_BUILDERS)})"
+        )
+    if path.stat().st_size == 0:
+        raise InputError(f"dataset file {spec.dataset} is empty (give a file with text in it)")
+    return path
+
+
 def _open_dataset(spec: TextSpec) -> Any:
     import datasets
 
     path = Path(spec.dataset).expanduser()
-    suffix = path.suffix.lower()
-    if suffix in LOCAL_BUILDERS or path.exists():
-        if not path.is_file():
-            raise NotFoundError(
-                f"dataset file {spec.dataset} does not exist (give a .txt, .jsonl, .json or "
-                ".parquet file, pydoc, or a hub id)"
-            )
-        if suffix not in LOCAL_BUILDERS:
-            raise InputError(
-                f"dataset file {spec.dataset} has an unsupported suffix {suffix!r} "
-                f"(use one of {', '.join(LOCAL_BUILDERS)})"
-            )
-        extra = {"sample_by": "paragraph"} if suffix == ".txt" else {}
-        return datasets.load_dataset(
-            LOCAL_BUILDERS[suffix], data_files=str(path), split="train", streaming=spec.streaming, **extra
-        )
+    if path.suffix.lower() in LOCAL_BUILDERS or path.exists():
+        path = _local_file(spec)
+        extra = {"sample_by": "paragraph"} if path.suffix.lower() == ".txt" else {}
+        try:
+            with held_logs():
+                return datasets.load_dataset(
+                    LOCAL_BUILDERS[path.suffix.lower()], data_files=str(path), split="train",
+                    streaming=spec.streaming, **extra,
+                )  # fmt: skip
+        except Exception as e:  # whatever the library raises, the file could not be read
+            raise unreadable(spec, e) from e
     try:
         return datasets.load_dataset(spec.dataset, spec.config, split=spec.split, streaming=spec.streaming)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
@@ -73,18 +107,42 @@ def _open_dataset(spec: TextSpec) -> Any:
         ) from e
 
 
+def _rows(ds: Any, spec: TextSpec) -> Iterator[dict[str, Any]]:
+    """The rows of `ds`; an error of the library while reading one (a streamed file is parsed as it is read) is
+    a one-line error naming the source."""
+    rows = iter(ds)
+    while True:
+        try:
+            with held_logs():
+                row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # whatever the library raises, the text could not be read
+            raise unreadable(spec, e) from e
+        yield row
+
+
+def _columns(ds: Any, spec: TextSpec) -> list[str] | None:
+    try:
+        with held_logs():
+            names = ds.column_names
+    except Exception as e:  # a streamed file's columns are read from its first rows
+        raise unreadable(spec, e) from e
+    return list(names) if names is not None else None
+
+
 def load_documents(spec: TextSpec) -> Iterator[str]:
     """The documents of `spec`, in a fixed order; InputError names the missing column and the ones there are."""
     if spec.dataset == "pydoc":
         yield from pydoc_documents()
         return
     ds = _open_dataset(spec)
-    columns = list(ds.column_names or []) if ds.column_names is not None else None
+    columns = _columns(ds, spec)
     if columns is not None and spec.text_column not in columns:
         raise InputError(
             f"dataset {spec.dataset} has no column {spec.text_column!r} (use --text-column with one of {columns})"
         )
-    for row in ds:
+    for row in _rows(ds, spec):
         text = row.get(spec.text_column)
         if text is None and spec.text_column not in row:
             raise InputError(

@@ -42,6 +42,9 @@ def run_reporting_errors(call: Callable[[], Any], debug: Callable[[], bool], int
         if debug():
             raise
         _fail(str(e), e.exit_code)
+    except click.UsageError as e:  # a bad option or argument on the command line: one line too
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        _fail(f"{e.format_message()}{hint}", e.exit_code)
     except KeyboardInterrupt as e:
         if debug():
             raise

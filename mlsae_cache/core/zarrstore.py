@@ -21,6 +21,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.metadata import ArrayV3Metadata
 
+from mlsae_cache.core.boundary import library_cause
 from mlsae_cache.core.errors import CorruptError, Interrupted, LockedError, MlsaeError, NotFoundError, StoreError
 from mlsae_cache.core.lock import StoreLock
 from mlsae_cache.core.paths import STORE_KINDS, SWAPPED, is_mlsae, what_is
@@ -261,15 +262,36 @@ def _chunk_keys(arr: zarr.Array, n_rows: int) -> Iterator[tuple[str, tuple[slice
         yield f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}", sel
 
 
+def open_checked(path: Path | str, arrays: tuple[str, ...], kind: str) -> zarr.Group:
+    """The group at `path` (its root attribute already read), opened for reading once each of the format's
+    `arrays` is there with readable metadata; CorruptError names the first that is not."""
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    for name in arrays:
+        try:
+            get_array(group, name)
+        except Exception as e:  # zarr raises KeyError for a missing array, others for unreadable metadata
+            raise CorruptError(
+                f"{Path(path) / name / 'zarr.json'} is missing or unreadable ({library_cause(e)}): the {kind} at "
+                f"{path} is damaged (re-create it)"
+            ) from e
+    return group
+
+
 def verify_group(
-    path: Path | str, n_tokens: int, chunk_tokens: int, progress: Callable[[int], None] = lambda n: None
+    path: Path | str,
+    n_tokens: int,
+    chunk_tokens: int,
+    progress: Callable[[int], None] = lambda n: None,
+    arrays: tuple[str, ...] = (),
+    kind: str = "store",
 ) -> int:
     """Read and checksum every chunk holding committed data of the store at `path`: arrays along `token` up to
-    n_tokens rows, along `token_chunk` up to the chunks those rows fill, others whole.
+    n_tokens rows, along `token_chunk` up to the chunks those rows fill, others whole. `arrays` (the format's)
+    must all be there.
 
     CorruptError names the first missing or corrupted chunk; returns the number of chunks checked.
     """
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    group = open_checked(path, arrays, kind)
     checked = 0
     for _, arr in sorted(group.arrays()):
         assert isinstance(arr.metadata, ArrayV3Metadata)  # opened as zarr_format=3
