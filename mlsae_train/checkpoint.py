@@ -244,10 +244,11 @@ def _read_reference_config(src: Path) -> tuple[SaeConfig, dict[str, Any]]:
     missing = [key for key in ("n_inputs", "n_latents", "k") if not isinstance(ref, dict) or key not in ref]
     if missing:
         raise StoreError(f"{cfg_path} lacks {', '.join(missing)} (is this a tim-lawson/mlsae checkpoint?)")
-    if ref.get("lens") or src.name.endswith("-lens"):
+    if ref.get("lens") or ref.get("tuned_lens") or src.name.endswith("-lens"):
         raise StoreError(
-            f"{src} is a reference checkpoint trained on lens-transformed residuals ('lens' in its config, or a "
-            "-lens name), whose translators mlsae does not apply yet (convert a checkpoint without -lens)"
+            f"{src} is a reference checkpoint trained on lens-transformed residuals ('tuned_lens' in its config, or a "
+            "-lens name) whose translators it does not hold: the authors' code applies the tuned-lens library's lens "
+            "one block early (convert a checkpoint without -lens, or fit one with `mlsae-train lens` and `fit --lens`)"
         )
     if "standardize" not in ref:
         log.warning("%s has no 'standardize'; using the reference default True", cfg_path)
@@ -268,8 +269,8 @@ def _read_reference_tensors(src: Path, cfg: SaeConfig) -> dict[str, torch.Tensor
     lens = sorted(name for name in ref if "lens" in name)
     if lens:
         raise StoreError(
-            f"{path} holds lens translators ({', '.join(lens[:2])}, ...), which mlsae does not apply yet (convert a "
-            "checkpoint without -lens)"
+            f"{path} holds lens translators ({', '.join(lens[:2])}, ...) of an unknown layout (convert a checkpoint "
+            "without -lens, or a tuned-lens library lens with `mlsae-train import-lens`)"
         )
     for name, shape in want.items():
         if name not in ref or tuple(ref[name].shape) != shape:
