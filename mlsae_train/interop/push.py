@@ -77,12 +77,24 @@ def run_push(cfg: PushConfig, api: Any = None) -> list[str]:
     """Prepare the folder and upload it (or write it to cfg.to_folder); returns the file names. `api` stands in for
     `huggingface_hub.HfApi()`."""
     if cfg.to_folder is not None:
-        out = Path(cfg.to_folder)
-        if out.exists() and any(out.iterdir()):
-            raise InputError(f"--to-folder {out} is not empty (choose an empty or new directory)")
-        out.mkdir(parents=True, exist_ok=True)
-        return prepare(cfg, out)
+        return _to_folder(cfg, Path(cfg.to_folder))
     with tempfile.TemporaryDirectory(prefix="mlsae-push-") as tmp:
         files = prepare(cfg, Path(tmp))
         upload(Path(tmp), hub_target(cfg.repo), cfg.message, cfg.private, api)
     return files
+
+
+def _to_folder(cfg: PushConfig, out: Path) -> list[str]:
+    """Write the files into the empty or new directory `out`; a refused SAE, cache or eval leaves it as it was."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--to-folder {out} is a file or a non-empty directory (choose an empty or new directory)")
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return prepare(cfg, out)
+    except BaseException:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if made:
+            out.rmdir()
+        raise
