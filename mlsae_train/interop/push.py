@@ -86,8 +86,10 @@ def run_push(cfg: PushConfig, api: Any = None) -> list[str]:
 
 def _to_folder(cfg: PushConfig, out: Path) -> list[str]:
     """Write the files into the empty or new directory `out`; a refused SAE, cache or eval leaves it as it was."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--to-folder {out} is a file or a non-empty directory (choose an empty or new directory)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--to-folder {out} is a file (choose an empty or new directory)")
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--to-folder {out} is not empty (choose an empty or new directory)")
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:

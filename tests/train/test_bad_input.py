@@ -165,7 +165,7 @@ PUSH = [
         "me/sae",
         "--to-folder",
         "{text-file}",
-        message="is a file or a non-empty directory",
+        message="is a file (choose",
     ),
 ]
 S = ("sweep", "{cache}", "{out}", *FIT_OPTS)
