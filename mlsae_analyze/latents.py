@@ -32,6 +32,7 @@ from mlsae_cache.core.zarrstore import (
     ChunkCommitter,
     create_array,
     get_array,
+    open_checked,
     read_array,
     read_root_attribute,
     read_rows,
@@ -168,7 +169,7 @@ class Latents:
         self.meta = read_latents_meta(self.path)
         if require_complete and not self.meta.complete:
             raise unfinished(path, self.meta.n_tokens, self.meta.total_tokens, "tokens", "mlsae-analyze encode")
-        self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        self._group = open_checked(self.path, (_INDICES, _VALUES, *TOKEN_DTYPES), KIND)
 
     @property
     def n_tokens(self) -> int:

@@ -301,6 +301,9 @@ def build_variance_graph(data: Latents | LatentArrays | Any, params: VariancePar
     return delayed(_finalize)(parts[0], params, layers)
 
 
+DASK_SCHEDULERS = ("threads", "threading", "processes", "multiprocessing", "sync", "synchronous", "single-threaded")
+
+
 def compute_variance(
     data: Latents | LatentArrays | Any, params: VarianceParams, scheduler: str | None = None
 ) -> VarianceOutput:
@@ -310,6 +313,11 @@ def compute_variance(
     (dask.config), a dask scheduler name ("threads", "processes", "sync"), or a dask.distributed scheduler
     address ("tcp://host:port").
     """
+    if scheduler is not None and "://" not in scheduler and scheduler not in DASK_SCHEDULERS:
+        raise InputError(
+            f"--scheduler {scheduler!r} is not a scheduler (use threads, processes, sync or a dask.distributed "
+            "address like tcp://host:8786)"
+        )
     graph = build_variance_graph(data, params)
     if scheduler is not None and "://" in scheduler:
         from distributed import Client
