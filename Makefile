@@ -152,6 +152,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/decoder.py
 	$(PY) benchmarks/analyze.py
 	$(PY) benchmarks/explorer.py
+	$(PY) benchmarks/lens.py $(if $(wildcard $(DEMO)/cache/zarr.json),--cache $(DEMO)/cache)
 
 clean:
 	rm -rf $(DEMO)
