@@ -91,10 +91,10 @@ def positions_fn(positions: str, n_prompt: int) -> PositionsFn:
 
 @dataclass
 class PromptRun:
-    """One prompt through the model: token ids [P] and which are trainable [P]; every block's output, float32
-    [n_blocks][P, d] (model dtype in `streams`, what re-runs start from); each block's call arguments but the
-    stream; the clean logits [P, V] float32; and the SAE's top-k of every stored layer, indices and values
-    [L, P, k] with the per-layer FVU over trainable rows [L]."""
+    """One prompt through the model: token ids [P] and which are trainable [P]; every block's output
+    `streams` [n_blocks][P, d] in the model's dtype (what re-runs start from); each block's call arguments but
+    the stream; the clean logits [P, V] float32; and the SAE's top-k of every stored layer, indices and values
+    [L, P, k], with the per-layer FVU over trainable rows [L]."""
 
     ids: torch.Tensor
     trainable: np.ndarray
@@ -280,7 +280,8 @@ class LiveModel:
         gap = float((again - run.logits).abs().max())
         scale = float(run.logits.abs().max()) or 1.0
         if gap > RERUN_RTOL * scale:
-            log.warning("re-running blocks does not reproduce %s (%.3g); edits run the whole model", type(self), gap)
+            name = self.loaded.info.name
+            log.warning("re-running the blocks of %s misses its logits by %.3g; edits run the whole model", name, gap)
             return False
         return True
 
