@@ -17,8 +17,11 @@ sweep and separate fits both pay once per SAE; metrics are logged and AuxK runs 
 The cache: SmolLM2-135M's shape (d_model 576) of random float16 rows, --layers layers of --tokens tokens, written as
 a memory-mapped .npy and imported as `mlsae-cache import` does; or --cache DIR.
 
-Further end-to-end figures (fit against the floor of a step, against sparsify) are to be added beside `sweep_rows`
-as more variants of `interleaved`.
+Fit against the floor (`--part fit`): `fit` from the cache (the member of the first values, AuxK and metrics on as by
+default) against the floor of one step on this machine, the dense encoder product plus top-k of the same shape and
+dtype (every other part of a step has a sparse form), and against EleutherAI sparsify's SparseCoder + Adam fed from
+memory (eai-sparsify, installed by `make bench`; fp32, its only CPU mode). Printed per encoder dtype: each rate's
+median (range) over the interleaved repeats, and the ratios fit / floor and fit / sparsify taken within each repeat.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 
 from mlsae_cache.importer import ImportConfig, import_array
+from mlsae_train.config import TrainConfig
 from mlsae_train.sweep import SweepConfig, run_sweep
 from mlsae_train.trainer import fit
 
@@ -100,6 +104,84 @@ def sweep_rows(sweep: SweepConfig, scratch: Path) -> dict[str, Callable[[], floa
     return {"separate fits": separate, "sweep": together}
 
 
+def step_floor(d_model: int, n_latents: int, k: int, batch_rows: int, autocast: str) -> Callable[[], float]:
+    """rows/s of x W_enc^T + b_enc then top-k on one batch (the median of 5 timings), in the encoder's dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(batch_rows, d_model, generator=gen), torch.randn(n_latents, d_model, generator=gen)
+    bias = torch.zeros(n_latents)
+
+    def run() -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
+                torch.topk(torch.nn.functional.linear(x, w, bias), k, sorted=False)
+            times.append(time.perf_counter() - start)
+        return batch_rows / statistics.median(times)
+
+    return run
+
+
+def sparsify_rows(d_model: int, expansion: int, k: int, batch_rows: int, steps: int) -> Callable[[], float] | str:
+    """rows/s of sparsify's SparseCoder + Adam on one batch held in memory, or why it cannot run."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import train_step
+
+    args = argparse.Namespace(d_model=d_model, expansion=expansion, k=k, device="cpu", seed=0)
+    x = torch.randn(batch_rows, d_model, generator=torch.Generator().manual_seed(0))
+    step = train_step.sparsify_step(args, x, torch.zeros(d_model * expansion, dtype=torch.bool))
+    if isinstance(step, str):
+        return step
+
+    def run() -> float:
+        step()  # its first step allocates
+        start = time.perf_counter()
+        for _ in range(steps - 1):
+            step()
+        return (steps - 1) * batch_rows / (time.perf_counter() - start)
+
+    return run
+
+
+def fit_rows(cfg: TrainConfig) -> float:
+    """rows/s of `fit` between its first and last step."""
+    clock = StepClock()
+    fit(cfg, progress=clock)
+    shutil.rmtree(cfg.out)
+    return clock.rows / clock.seconds
+
+
+def fit_vs_floor(args: argparse.Namespace, cache: Path, root: Path) -> None:
+    """The table of `fit` against the floor of a step and against sparsify, per encoder dtype."""
+    expansion, k = int(args.expansion_factor.split(",")[0]), int(args.k.split(",")[0])
+    print("| encoder | fit rows/s | floor rows/s | fit / floor | sparsify rows/s | fit / sparsify |")
+    print("|---|---|---|---|---|---|")
+    for autocast in args.autocast:
+        member = next(iter(sweep_config(args, cache, autocast).members().values()))
+        cfg = replace(member, out=root / "fit")
+        variants: dict[str, Callable[[], float]] = {
+            "fit": lambda cfg=cfg: fit_rows(cfg),  # type: ignore[misc]
+            "floor": step_floor(args.d_model, expansion * args.d_model, k, args.batch_rows, autocast),
+        }
+        theirs = sparsify_rows(args.d_model, expansion, k, args.batch_rows, args.steps)
+        if not isinstance(theirs, str):
+            variants["sparsify"] = theirs
+        interleaved(variants, 1)  # warm-up
+        got = interleaved(variants, args.repeats)
+        ratio = [f / s for f, s in zip(got["fit"], got["floor"], strict=True)]
+        if "sparsify" in got:
+            vs = [f / s for f, s in zip(got["fit"], got["sparsify"], strict=True)]
+            sparsify_cells = f"{median_range(got['sparsify'])} | {median_range(vs, '.2f')}"
+        else:
+            sparsify_cells = f"not installed ({theirs}) | -"
+        print(
+            f"| {'fp32' if autocast == 'none' else 'bf16'} | {median_range(got['fit'])} | "
+            f"{median_range(got['floor'])} | {median_range(ratio, '.2f')} | {sparsify_cells} |"
+        )
+
+
 def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
     """Each variant once per repeat, back to back, the order reversed every other repeat; its results in order."""
     results: dict[str, list[float]] = {name: [] for name in variants}
@@ -130,6 +212,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--autocast", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--part", nargs="+", default=["sweep", "fit"], choices=["sweep", "fit"], help="which tables")
     return p.parse_args()
 
 
@@ -159,6 +242,10 @@ def main() -> None:
         root = Path(tmp)
         cache = args.cache or synthetic_cache(root, args.tokens, args.layers, args.d_model)
         print(f"cache {cache}; {args.steps} steps of {args.batch_rows} rows per run, {args.repeats} repeats")
+        if "fit" in args.part:
+            fit_vs_floor(args, cache, root)
+        if "sweep" not in args.part:
+            return
         print(
             "| encoder | members | separate fit rows/s | sweep rows/s per SAE | sweep SAE-rows/s | "
             "sweep / separate |\n|---|---|---|---|---|---|"
