@@ -25,6 +25,11 @@ def block_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def with_stream(output: Any, stream: torch.Tensor) -> Any:
+    """A block's output with its residual stream replaced by `stream` (what a forward hook returns to change it)."""
+    return (stream, *output[1:]) if isinstance(output, tuple) else stream
+
+
 class ResidCapture:
     """Runs `model` on token ids; returns resid_post of `layers` as [n_layers, batch * seq, d_model] in `out_dtype`
     and each layer's largest |value| before the cast (to refuse values the storage dtype cannot hold).

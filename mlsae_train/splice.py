@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from mlsae_cache.core.errors import InputError
 from mlsae_cache.core.progress import Progress, no_progress
-from mlsae_cache.hooks import block_output
+from mlsae_cache.hooks import block_output, with_stream
 from mlsae_cache.models import LoadedModel, find_blocks, load_cache_model
 from mlsae_cache.policy import TrainablePolicy
 from mlsae_cache.store import Cache
@@ -190,8 +190,7 @@ def splice_hook(
     """A forward hook returning the block's output with the stream replaced at `mask` [B, T] (same type)."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        x_hat = reconstruct(sae, block_output(output), mask, batch_rows, lens)
-        return (x_hat, *output[1:]) if isinstance(output, tuple) else x_hat
+        return with_stream(output, reconstruct(sae, block_output(output), mask, batch_rows, lens))
 
     return hook
 

@@ -14,6 +14,7 @@ import torch
 
 from mlsae_analyze.explorer.live import Edit, EditFn, LiveModel, PositionsFn, PromptRun, positions_fn
 from mlsae_cache.core.errors import InputError
+from mlsae_cache.hooks import block_output, with_stream
 from mlsae_train.splice import reconstruct, token_metrics
 
 TypicalFn = Callable[[int, int], float]
@@ -177,10 +178,7 @@ def _edit_hooks(live: LiveModel, apply: EditFn, blocks: set[int], offset: list[i
 
     def hook(b: int) -> object:
         def fn(module: torch.nn.Module, args: object, output: object) -> object:
-            h = output[0] if isinstance(output, tuple) else output
-            assert isinstance(h, torch.Tensor)
-            edited = apply(b, h, offset[0])
-            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+            return with_stream(output, apply(b, block_output(output), offset[0]))
 
         return fn
 
