@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,11 +37,12 @@ from torch import nn
 from mlsae_analyze.prompt import prompt_tokens
 from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import InputError
-from mlsae_cache.hooks import block_output
+from mlsae_cache.hooks import block_output, with_stream
 from mlsae_cache.models import LoadedModel, find_blocks, find_final_norm, load_cache_model
 from mlsae_cache.store import CacheMeta
 from mlsae_cache.text import token_stream
 from mlsae_train.lens import Lens
+from mlsae_train.loss import fvu_per_layer
 from mlsae_train.sae import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -113,11 +115,11 @@ class PromptRun:
         return mask
 
 
-def fvu(x: np.ndarray, x_hat: np.ndarray) -> float | None:
-    """Fraction of variance unexplained of rows x [n, d] by x_hat: sum |x - x^|^2 / sum |x - mean(x)|^2."""
-    x64, err = x.astype(np.float64), (x.astype(np.float64) - x_hat.astype(np.float64))
-    den = float(((x64 - x64.mean(0)) ** 2).sum()) if len(x) else 0.0
-    return float((err**2).sum()) / den if den > 0 else None
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float | None:
+    """FVU of rows x [n, d] by x_hat (training's `fvu_per_layer`, in float64, all rows one layer); None where it
+    is undefined (no rows, or rows without variance)."""
+    value = float(fvu_per_layer(x.double(), x_hat.double(), torch.zeros(len(x), dtype=torch.long), 1)[0])
+    return None if math.isnan(value) else value
 
 
 class LiveModel:
@@ -234,7 +236,7 @@ class LiveModel:
                 x_hat = self.lens.untranslate(x_hat, self.layers.index(layer))
             indices.append(out.indices.to(torch.int32).cpu().numpy())
             values.append(out.values.float().cpu().numpy())
-            fvus.append(fvu(x[keep].cpu().numpy(), x_hat.cpu()[keep].numpy()))
+            fvus.append(fvu(x.cpu()[keep], x_hat.cpu()[keep]))
         return np.stack(indices), np.stack(values), fvus
 
     # ------------------------------------------------------------------------------------------ re-runs
@@ -258,8 +260,7 @@ class LiveModel:
         def replace(b: int) -> Any:
             def hook(module: nn.Module, args: Any, output: Any) -> Any:
                 h = stream[None].to(block_output(output).dtype) if b == first else block_output(output)
-                h = edit(b, h, 0) if edit is not None and b > first else h
-                return (h, *output[1:]) if isinstance(output, tuple) else h
+                return with_stream(output, edit(b, h, 0) if edit is not None and b > first else h)
 
             return hook
 
