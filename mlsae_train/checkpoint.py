@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 
 from mlsae_cache.core.errors import CorruptError, InputError, LockedError, NotFoundError, StoreError
 from mlsae_cache.core.lock import StoreLock
-from mlsae_cache.core.outputs import follow_umask
+from mlsae_cache.core.outputs import replace_file
 from mlsae_cache.core.paths import SWAPPED, is_mlsae, what_is
 from mlsae_train.sae import SaeConfig, TopKSAE
 
@@ -64,19 +63,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _replace_atomically(final: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp_path), fsync tmp_path, then rename it over `final`; the temp file never survives."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        follow_umask(tmp)  # safetensors creates its files 0600
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _cfg_dict(sae: TopKSAE, extra_cfg: dict[str, Any], save_id: str) -> dict[str, Any]:
@@ -116,9 +102,9 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, extra_cfg: dict[str, Any] | None
     state = sae.state_dict()
     tensors = {name: state[name].detach().to("cpu", torch.float32).contiguous() for name in expected_shapes(sae.cfg)}
     meta = {"format": FORMAT, "save_id": save_id}
-    _replace_atomically(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
+    replace_file(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
     text = json.dumps(cfg, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    _replace_atomically(out / CFG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    replace_file(out / CFG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
     _fsync_dir(out)
     log.debug("saved SAE checkpoint %s (save_id %s)", out, save_id)
     return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mlsae_cache.core.errors import CorruptError, InputError, NotFoundError, StoreError
-from mlsae_cache.core.outputs import follow_umask
+from mlsae_cache.core.outputs import replace_file
 from mlsae_cache.core.paths import what_is
 from mlsae_cache.core.records import check_format, write_json_atomically
 from mlsae_cache.store import Cache
@@ -140,18 +139,6 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _replace(final: Path, write: Callable[[Path], object]) -> None:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        follow_umask(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_lens(lens: Lens, out: Path | str, cfg: dict[str, Any]) -> Path:
     """Write `lens` to directory `out` (created if needed): tensors first, cfg.json last, each atomically, so an
     interrupted save is never read as a lens (see `load_lens`). `cfg` adds keys to cfg.json."""
@@ -160,7 +147,7 @@ def save_lens(lens: Lens, out: Path | str, cfg: dict[str, Any]) -> Path:
     save_id = uuid.uuid4().hex
     tensors = {_WEIGHT: lens.weight.detach().cpu().contiguous(), _BIAS: lens.bias.detach().cpu().contiguous()}
     meta = {"format": FORMAT, "save_id": save_id}
-    _replace(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
+    replace_file(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
     core = {"format": FORMAT, "version": VERSION, "d_model": lens.d_model, "layers": list(lens.layers)}
     write_json_atomically(out / CFG_NAME, {**core, **cfg, "save_id": save_id})
     return out
@@ -259,7 +246,7 @@ def carry_lens(lens: Lens, sae_dir: Path | str) -> None:
         return
     dst.mkdir(parents=True, exist_ok=True)
     for name in (WEIGHTS_NAME, CFG_NAME):
-        _replace(dst / name, partial(shutil.copyfile, src / name))
+        replace_file(dst / name, partial(shutil.copyfile, src / name))
 
 
 def lens_of(sae_dir: Path | str, sae_cfg: dict[str, Any], device: torch.device | str = "cpu") -> Lens | None:

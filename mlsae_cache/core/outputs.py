@@ -8,7 +8,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,20 @@ def follow_umask(path: Path, directory: bool = False) -> None:
     """Give `path` the mode a plain create would have (tempfile and some libraries create 0600 files and 0700
     directories whatever the umask)."""
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def replace_file(final: Path, write: Callable[[Path], object]) -> None:
+    """Call write(tmp_path) beside `final`, give it the umask's mode, fsync it, then rename it over `final`; the
+    temp file never survives."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        follow_umask(tmp)  # safetensors creates its files 0600
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _marked(out: Path) -> dict[str, Any] | None:
