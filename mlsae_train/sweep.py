@@ -153,7 +153,12 @@ def _prepare(cfg: SweepConfig) -> list[_Member]:
         raise InputError("a sweep trains in one process (start `mlsae-train sweep` without torchrun)")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise InputError(f"OUT {cfg.out} is a file (choose a directory for the sweep's SAEs)")
-    return [_Member(name, *prepare(member)) for name, member in cfg.members().items()]
+    members: list[_Member] = []
+    for name, member in cfg.members().items():
+        # the members differ only in what the row stream does not depend on: they share the first one's loader
+        run, record = prepare(member, loader=members[0].run.loader if members else None)
+        members.append(_Member(name, run, record))
+    return members
 
 
 def run_sweep(cfg: SweepConfig, progress: Progress = no_progress) -> SweepResult:

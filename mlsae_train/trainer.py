@@ -140,22 +140,26 @@ def _lens(cfg: TrainConfig, cache: Cache, layers: tuple[int, ...], device: torch
     return lens.select(layers)
 
 
-def prepare(cfg: TrainConfig, world: World = ONE_PROCESS) -> tuple[Run, dict[str, Any]]:
+def prepare(
+    cfg: TrainConfig, world: World = ONE_PROCESS, loader: RowLoader | None = None
+) -> tuple[Run, dict[str, Any]]:
     """The run, fresh or resumed from OUT's trainer state (which every rank reads). Reads, validates, writes
-    nothing and waits for no other rank, so bad input fails alike on every rank before any collective."""
+    nothing and waits for no other rank, so bad input fails alike on every rank before any collective. `loader`:
+    a row stream to share (a sweep's members read one), made with cfg's loader settings; else one is made here."""
     cache, layers = _open_cache(cfg)
     device = world.device(cfg.device)
     resolve_decoder_kernel(cfg.decoder_kernel, device)  # InputError for `triton` where it cannot run
     sae_cfg = SaeConfig(cache.d_model, cfg.expansion_factor * cache.d_model, cfg.k, cfg.standardize)
-    loader_cfg = LoaderConfig(
-        cfg.batch_rows,
-        cfg.block_units,
-        cfg.row_seed,
-        rank=world.rank,
-        world_size=world.world_size,
-        reuse_buffers=cfg.reuse_buffers,
-    )
-    loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
+    if loader is None:
+        loader_cfg = LoaderConfig(
+            cfg.batch_rows,
+            cfg.block_units,
+            cfg.row_seed,
+            rank=world.rank,
+            world_size=world.world_size,
+            reuse_buffers=cfg.reuse_buffers,
+        )
+        loader = RowLoader(cache, layers, loader_cfg, device, stop_token=cfg.train_tokens)
     lens = _lens(cfg, cache, layers, device)
     record = run_record(cfg, cache, layers, sae_cfg, lens)
     state, clear = plan_out(cfg, record)
