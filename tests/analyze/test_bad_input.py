@@ -110,6 +110,7 @@ EXPLORE = [
     case("index-a-latents-store", "explore", "{latents}", message=""),
     case("index-root-garbage", "explore", "{cache-root-garbage}", message=""),
     case("port-out-of-range", "explore", "{latents}", "--port", "99999", message=""),
+    case("max-prompt-tokens-1", "explore", "{latents}", "--max-prompt-tokens", "1", message="--max-prompt-tokens"),
 ]
 EXPORT_DELPHI = [
     *latents_cases("export-delphi", "{out}"),

@@ -74,6 +74,13 @@ def test_explore_refuses_another_host_without_a_token(index: Path) -> None:
     assert result.output.count("\n") == 1
 
 
+def test_a_live_model_that_does_not_fit_the_sae_is_one_error(index: Path, llama: Path) -> None:
+    """The planted SAE reads 4 layers; the tiny Llama has 3 blocks."""
+    result = invoke("explore", str(index), "--model", str(llama), "--device", "cpu")
+    assert result.exit_code == 2 and result.output.startswith("Error: model ") and result.output.count("\n") == 1
+    assert "does not fit the SAE" in result.output and "pass the model the cache was harvested from" in result.output
+
+
 def test_a_port_in_use_is_one_error(index: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
