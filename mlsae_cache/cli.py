@@ -10,8 +10,8 @@ import click
 
 from mlsae_cache.config import HarvestConfig, parse_layers
 from mlsae_cache.core.cli import COUNT, done_line, mlsae_group, progress, silence_library_progress
+from mlsae_cache.core.verifying import verify_path
 from mlsae_cache.info import cache_info
-from mlsae_cache.store import verify
 
 
 @mlsae_group
@@ -122,6 +122,9 @@ def info(path: Path, as_json: bool) -> None:
 @main.command(name="verify")
 @click.argument("path", type=click.Path(path_type=Path))
 def verify_(path: Path) -> None:
-    """Read and checksum every chunk of the cache at PATH; exit 1 naming the first bad chunk."""
-    n = verify(path)
-    click.echo(f"{path}: {n} chunks verified")
+    """Check every file of the store at PATH against its checksums: a cache, latents store, variance output,
+    explorer index, SAE checkpoint or lens. Exit 1 naming the first damaged file."""
+    result = verify_path(path)
+    click.echo(f"{path}: {result.kind}, {result.checked} {result.unit} verified")
+    for note in result.notes:
+        click.echo(f"note: {note}")

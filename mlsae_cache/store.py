@@ -31,6 +31,8 @@ Readers outside this module use `Cache` (typed accessors: `tokens`, `trainable`,
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,15 +44,19 @@ import zarr
 from mlsae_cache.core.errors import InputError, StoreError
 from mlsae_cache.core.paths import STORE_KINDS, what_is
 from mlsae_cache.core.records import check_format
+from mlsae_cache.core.verifying import Verified
 from mlsae_cache.core.zarrstore import (
-    ATTR,
     ChunkCommitter,
+    array_layouts,
+    check_layout,
+    check_root_seal,
     create_array,
     get_array,
     holds_nothing,
     open_checked,
     read_array,
     read_root_attribute,
+    root_attributes,
     set_root_attribute,
     unfinished,
     verify_group,
@@ -158,7 +164,9 @@ class CacheMeta:
 def read_meta(path: Path | str) -> CacheMeta:
     """The metadata of the cache at `path`; NotFoundError / StoreError for anything that is not one."""
     attr = read_root_attribute(path, KIND, f"harvest one with `mlsae-cache harvest {path}`")
-    return CacheMeta.from_dict(attr, path)
+    meta = CacheMeta.from_dict(attr, path)
+    check_root_seal(attr, path, KIND)
+    return meta
 
 
 def existing_cache(out: Path) -> CacheMeta | None:
@@ -174,13 +182,14 @@ def existing_cache(out: Path) -> CacheMeta | None:
     return read_meta(out)
 
 
-def create_store(path: Path, meta: CacheMeta) -> None:
+def create_store(path: Path | Any, meta: CacheMeta) -> None:
     """Create an empty cache (no rows) at `path` with every array of the format.
 
     The root attribute is written first, in the group's own creation: a creation cut short leaves a cache of
     0 committed rows, which `harvest` recreates, never a directory that looks foreign.
     """
-    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTR: meta.to_dict()})
+    where = str(path) if isinstance(path, Path | str) else path
+    group = zarr.create_group(where, zarr_format=3, attributes=root_attributes(meta.to_dict()))
     n_layers, d, ct = meta.n_layers, meta.d_model, meta.chunk_tokens
     act_dtype = STORAGE_DTYPES[meta.storage_dtype]
     dims = ("token", "layer", "d_model")
@@ -362,6 +371,8 @@ class Cache:
         self.path = Path(path)
         self.meta = read_meta(self.path)
         self._group = open_checked(self.path, _ARRAYS, KIND)
+        rows = {"token": self.n_tokens, "token_chunk": self.n_chunks}
+        check_layout(self._group, self.path, _layouts(json.dumps(self.meta.to_dict(), sort_keys=True)), rows, KIND)
         self._activations: zarr.Array | None = None
 
     @property
@@ -458,6 +469,13 @@ class Cache:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
+@functools.lru_cache(maxsize=16)
+def _layouts(record: str) -> dict[str, dict[str, Any]]:
+    """The metadata `create_store` writes for each array of a cache with this record (JSON)."""
+    meta = CacheMeta.from_dict(json.loads(record))
+    return array_layouts(lambda store: create_store(store, meta))
+
+
 def open_cache(path: Path | str, require_complete: bool = True) -> Cache:
     """The cache at `path` for reading; refuses one whose harvest has not finished (unless asked)."""
     cache = Cache(path)
@@ -468,5 +486,12 @@ def open_cache(path: Path | str, require_complete: bool = True) -> Cache:
 
 def verify(path: Path | str) -> int:
     """Checksum every committed chunk of the cache at `path` (see core.zarrstore.verify_group)."""
-    meta = read_meta(path)
+    meta = Cache(path).meta  # opening it checks each array's metadata against the record
     return verify_group(path, meta.n_tokens, meta.chunk_tokens, arrays=_ARRAYS, kind=KIND)
+
+
+def verify_cache(path: Path) -> Verified:
+    """`verify` for `mlsae-cache verify`: the chunks checked, and a note when the root record carries no seal."""
+    n = verify(path)
+    attr = read_root_attribute(path, KIND, "")
+    return Verified(KIND, n, "chunks", tuple(check_root_seal(attr, path, KIND)))

@@ -242,9 +242,11 @@ def test_errors_say_what_a_wrong_input_is(
 def test_a_harvest_still_running_is_named_as_such(tmp_path: Path, random_cache: Path) -> None:
     import zarr
 
+    from mlsae_cache.core.zarrstore import set_root_attribute
+
     group = zarr.open_group(str(random_cache), mode="r+")
     meta = dict(group.attrs["mlsae"])
-    group.attrs["mlsae"] = {**meta, "complete": False}
+    set_root_attribute(group, {**meta, "complete": False})  # sealed, as a writer leaves it
     try:
         with StoreLock(random_cache, shared=True):  # as the workers of a running harvest hold it
             result = CliRunner().invoke(train_main, ["fit", str(random_cache), str(tmp_path / "sae"), *FIT])

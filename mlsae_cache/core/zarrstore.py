@@ -22,6 +22,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.metadata import ArrayV3Metadata
 
 from mlsae_cache.core.boundary import library_cause
+from mlsae_cache.core.checksums import check_seal, seal
 from mlsae_cache.core.errors import CorruptError, Interrupted, LockedError, MlsaeError, NotFoundError, StoreError
 from mlsae_cache.core.lock import StoreLock
 from mlsae_cache.core.paths import STORE_KINDS, SWAPPED, is_mlsae, what_is
@@ -73,8 +74,25 @@ def unfinished(path: Path | str, committed: int, total: int | None, unit: str, c
 
 
 def set_root_attribute(group: zarr.Group, record: dict[str, Any]) -> None:
-    """Replace the root attribute: one atomic rewrite of the group's zarr.json (the last step of a commit)."""
-    group.attrs[ATTR] = record
+    """Replace the root attribute, sealed with its crc32c: one atomic rewrite of the group's zarr.json (the last
+    step of a commit)."""
+    group.attrs[ATTR] = seal(record)
+
+
+def root_attributes(record: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of a new store's group: its record, sealed (give to zarr.create_group)."""
+    return {ATTR: seal(record)}
+
+
+def check_root_seal(record: dict[str, Any], path: Path | str, kind: str) -> list[str]:
+    """CorruptError when the root attribute `record` of the store at `path` (its format and version already
+    accepted) does not match its seal; a note when it has none (a store written before records were sealed)."""
+    meta_file = Path(path) / "zarr.json"
+    if check_seal(record, meta_file, f"the {kind} is damaged: re-create it"):
+        return []
+    return [
+        f"{meta_file} carries no crc32c of its record (an older {kind}): its values were checked for consistency only"
+    ]
 
 
 def holds_nothing(path: Path) -> bool:
@@ -113,14 +131,49 @@ def get_array(group: zarr.Group, name: str) -> zarr.Array:
 
 def read_array(group: zarr.Group, name: str, selection: Any = slice(None)) -> np.ndarray:
     """`group[name][selection]`, a numpy array (zarr types a read as any array-like or a scalar; the selections
-    given here are slices)."""
-    return cast(np.ndarray, get_array(group, name)[selection])
+    given here are slices). CorruptError naming the chunk file when a chunk it reads is damaged."""
+    arr = get_array(group, name)
+    try:
+        return cast(np.ndarray, arr[selection])
+    except Exception as e:  # zarr raises ValueError for a checksum mismatch, others for undecodable bytes
+        raise damaged_chunk(arr, _first_rows(selection, arr.shape[0]), e) from e
 
 
 def read_rows(group: zarr.Group, name: str, rows: np.ndarray) -> np.ndarray:
     """The given rows (first axis; sorted, unique) of `group[name]`, in one read: zarr fetches and decodes the
-    chunks they touch side by side, each once."""
-    return cast(np.ndarray, get_array(group, name).get_orthogonal_selection((rows,)))
+    chunks they touch side by side, each once. CorruptError naming the chunk file when one is damaged."""
+    arr = get_array(group, name)
+    try:
+        return cast(np.ndarray, arr.get_orthogonal_selection((rows,)))
+    except Exception as e:  # as in read_array
+        raise damaged_chunk(arr, (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0), e) from e
+
+
+def _first_rows(selection: Any, n_rows: int) -> tuple[int, int]:
+    """The rows [start, stop) of the first axis that a selection (an int, a slice, or a tuple starting with one)
+    touches; all rows for anything else."""
+    first = selection[0] if isinstance(selection, tuple) and selection else selection
+    if isinstance(first, int | np.integer):
+        return int(first), int(first) + 1
+    if isinstance(first, slice):
+        start, stop, _ = first.indices(n_rows)
+        return start, max(start, stop)
+    return 0, n_rows
+
+
+def damaged_chunk(arr: zarr.Array, rows: tuple[int, int], cause: BaseException) -> CorruptError:
+    """The error of a read of rows [start, stop) of `arr` that failed: it names the first chunk file there that
+    cannot be read (each is read again on its own to find it), or the array when none fails alone."""
+    root = Path(str(getattr(arr.store, "root", "")))
+    grid = arr.shards or arr.chunks
+    for key, sel in _chunk_keys(arr, arr.shape[0]):
+        if not rows[0] // grid[0] <= sel[0].start // grid[0] <= (rows[1] - 1) // grid[0]:
+            continue
+        try:
+            arr[sel]
+        except Exception as e:  # the damaged one
+            return CorruptError(f"chunk {root / key} is corrupted ({library_cause(e)}); re-create the store")
+    return CorruptError(f"a chunk of {root / arr.path} is unreadable ({library_cause(cause)}); re-create the store")
 
 
 def writable(arr: zarr.Array) -> zarr.Array:
@@ -277,6 +330,42 @@ def open_checked(path: Path | str, arrays: tuple[str, ...], kind: str) -> zarr.G
     return group
 
 
+def array_layouts(make: Callable[[Any], None]) -> dict[str, dict[str, Any]]:
+    """The metadata of each array that `make(store)` creates in an empty in-memory store: what a format's writer
+    writes for a record (owners cache it per record; see `check_layout`)."""
+    from zarr.storage import MemoryStore
+
+    store = MemoryStore()
+    make(store)
+    group = zarr.open_group(store, mode="r", zarr_format=3)
+    return {name: arr.metadata.to_dict() for name, arr in group.arrays()}
+
+
+def check_layout(
+    group: zarr.Group, path: Path | str, layouts: dict[str, dict[str, Any]], rows: dict[str, int], kind: str
+) -> None:
+    """CorruptError naming the zarr.json of the first array of `group` whose metadata is not what the format writes
+    for the store's record (`layouts`, from array_layouts): the same dtype, chunking, codecs, fill value and dims;
+    the same shape, but for arrays that grow along their first dim (0 rows in `layouts`), which must hold at least
+    `rows[dim]` rows. Zarr rewrites these files on every commit, so they carry no checksum: this finds a changed
+    value in one that still parses."""
+    for name, expected in layouts.items():
+        actual = dict(get_array(group, name).metadata.to_dict())
+        shape, want = tuple(cast(list[int], actual.pop("shape"))), tuple(expected["shape"])
+        wrong = sorted(k for k in {*actual, *expected} - {"shape"} if actual.get(k) != expected.get(k))
+        dims = expected.get("dimension_names") or ("",)
+        grows = bool(want) and want[0] == 0
+        if not wrong and (shape == want if not grows else shape[1:] == want[1:] and shape[0] >= rows.get(dims[0], 0)):
+            continue
+        what = (
+            f"its {wrong[0]} is {actual.get(wrong[0])!r}, not {expected.get(wrong[0])!r}" if wrong else f"shape {shape}"
+        )
+        raise CorruptError(
+            f"{Path(path) / name / 'zarr.json'} does not describe the array this {kind}'s record implies ({what}): "
+            f"the {kind} is damaged (re-create it)"
+        )
+
+
 def verify_group(
     path: Path | str,
     n_tokens: int,
@@ -291,20 +380,22 @@ def verify_group(
 
     CorruptError names the first missing or corrupted chunk; returns the number of chunks checked.
     """
-    group = open_checked(path, arrays, kind)
+    names = sorted({*arrays, *(child.name for child in Path(path).iterdir() if (child / "zarr.json").is_file())})
+    group = open_checked(path, tuple(names), kind)
     checked = 0
-    for _, arr in sorted(group.arrays()):
+    for name in names:
+        arr = get_array(group, name)
         assert isinstance(arr.metadata, ArrayV3Metadata)  # opened as zarr_format=3
         dims = arr.metadata.dimension_names or ()
         rows_by_dim: dict[str | None, int] = {"token": n_tokens, "token_chunk": math.ceil(n_tokens / chunk_tokens)}
         n_rows = rows_by_dim.get((dims or ("",))[0], arr.shape[0])
         for key, sel in _chunk_keys(arr, n_rows):
             if not asyncio.run(group.store.exists(key)):
-                raise CorruptError(f"chunk {key} of {path} is missing (re-create the store, or resume its writer)")
+                raise CorruptError(f"chunk {Path(path) / key} is missing (re-create the store, or resume its writer)")
             try:
                 arr[sel]
             except Exception as e:  # zarr raises ValueError for a checksum mismatch, others for bad bytes
-                raise CorruptError(f"chunk {key} of {path} is corrupted ({e}); re-create it") from e
+                raise CorruptError(f"chunk {Path(path) / key} is corrupted ({library_cause(e)}); re-create it") from e
             checked += 1
             progress(1)
     return checked

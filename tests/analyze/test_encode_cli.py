@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from mlsae_analyze.cli import main
 from mlsae_analyze.encode import EncodeConfig, run_encode
 from mlsae_analyze.latents import Latents, LatentsMeta
+from mlsae_cache.core.zarrstore import set_root_attribute
 from mlsae_cache.store import Cache
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.config import TrainConfig
@@ -146,8 +147,8 @@ def test_variance_bad_input(tmp_path: Path, trained: tuple[Path, Path], case: st
     if case == "not-latents":
         latents = cache
     elif case == "incomplete-latents":
-        attrs = zarr.open_group(str(latents), mode="r+").attrs
-        attrs["mlsae"] = {**attrs["mlsae"], "complete": False}
+        group = zarr.open_group(str(latents), mode="r+")
+        set_root_attribute(group, {**group.attrs["mlsae"], "complete": False})  # sealed, as a writer leaves it
     else:
         out.mkdir()
         (out / "mine.txt").write_text("keep")

@@ -152,11 +152,13 @@ DAMAGED = {"array-missing", "array-meta-garbage"}
 INFO = [
     case(name, "info", path, message=msg, code=1 if name in DAMAGED else 2) for name, (path, msg) in STORE_PATHS.items()
 ]
+UNREADABLE_ROOT = {"root-garbage", "root-truncated", "root-empty"}
+"""`verify` takes a store whose root zarr.json cannot be read as damaged (exit 1): the store to check is given."""
 VERIFY = [
     *(
-        case(name, "verify", path, message=msg, code=1 if name in DAMAGED else 2)
+        case(name, "verify", path, message=msg, code=1 if name in DAMAGED | UNREADABLE_ROOT else 2)
         for name, (path, msg) in STORE_PATHS.items()
-        if name != "a-latents-store"
+        if name not in ("a-latents-store", "an-sae")  # stores `verify` checks too (tests/test_corruption.py)
     ),
     case("chunk-flipped", "verify", "{cache-chunk-flipped}", message="corrupted", code=1),
     case("chunk-truncated", "verify", "{cache-chunk-truncated}", message="corrupted", code=1),
