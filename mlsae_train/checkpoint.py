@@ -4,15 +4,18 @@ A checkpoint directory holds
 
     sae.safetensors   float32 tensors encoder.weight [n, d], encoder.bias [n], W_dec [n, d], b_dec [d];
                       its safetensors metadata carries format "mlsae-sae" and a random save_id
-    cfg.json          format "mlsae-sae", version 1, d_model, n_latents, k, standardize, save_id, and every
-                      key the trainer passed (layers, cache fingerprint, hyperparameters)
+    cfg.json          format "mlsae-sae", version 1, d_model, n_latents, k, standardize, save_id, weights_crc32c
+                      (of sae.safetensors as written), and every key the trainer passed (layers, cache fingerprint,
+                      hyperparameters); `crc32c` seals the keys that decide the numbers (SEALED_KEYS)
 
 Crash safety: each file is written to a temporary file in the same directory, fsync'ed, then renamed over
 its final name (os.replace is atomic), tensors first and cfg.json last, then the directory is fsync'ed.
 So a save interrupted in a new directory leaves no cfg.json (`load_sae` says the checkpoint is
 incomplete), and one interrupted while overwriting an older checkpoint leaves new tensors beside the old
 cfg.json, whose save_id then differs from the tensors' (`load_sae` raises CorruptError). Either way a
-half-written checkpoint is detected, never loaded.
+half-written checkpoint is detected, never loaded. A flipped or lost byte of sae.safetensors, or a changed value of a
+sealed key of cfg.json, is refused too (CorruptError); a checkpoint without these checksums (written by an older mlsae,
+or by hand) loads as it is, and `verify_sae` says that its bytes could not be checked.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mlsae_cache.core.checksums import check_file, check_seal, file_crc32c, seal
 from mlsae_cache.core.errors import CorruptError, InputError, LockedError, NotFoundError, StoreError
 from mlsae_cache.core.lock import StoreLock
 from mlsae_cache.core.outputs import replace_file
 from mlsae_cache.core.paths import SWAPPED, is_mlsae, what_is
+from mlsae_cache.core.verifying import Verified
 from mlsae_train.sae import SaeConfig, TopKSAE
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,11 @@ FOREIGN = (
     "`mlsae-train import-sae SRC OUT --from saelens|sparsify|reference`"
 )
 _CORE_KEYS = ("format", "version", "d_model", "n_latents", "k", "standardize")
+WEIGHTS_CRC = "weights_crc32c"
+SEALED_KEYS = (*_CORE_KEYS, "save_id", WEIGHTS_CRC, "layers")
+"""The keys of cfg.json whose values decide what a loaded SAE computes, sealed with a crc32c (other keys, such as
+local paths, may be dropped or edited, as `push` does)."""
+RESAVE = "save the checkpoint again, or restore it from a copy"
 
 
 def expected_shapes(cfg: SaeConfig) -> dict[str, tuple[int, ...]]:
@@ -65,7 +75,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _cfg_dict(sae: TopKSAE, extra_cfg: dict[str, Any], save_id: str) -> dict[str, Any]:
+def _cfg_dict(sae: TopKSAE, extra_cfg: dict[str, Any], save_id: str, weights_crc: str) -> dict[str, Any]:
     core = {
         "format": FORMAT,
         "version": VERSION,
@@ -74,9 +84,10 @@ def _cfg_dict(sae: TopKSAE, extra_cfg: dict[str, Any], save_id: str) -> dict[str
         "k": sae.cfg.k,
         "standardize": sae.cfg.standardize,
         "save_id": save_id,
+        WEIGHTS_CRC: weights_crc,
     }
     for key, value in extra_cfg.items():
-        if key in core and (key == "save_id" or value != core[key]):
+        if key in core and (key in ("save_id", WEIGHTS_CRC) or value != core[key]):
             raise InputError(
                 f"extra_cfg[{key!r}] = {value!r} conflicts with the checkpoint's own {key!r} = {core[key]!r} "
                 "(drop it from extra_cfg; it is written from the SAE)"
@@ -86,7 +97,7 @@ def _cfg_dict(sae: TopKSAE, extra_cfg: dict[str, Any], save_id: str) -> dict[str
         json.dumps(cfg, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise InputError(f"extra_cfg is not JSON-serialisable: {e} (pass str, int, float, bool, list, dict)") from e
-    return cfg
+    return seal(cfg, SEALED_KEYS)
 
 
 def save_sae(sae: TopKSAE, out_dir: str | Path, extra_cfg: dict[str, Any] | None = None) -> Path:
@@ -98,11 +109,12 @@ def save_sae(sae: TopKSAE, out_dir: str | Path, extra_cfg: dict[str, Any] | None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
-    cfg = _cfg_dict(sae, dict(extra_cfg or {}), save_id)
+    _cfg_dict(sae, dict(extra_cfg or {}), save_id, "")  # refuse a bad extra_cfg before writing anything
     state = sae.state_dict()
     tensors = {name: state[name].detach().to("cpu", torch.float32).contiguous() for name in expected_shapes(sae.cfg)}
     meta = {"format": FORMAT, "save_id": save_id}
     replace_file(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
+    cfg = _cfg_dict(sae, dict(extra_cfg or {}), save_id, file_crc32c(out / WEIGHTS_NAME))
     text = json.dumps(cfg, indent=2, sort_keys=False, allow_nan=False) + "\n"
     replace_file(out / CFG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
     _fsync_dir(out)
@@ -207,9 +219,48 @@ def load_sae(
         check_finished(path, cfg)
     sae_cfg = _sae_config(cfg, path / CFG_NAME)
     tensors = _read_tensors(path, cfg.get("save_id"), expected_shapes(sae_cfg))
+    check_checksums(path, cfg)
     sae = TopKSAE(sae_cfg)
     sae.load_state_dict(tensors)
     return sae.to(device), cfg
+
+
+def check_checksums(path: Path, cfg: dict[str, Any]) -> list[str]:
+    """Check the seal of cfg.json (`cfg`, read from checkpoint directory `path`) and the crc32c it records of
+    sae.safetensors; CorruptError naming the file that does not match. Returns notes on what carries no checksum."""
+    notes = []
+    if not check_seal(cfg, path / CFG_NAME, RESAVE, SEALED_KEYS):
+        notes.append(
+            f"{path / CFG_NAME} carries no crc32c (an older or hand-written checkpoint): its values were "
+            "checked for consistency only"
+        )
+    if isinstance(cfg.get(WEIGHTS_CRC), str):
+        check_file(path / WEIGHTS_NAME, cfg[WEIGHTS_CRC], f"{path / CFG_NAME}", RESAVE)
+    else:
+        notes.append(
+            f"{path / CFG_NAME} records no crc32c of {WEIGHTS_NAME} (an older or hand-written checkpoint): "
+            "its tensors were read and their shapes checked, their values could not be"
+        )
+    return notes
+
+
+def verify_sae(path: Path) -> Verified:
+    """Check the checkpoint directory `path` whole: cfg.json's seal and the crc32c of sae.safetensors first (so any
+    damage is a CorruptError naming the file), then a full load, and the lens it carries (lens.verify_lens)."""
+    from mlsae_train.lens import SAE_LENS_DIR, has_lens, lens_of, verify_lens
+
+    cfg = _read_cfg(path)
+    notes = check_checksums(path, cfg)
+    try:
+        _, cfg = load_sae(path, allow_unfinished=True)
+    except StoreError as e:  # damage in a checkpoint without checksums, found by reading it
+        raise CorruptError(str(e)) from e
+    checked = 2
+    if has_lens(cfg):
+        lens = verify_lens(path / SAE_LENS_DIR)
+        lens_of(path, cfg)  # the copy is the lens cfg.json names
+        checked, notes = checked + lens.checked, [*notes, *lens.notes]
+    return Verified("SAE checkpoint", checked, "files", tuple(notes))
 
 
 REFERENCE_CONFIG = "config.json"

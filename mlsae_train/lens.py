@@ -11,8 +11,9 @@ A lens directory (written by `mlsae-train lens`) holds
 
     lens.safetensors  float32 tensors `weight` [n_layers, d_model, d_model] (A_l, in the order of `layers`) and
                       `bias` [n_layers, d_model] (b_l); its safetensors metadata carries the format and a save_id
-    cfg.json          format "mlsae-lens", version 1, d_model, layers, save_id, the model and cache it was trained
-                      on (model record, head fingerprint, cache fingerprint) and its training settings
+    cfg.json          format "mlsae-lens", version 1, d_model, layers, save_id, weights_crc32c (of lens.safetensors
+                      as written), the model and cache it was trained on (model record, head fingerprint, cache
+                      fingerprint) and its training settings; `crc32c` seals the keys that decide the numbers
 
 An SAE directory fitted with `fit --lens` carries a copy of the lens in its subdirectory `lens/`, and its cfg.json
 names it under `tuned_lens` (fingerprint, layers, source), so every consumer applies it without being told: call
@@ -35,10 +36,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mlsae_cache.core.checksums import check_file, check_seal, file_crc32c, seal
 from mlsae_cache.core.errors import CorruptError, InputError, NotFoundError, StoreError
 from mlsae_cache.core.outputs import replace_file
 from mlsae_cache.core.paths import what_is
 from mlsae_cache.core.records import check_format, write_json_atomically
+from mlsae_cache.core.verifying import Verified
 from mlsae_cache.store import Cache
 
 FORMAT = "mlsae-lens"
@@ -51,6 +54,10 @@ SAE_LENS_DIR = "lens"
 SAE_CFG_KEY = "tuned_lens"
 """The key of an SAE's cfg.json that names its lens: {"fingerprint", "layers", "source"} (null: no lens)."""
 REMAKE = "give the OUT of `mlsae-train lens CACHE OUT`"
+WEIGHTS_CRC = "weights_crc32c"
+SEALED_KEYS = ("format", "version", "d_model", "layers", "save_id", WEIGHTS_CRC)
+"""The keys of cfg.json whose values decide what a loaded lens computes, sealed with a crc32c."""
+RETRAIN = "train the lens again, or restore it from a copy"
 _WEIGHT, _BIAS = "weight", "bias"
 
 Positions = int | Tensor
@@ -149,7 +156,8 @@ def save_lens(lens: Lens, out: Path | str, cfg: dict[str, Any]) -> Path:
     meta = {"format": FORMAT, "save_id": save_id}
     replace_file(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
     core = {"format": FORMAT, "version": VERSION, "d_model": lens.d_model, "layers": list(lens.layers)}
-    write_json_atomically(out / CFG_NAME, {**core, **cfg, "save_id": save_id})
+    record = {**core, **cfg, "save_id": save_id, WEIGHTS_CRC: file_crc32c(out / WEIGHTS_NAME)}
+    write_json_atomically(out / CFG_NAME, seal(record, SEALED_KEYS))
     return out
 
 
@@ -189,8 +197,38 @@ def load_lens(path: Path | str, device: torch.device | str = "cpu") -> Lens:
         raise CorruptError(f"{w_path} does not belong to {path / CFG_NAME}: a save was interrupted (train it again)")
     if set(tensors) != {_WEIGHT, _BIAS} or tensors[_WEIGHT].dtype != torch.float32:
         raise StoreError(f"{w_path} holds {sorted(tensors)}, not float32 {_WEIGHT} and {_BIAS} ({REMAKE})")
+    check_checksums(path, cfg)
     info = {**cfg, "fingerprint": file_fingerprint(w_path), "path": str(path)}
     return Lens(cfg["layers"], tensors[_WEIGHT], tensors[_BIAS], info).to(device)
+
+
+def check_checksums(path: Path, cfg: dict[str, Any]) -> list[str]:
+    """Check the seal of cfg.json (`cfg`, read from lens directory `path`) and the crc32c it records of
+    lens.safetensors; CorruptError naming the file that does not match. Returns notes on what carries no checksum."""
+    notes = []
+    if not check_seal(cfg, path / CFG_NAME, RETRAIN, SEALED_KEYS):
+        notes.append(
+            f"{path / CFG_NAME} carries no crc32c (an older lens): its values were checked for consistency only"
+        )
+    if isinstance(cfg.get(WEIGHTS_CRC), str):
+        check_file(path / WEIGHTS_NAME, cfg[WEIGHTS_CRC], f"{path / CFG_NAME}", RETRAIN)
+    else:
+        notes.append(
+            f"{path / CFG_NAME} records no crc32c of {WEIGHTS_NAME} (an older lens): its tensors were read "
+            "and their shapes checked, their values could not be"
+        )
+    return notes
+
+
+def verify_lens(path: Path) -> Verified:
+    """Check the lens directory `path` whole: cfg.json's seal and the crc32c of lens.safetensors first (so any damage
+    is a CorruptError naming the file), then a full load."""
+    notes = check_checksums(path, read_lens_cfg(path))
+    try:
+        load_lens(path)
+    except StoreError as e:  # damage in a lens without checksums, found by reading it
+        raise CorruptError(str(e)) from e
+    return Verified(KIND, 2, "files", tuple(notes))
 
 
 # ---------------------------------------------------------------------------------------------- lens and data
