@@ -16,6 +16,8 @@ variables from anywhere else, `latent_arrays`.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,15 +29,19 @@ import zarr
 from mlsae_cache.core.errors import StoreError
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.core.records import check_format
+from mlsae_cache.core.verifying import Verified
 from mlsae_cache.core.zarrstore import (
-    ATTR,
     ChunkCommitter,
+    array_layouts,
+    check_layout,
+    check_root_seal,
     create_array,
     get_array,
     open_checked,
     read_array,
     read_root_attribute,
     read_rows,
+    root_attributes,
     set_root_attribute,
     unfinished,
     verify_group,
@@ -51,6 +57,8 @@ INNER_TOKENS = 64
 KIND = "latents store"
 _INDICES, _VALUES, _LAYER = "indices", "values", "layer"
 _SLOT_DIMS = ("token", "layer", "k")
+_ARRAYS = (_INDICES, _VALUES, *TOKEN_DTYPES, _LAYER)
+"""Every array of the format."""
 
 
 @dataclass(frozen=True)
@@ -89,12 +97,16 @@ class LatentsMeta:
 
 def read_latents_meta(path: Path | str) -> LatentsMeta:
     attr = read_root_attribute(path, KIND, "give the OUT of `mlsae-analyze encode`")
-    return LatentsMeta.from_dict(attr, path)
+    meta = LatentsMeta.from_dict(attr, path)
+    check_root_seal(attr, path, KIND)
+    return meta
 
 
-def create_latents(path: Path, meta: LatentsMeta) -> None:
-    """An empty latents store; the root attribute is written with the group (a cut creation has 0 rows)."""
-    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTR: meta.to_dict()})
+def create_latents(path: Path | Any, meta: LatentsMeta) -> None:
+    """An empty latents store (at a path, or in a zarr store); the root attribute is written with the group (a cut
+    creation has 0 rows)."""
+    where = str(path) if isinstance(path, Path | str) else path
+    group = zarr.create_group(where, zarr_format=3, attributes=root_attributes(meta.to_dict()))
     n_layers, ct, k = len(meta.layers), meta.chunk_tokens, meta.k
     chunk = (ct, n_layers, k)
     sharded = meta.version >= 2 and (ct % INNER_TOKENS == 0 or ct < INNER_TOKENS)  # version 1: for its tests
@@ -105,6 +117,13 @@ def create_latents(path: Path, meta: LatentsMeta) -> None:
         create_array(group, name, (0,), (ct,), dtype, ("token",), compress=True)
     layer = create_array(group, _LAYER, (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
     writable(layer)[:] = np.asarray(meta.layers, dtype=np.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _layouts(record: str) -> dict[str, dict[str, Any]]:
+    """The metadata `create_latents` writes for each array of a latents store with this record (JSON)."""
+    meta = LatentsMeta.from_dict(json.loads(record), "")
+    return array_layouts(lambda store: create_latents(store, meta))
 
 
 class LatentChunk(NamedTuple):
@@ -169,7 +188,9 @@ class Latents:
         self.meta = read_latents_meta(self.path)
         if require_complete and not self.meta.complete:
             raise unfinished(path, self.meta.n_tokens, self.meta.total_tokens, "tokens", "mlsae-analyze encode")
-        self._group = open_checked(self.path, (_INDICES, _VALUES, *TOKEN_DTYPES), KIND)
+        self._group = open_checked(self.path, _ARRAYS, KIND)
+        layouts = _layouts(json.dumps(self.meta.to_dict(), sort_keys=True))
+        check_layout(self._group, self.path, layouts, {"token": self.n_tokens}, KIND)
 
     @property
     def n_tokens(self) -> int:
@@ -244,7 +265,14 @@ class Latents:
 
     def verify(self) -> int:
         """Checksum every committed chunk; CorruptError naming the first bad one. Returns the chunks checked."""
-        return verify_group(self.path, self.n_tokens, self.chunk_tokens)
+        return verify_group(self.path, self.n_tokens, self.chunk_tokens, arrays=_ARRAYS, kind=KIND)
+
+
+def verify_latents(path: Path) -> Verified:
+    """Check every committed chunk of the latents store at `path` (complete or not), for `mlsae-cache verify`."""
+    latents = Latents(path, require_complete=False)
+    notes = check_root_seal(read_root_attribute(path, KIND, ""), path, KIND)
+    return Verified(KIND, latents.verify(), "chunks", tuple(notes))
 
 
 def latent_arrays(data: Latents | LatentArrays | Any) -> LatentArrays:

@@ -17,13 +17,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mlsae_analyze.layers import LayerDistribution
-from mlsae_cache.core.errors import NotFoundError, StoreError
+from mlsae_cache.core.checksums import check_manifest, read_manifest, write_manifest
+from mlsae_cache.core.errors import CorruptError, NotFoundError, StoreError
 from mlsae_cache.core.records import Record, check_format
+from mlsae_cache.core.verifying import Verified
 
 SUMMARY_JSON = "summary.json"
 VARIANCE_ZARR = "variance.zarr"
 COSINE_JSON = "cosine.json"
 VARIANCE_FORMAT, VARIANCE_VERSION = "mlsae-variance", 1
+REMAKE_VARIANCE = "run `mlsae-analyze variance` again"
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,10 @@ class VarianceOutput:
         return {name: np.asarray(sel[name].values) for name in names}
 
     def write(self, out: Path) -> None:
-        """variance.zarr and summary.json into the directory `out`."""
+        """variance.zarr and summary.json into the directory `out`, then the manifest of every file in it."""
         self.dataset.to_zarr(Path(out) / VARIANCE_ZARR, mode="w", consolidated=False)
         self.summary.write(Path(out) / SUMMARY_JSON)
+        write_manifest(Path(out))
 
     @classmethod
     def read(cls, path: Path | str) -> VarianceOutput:
@@ -148,6 +152,9 @@ class VarianceOutput:
         hint = f"give the OUT of `mlsae-analyze variance LATENTS {path}`"
         if not path.is_dir():
             raise NotFoundError(f"variance output {path} does not exist or is not a directory ({hint})")
+        files = read_manifest(path, REMAKE_VARIANCE)
+        if files is not None:  # a few small files: all of them are checked (older outputs carry no manifest)
+            check_manifest(path, files, REMAKE_VARIANCE)
         summary = VarianceSummary.read(path / SUMMARY_JSON)
         try:
             ds = xr.open_zarr(str(path / VARIANCE_ZARR), consolidated=False)
@@ -158,3 +165,20 @@ class VarianceOutput:
             raise StoreError(f"{path}/{VARIANCE_ZARR} lacks {', '.join(missing)} ({hint})")
         check_format(dict(ds.attrs), VARIANCE_FORMAT, VARIANCE_VERSION, path, "variance output", hint, legacy=True)
         return cls(ds, summary, path)
+
+
+def verify_variance(path: Path) -> Verified:
+    """Check a `variance` output for `mlsae-cache verify`: every file against its manifest (on reading it), then
+    every value read once."""
+    files = read_manifest(path, REMAKE_VARIANCE)
+    try:
+        output = VarianceOutput.read(path)
+        output.dataset.load()
+    except StoreError as e:  # damage in an output without a manifest, found by reading it
+        raise CorruptError(str(e)) from e
+    except (OSError, ValueError, RuntimeError) as e:  # an undecodable chunk of an output without a manifest
+        raise CorruptError(f"{path}/{VARIANCE_ZARR} is unreadable ({e}; {REMAKE_VARIANCE})") from e
+    if files is None:
+        note = f"{path} has no manifest of checksums (an older output): its files were read, their values not checked"
+        return Verified("variance output", 2, "files", (note,))
+    return Verified("variance output", len(files), "files")

@@ -40,9 +40,20 @@ import numpy as np
 import zarr
 
 from mlsae_analyze import topn
+from mlsae_cache.core.checksums import check_manifest, read_manifest, write_manifest
 from mlsae_cache.core.errors import InputError, NotFoundError, StoreError
 from mlsae_cache.core.records import check_format
-from mlsae_cache.core.zarrstore import ATTR, create_array, get_array, read_root_attribute, writable
+from mlsae_cache.core.verifying import Verified
+from mlsae_cache.core.zarrstore import (
+    check_root_seal,
+    create_array,
+    damaged_chunk,
+    get_array,
+    read_root_attribute,
+    root_attributes,
+    verify_group,
+    writable,
+)
 
 FORMAT = "mlsae-explorer-index"
 VERSION = 1
@@ -51,6 +62,7 @@ CHUNK_LATENTS = 64
 """Latents per chunk: one latent's page reads one chunk of each array (a few hundred KB at most)."""
 EMPTY = topn.EMPTY
 """The code of an empty example slot (what the passes' running top-n leave there)."""
+REBUILD = "build it again with `mlsae-analyze index`"
 KINDS = ("top", "quantile", "random")
 """The kinds of example lists."""
 
@@ -169,7 +181,9 @@ class IndexMeta:
 
 def read_index_meta(path: Path | str) -> IndexMeta:
     attr = read_root_attribute(path, KIND, "give the OUT of `mlsae-analyze index`")
-    return IndexMeta.from_dict(attr, path)
+    meta = IndexMeta.from_dict(attr, path)
+    check_root_seal(attr, path, KIND)
+    return meta
 
 
 class IndexArrays(NamedTuple):
@@ -217,13 +231,14 @@ def _write(group: zarr.Group, name: str, values: np.ndarray) -> None:
 
 def write_index(path: Path, meta: IndexMeta, arrays: IndexArrays) -> None:
     """Write a whole index into the (fresh) directory `path`; the root attribute goes with the group."""
-    group = zarr.create_group(str(path), zarr_format=3, attributes={ATTR: meta.to_dict()})
+    group = zarr.create_group(str(path), zarr_format=3, attributes=root_attributes(meta.to_dict()))
     dtypes = {**_LATENT_ARRAYS, _ORDER: np.int32, _DOC_START: np.int64}
     for name, dtype in dtypes.items():
         _write(group, name, np.ascontiguousarray(getattr(arrays, name), dtype=dtype))
     if arrays.logits is not None:
         for name, values in zip(_LOGIT_ARRAYS, arrays.logits, strict=True):
             _write(group, name, np.ascontiguousarray(values, dtype=_LOGIT_ARRAYS[name]))
+    write_manifest(path)
 
 
 class LatentEntry(NamedTuple):
@@ -275,6 +290,9 @@ class ExplorerIndex:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.meta = read_index_meta(self.path)
+        files = read_manifest(self.path, REBUILD)
+        if files is not None:  # the metadata files, a few KB (each chunk carries its own crc32c, checked on reading)
+            check_manifest(self.path, files, REBUILD, only=("zarr.json",))
         self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
         self._arrays: dict[str, zarr.Array] = {}
 
@@ -284,8 +302,12 @@ class ExplorerIndex:
             self._arrays[name] = get_array(self._group, name)
         return self._arrays[name]
 
-    def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
-        return np.asarray(self._array(name)[selection])
+    def _read(self, name: str, selection: Any = slice(None), orthogonal: bool = False) -> np.ndarray:
+        arr = self._array(name)
+        try:
+            return np.asarray(arr.get_orthogonal_selection(selection) if orthogonal else arr[selection])
+        except Exception as e:  # zarr's error for a damaged chunk: name its file
+            raise damaged_chunk(arr, (0, arr.shape[0]), e) from e
 
     def _row(self, name: str, j: int) -> np.ndarray:
         return self._read(name, j)
@@ -366,8 +388,8 @@ class ExplorerIndex:
     def histograms(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The activation histograms of `latents` [m] (sorted, unique): counts [m, 1 + L, bins] over equal bins
         of [0, scale], and each latent's scale [m] (its largest activation)."""
-        counts = self._array("act_histogram").get_orthogonal_selection((latents,))
-        return np.asarray(counts), np.asarray(self._array("stat_max").get_orthogonal_selection((latents, 0)))
+        counts = self._read("act_histogram", (latents,), orthogonal=True)
+        return counts, self._read("stat_max", (latents, 0), orthogonal=True)
 
     def layer_probs(self) -> np.ndarray:
         """P_j(l) of every latent: [N, L] (for the overview heatmap)."""
@@ -384,3 +406,14 @@ class ExplorerIndex:
             raise NotFoundError(f"context window {d} does not exist ({held})")
         start, stop = self._read(_DOC_START, slice(d, d + 2))
         return int(start), int(stop)
+
+
+def verify_index(path: Path) -> Verified:
+    """Check an explorer index for `mlsae-cache verify`: its record's seal, then every file against its manifest
+    (an older index without one: every chunk against its crc32c)."""
+    read_index_meta(path)
+    files = read_manifest(path, REBUILD)
+    if files is not None:
+        return Verified(KIND, check_manifest(path, files, REBUILD), "files")
+    notes = (f"{path} has no manifest of checksums (an older index): its chunks were checked, its metadata files not",)
+    return Verified(KIND, verify_group(path, 0, 1, kind=KIND), "chunks", notes)
