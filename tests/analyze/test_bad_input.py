@@ -62,7 +62,14 @@ COSINE = [
 ]
 HEATMAP = [
     *(case(f"variance-{k}", "heatmap", v, "{out}", message="") for k, v in VARIANCE_ARG.items()),
-    case("variance-zarr-garbage", "heatmap", "{variance-root-garbage}", "{out}", message=""),
+    case(
+        "variance-zarr-garbage",
+        "heatmap",
+        "{variance-root-garbage}",
+        "{out}",
+        message="variance.zarr/zarr.json is corrupted",
+        code=1,
+    ),
     case("out-a-file", "heatmap", "{variance}", "{text-file}", message=""),
 ]
 PH = ("--text", "hello world")
