@@ -49,11 +49,15 @@ def write_raw_chunks(arr: zarr.Array, chunk: int, layer_major: np.ndarray, direc
         assert path is not None
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-        if not (direct and _write_direct(partial, data, checksum)):
-            with open(partial, "wb") as f:
-                f.write(data)  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only from Python 3.12
-                f.write(checksum)
-        os.replace(partial, path)
+        try:
+            if not (direct and _write_direct(partial, data, checksum)):
+                with open(partial, "wb") as f:
+                    f.write(data)  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only from Python 3.12
+                    f.write(checksum)
+            os.replace(partial, path)
+        except OSError:  # a full disk, say: its space is given back at once
+            partial.unlink(missing_ok=True)
+            raise
     return True
 
 

@@ -7,13 +7,14 @@ consumed) together, written atomically, so a resume never sees weights of one st
 from __future__ import annotations
 
 import json
-import os
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mlsae_cache.core.errors import StoreError
+from mlsae_cache.core.outputs import replace_file
 
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -24,12 +25,14 @@ def state_exists(out: Path | str) -> bool:
 
 
 def save_state(out: Path | str, state: dict[str, Any]) -> None:
-    path = Path(out) / STATE_NAME
-    tmp = path.with_name(f".{STATE_NAME}.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write the state atomically (core.outputs.replace_file). torch.save is given an open file, not a path: its
+    own writer reports a full disk as a bare RuntimeError, while through a file the OSError stays attached."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    replace_file(Path(out) / STATE_NAME, write)
 
 
 def load_state(out: Path | str) -> dict[str, Any]:
@@ -46,7 +49,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a resume starts from, so the log matches one run."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    keep = [line for line in path.read_text().splitlines() if _step(line) <= step]
+    replace_file(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; infinite for a blank line or one cut short (a full disk stopped its write)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf

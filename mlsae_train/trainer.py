@@ -26,6 +26,7 @@ from torch import nn
 
 from mlsae_cache.core.errors import Interrupted
 from mlsae_cache.core.lock import StoreLock
+from mlsae_cache.core.outputs import writing
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import Cache, open_cache
 from mlsae_train.checkpoint import save_sae
@@ -185,6 +186,7 @@ def start_out(run: Run, stack: ExitStack) -> None:
     out = Path(run.cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stack.enter_context(StoreLock(out))
+    stack.enter_context(writing(out))  # a full disk (checkpoint or log) is reported naming OUT
     if run.clear_out:
         clear_out(out)
     if run.lens is not None:

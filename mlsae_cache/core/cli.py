@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 import click
 
 from mlsae_cache.core.errors import Interrupted, MlsaeError
+from mlsae_cache.core.outputs import disk_full
 from mlsae_cache.core.paths import bytes_under, gigabytes
 from mlsae_cache.core.progress import duration
 
@@ -49,11 +50,13 @@ def run_reporting_errors(call: Callable[[], Any], debug: Callable[[], bool], int
         if debug():
             raise
         _fail(str(e) if isinstance(e, Interrupted) else interrupted, 130)
-    except OSError as e:
-        if debug() or e.errno != errno.ENOSPC:
+    except Exception as e:  # a full disk, however the library that met it reports it
+        if debug() or not disk_full(e):
             raise
-        where = e.filename or "while writing"
-        _fail(f"the disk is full ({where}); free space and re-run the same command to resume", 1)
+        quota = isinstance(e, OSError) and e.errno == errno.EDQUOT
+        what = "the disk quota is used up" if quota else "the disk is full"
+        where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        _fail(f"{what}{where} (free space on that disk, then re-run the same command)", 1)
 
 
 def handle_errors(func: F) -> F:

@@ -25,6 +25,7 @@ from mlsae_cache.core.boundary import library_cause
 from mlsae_cache.core.checksums import check_seal, seal
 from mlsae_cache.core.errors import CorruptError, Interrupted, LockedError, MlsaeError, NotFoundError, StoreError
 from mlsae_cache.core.lock import StoreLock
+from mlsae_cache.core.outputs import full_disk_error
 from mlsae_cache.core.paths import STORE_KINDS, SWAPPED, is_mlsae, what_is
 
 ATTR = "mlsae"
@@ -255,12 +256,14 @@ class StoreTransaction:
     `.partial` files of a killed writer. `create(make)` empties `out` and makes a new empty store with `make(out)`;
     an MlsaeError inside the block then removes what this transaction made (and `out` itself if it did not exist
     before), so a refused or failed run leaves nothing half-written. A run that continues an existing store keeps
-    its committed rows whatever happens (resuming is the point). Ctrl-C keeps everything committed.
+    its committed rows whatever happens (resuming is the point). Ctrl-C keeps everything committed. A full disk
+    keeps it too, and leaves as OSError(ENOSPC) naming `out` (core.cli shows it as one line): the same command
+    resumes once space is freed.
     """
 
     def __init__(self, out: Path | str, keep_on_interrupt: bool = True) -> None:
-        """`keep_on_interrupt` False: Ctrl-C also removes a store this transaction created (for writers that
-        cannot resume, such as `import`)."""
+        """`keep_on_interrupt` False: Ctrl-C or a full disk also removes a store this transaction created (for
+        writers that cannot resume, such as `import`)."""
         self.out = Path(out)
         self.keep_on_interrupt = keep_on_interrupt
         self.created = False
@@ -286,13 +289,17 @@ class StoreTransaction:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        full = full_disk_error(exc, self.out) if isinstance(exc, Exception) else None
         try:
-            failed = isinstance(exc, MlsaeError) or (isinstance(exc, KeyboardInterrupt) and not self.keep_on_interrupt)
+            stopped = isinstance(exc, KeyboardInterrupt) or full is not None
+            failed = isinstance(exc, MlsaeError) or (stopped and not self.keep_on_interrupt)
             if failed and self.created:
                 clear_store(self.out)
                 self._remove_out_if_made()
         finally:
             self._lock.release()
+        if full is not None:
+            raise full from exc
 
     def _remove_out_if_made(self) -> None:
         if not self._existed and self.out.is_dir() and not any(self.out.iterdir()):
