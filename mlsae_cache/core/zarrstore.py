@@ -54,8 +54,14 @@ def read_root_attribute(path: Path | str, kind: str, hint: str) -> dict[str, Any
     return record
 
 
+PROBE_WAIT_S = 1.0
+"""How long a writer retries a lock that is taken: a reader asking `being_written` holds it for an instant, and a
+writer starting at that instant must not be refused."""
+
+
 def being_written(path: Path | str) -> bool:
-    """Whether a writer holds the store's lock now (a harvest, its workers, an encode)."""
+    """Whether a writer holds the store's lock now (a harvest, its workers, an encode). The probe takes the lock
+    for an instant; a writer starting then waits for it (PROBE_WAIT_S)."""
     try:
         with StoreLock(Path(path)):
             return False
@@ -268,7 +274,7 @@ class StoreTransaction:
         self.keep_on_interrupt = keep_on_interrupt
         self.created = False
         self._existed = self.out.exists()
-        self._lock = StoreLock(self.out)
+        self._lock = StoreLock(self.out, wait=PROBE_WAIT_S)
 
     def __enter__(self) -> StoreTransaction:
         self.out.mkdir(parents=True, exist_ok=True)
