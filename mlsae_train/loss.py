@@ -18,13 +18,10 @@ from torch import Tensor
 
 from mlsae_cache.core.errors import InputError, StoreError
 from mlsae_train.kernels import DecoderKernel
-from mlsae_train.sae import sparse_decode
+from mlsae_train.sae import AUXK_K, auxk_select, sparse_decode
 
 AUXK_COEF = 1.0 / 32.0
 """Weight of the AuxK loss: L = L_fvu + AUXK_COEF * L_aux (docs/METHOD.md section 4)."""
-
-AUXK_K = 256
-"""Default number k_aux of dead latents used by AuxK (capped at n/2 and at the number dead)."""
 
 
 def _check_rows(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int) -> None:
@@ -91,22 +88,6 @@ def fvu_loss(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int) -> Tensor:
     return per_layer[~per_layer.isnan()].mean()
 
 
-def auxk_select(pre_acts: Tensor, dead_mask: Tensor, k_aux: int = AUXK_K) -> tuple[Tensor, Tensor]:
-    """ReLU of the k_aux largest pre-activations among dead latents, per row.
-
-    k_aux is capped at n // 2 and at the number of dead latents (at least 1 must be dead).
-    Shapes: pre_acts [B, n], dead_mask [n] bool -> (acts [B, k_aux] float32 or wider, indices [B, k_aux]).
-    acts are differentiable in pre_acts.
-    """
-    dead_ids = dead_mask.nonzero().squeeze(1)
-    k_eff = min(k_aux, pre_acts.shape[1] // 2, dead_ids.numel())
-    if k_eff < 1:
-        raise InputError(f"auxk_select needs k_aux >= 1 and a dead latent; got k_aux {k_aux}, {dead_ids.numel()} dead")
-    top, pos = pre_acts.index_select(1, dead_ids).topk(k_eff, dim=1, sorted=False)
-    acts = top.to(torch.promote_types(top.dtype, torch.float32)).relu()
-    return acts, dead_ids[pos]
-
-
 def auxk_loss(
     residual: Tensor,
     pre_acts: Tensor,
@@ -116,19 +97,36 @@ def auxk_loss(
     all_reduce: AllReduce | None = None,
     decoder_kernel: DecoderKernel = "auto",
 ) -> Tensor:
-    """AuxK loss (Gao et al. 2024; docs/METHOD.md section 4): dead latents regress the residual.
-
-    e = residual (x_std - x^_std, detached here in any case), e^ = sum_j a_j W_dec[i_j] with (a, i) from
-    `auxk_select` and no b_dec; L_aux = ||e - e^||^2 / ||e - mean_rows(e)||^2, the mean per dimension.
-    Shapes: residual [B, d], pre_acts [B, n], dead_mask [n] bool, W_dec [n, d] -> scalar.
-    Returns a zero scalar (no graph) when no latent is dead or e has no variance.
-    With `all_reduce` (and dead_mask the same on every rank), mean_rows(e) and the denominator are those of the
-    global batch: the result is this rank's share of the global L_aux.
-    """
+    """AuxK loss (Gao et al. 2024; docs/METHOD.md section 4) from the pre-activations: `auxk_select` of the dead
+    latents, then `auxk_residual_loss`. Shapes: residual [B, d], pre_acts [B, n], dead_mask [n] bool, W_dec [n, d]
+    -> scalar; a zero scalar (no graph) when no latent is dead. (Training takes the selection from the encoder,
+    `TopKSAE.forward(x, dead, k_aux)`, whose backward stays sparse; this form is the same loss for any z.)"""
     if not bool(dead_mask.any()):
         return residual.new_zeros(())
-    e = residual.detach()
     acts, indices = auxk_select(pre_acts, dead_mask, k_aux)
+    return auxk_residual_loss(residual, acts, indices, W_dec, all_reduce, decoder_kernel)
+
+
+def auxk_residual_loss(
+    residual: Tensor,
+    acts: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    all_reduce: AllReduce | None = None,
+    decoder_kernel: DecoderKernel = "auto",
+) -> Tensor:
+    """AuxK loss of a selection of dead latents: they regress the residual.
+
+    e = residual (x_std - x^_std, detached here in any case), e^ = sum_j a_j W_dec[i_j] with (a, i) = (acts,
+    indices) from `auxk_select` and no b_dec; L_aux = ||e - e^||^2 / ||e - mean_rows(e)||^2, the mean per dimension.
+    Shapes: residual [B, d], acts and indices [B, k_aux], W_dec [n, d] -> scalar.
+    Returns a zero scalar (no graph) when the selection is empty (no dead latent) or e has no variance.
+    With `all_reduce` (and the same dead latents on every rank), mean_rows(e) and the denominator are those of the
+    global batch: the result is this rank's share of the global L_aux.
+    """
+    if acts.shape[1] == 0:
+        return residual.new_zeros(())
+    e = residual.detach()
     e_hat = sparse_decode(acts, indices, W_dec, decoder_kernel)
     if all_reduce is None:
         den = (e - e.mean(0)).pow(2).sum()

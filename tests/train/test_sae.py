@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mlsae_cache.core.errors import InputError
-from mlsae_train.loss import auxk_loss
+from mlsae_train.loss import auxk_residual_loss
 from mlsae_train.sae import STD_EPS, SaeConfig, TopKSAE, geometric_median
 
 
@@ -73,7 +73,7 @@ def test_forward_matches_numpy(standardize: bool) -> None:
     np.testing.assert_allclose(out.x_std.numpy(), want["x_std"], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(out.x_hat_std.numpy(), want["x_hat_std"], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(out.x_hat.numpy(), want["x_hat"], rtol=1e-10, atol=1e-9)
-    assert out.indices.dtype == torch.int64 and out.pre_acts.shape == (25, 40)
+    assert out.indices.dtype == torch.int64 and out.aux_indices.shape == (25, 0), "no dead mask, no AuxK selection"
 
 
 def test_standardize_values_and_identity() -> None:
@@ -109,24 +109,30 @@ def dense_loss(sae: TopKSAE, x: torch.Tensor, target: torch.Tensor, dead: torch.
 
 
 def sparse_loss(sae: TopKSAE, x: torch.Tensor, target: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
-    out = sae(x)
+    out = sae(x, dead)
     loss = ((out.x_hat - target) ** 2).sum()
     if dead is not None:
-        loss = loss + auxk_loss(out.x_std - out.x_hat_std, out.pre_acts, dead, sae.W_dec) / 32
+        loss = loss + auxk_residual_loss(out.x_std - out.x_hat_std, out.aux_values, out.aux_indices, sae.W_dec) / 32
     return loss
 
 
 @pytest.mark.parametrize(
     ("with_auxk", "input_grad"),
-    [(False, False), (True, False), (False, True), (True, True)],
-    ids=["topk", "topk+auxk", "topk,x-grad", "topk+auxk,x-grad"],
+    [(False, False), (True, False), (False, True), (True, True), ("all", False)],
+    ids=["topk", "topk+auxk", "topk,x-grad", "topk+auxk,x-grad", "topk+auxk,all-dead"],
 )
-def test_sparse_backward_matches_dense(with_auxk: bool, input_grad: bool) -> None:
+def test_sparse_backward_matches_dense(with_auxk: bool | str, input_grad: bool) -> None:
+    """The sparse backward (top-k and AuxK's selection through one sparse product) against dense autograd; with
+    every latent dead, each row's top-k latents are in AuxK's selection too, and their gradients add up."""
     sae = random_sae(d=10, n=32, k=5, standardize=True, seed=3, n_off=24)
     x = raw_rows(20, 10, seed=4).requires_grad_(input_grad)
     target = raw_rows(20, 10, seed=5)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[[1, 4, 9, 17, 20, 30]] = True
+    if with_auxk == "all":
+        dead[:] = True
+        out = sae(x, dead)
+        assert all(set(out.indices[r].tolist()) <= set(out.aux_indices[r].tolist()) for r in range(20))
     params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec] + ([x] if input_grad else [])
     got = torch.autograd.grad(sparse_loss(sae, x, target, dead if with_auxk else None), params)
     want = torch.autograd.grad(dense_loss(sae, x, target, dead if with_auxk else None), params)
@@ -146,7 +152,6 @@ def test_bf16_autocast_is_close_and_keeps_float32_params() -> None:
     same = (out.indices.sort(1).values == ref.indices.sort(1).values).float().mean()
     rel = (out.x_hat_std - ref.x_hat_std).norm() / ref.x_hat_std.norm()
     assert same > 0.8 and rel < 0.2, (same, rel)
-    assert out.pre_acts.dtype == torch.bfloat16
     assert out.values.dtype == torch.float32 and sae.encoder.weight.grad.dtype == torch.float32
 
 
