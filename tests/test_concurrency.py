@@ -96,8 +96,9 @@ def test_readers_beside_a_harvest_that_extends_the_cache(tmp_path: Path, tiny_mo
     for n, read in seen:
         assert read == expected[n], f"a reader of {n} committed rows read other values"
     assert len(expected) >= 3
+    assert paused["eval"]["stop"] == paused_at  # eval read the rows committed when it opened the cache
     again = run_eval(EvalConfig(sae, out, stop=paused_at, device="cpu"))
-    assert paused["eval"]["fvu"] == again.fvu and paused["eval"]["stop"] == paused_at
+    assert paused["eval"]["fvu"] == again.fvu and paused["eval"]["mse"] == again.mse
     assert explorer.get("/api/v1/latent/0").status_code == 409  # the index describes the first rows only
 
 
@@ -117,11 +118,24 @@ def read_while_harvesting(
         if paused_at is None and cache.n_tokens > FIRST:
             harvest.send_signal(signal.SIGSTOP)  # mid-harvest: more rows committed, the next chunk on its way
             try:
+                wait_stopped(harvest.pid)
                 paused_at = read_meta(out).n_tokens
                 paused = readers_while_paused(root, out, sae, explorer)
             finally:
                 harvest.send_signal(signal.SIGCONT)
     return seen, paused_at, paused
+
+
+def wait_stopped(pid: int) -> None:
+    """Wait until every thread of process `pid` has stopped (a signal is delivered, not obeyed, when sent)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in tasks]
+        if all(state in "tT" for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
 
 
 def readers_while_paused(root: Path, cache: Path, sae: Path, explorer: TestClient) -> dict:
@@ -143,7 +157,7 @@ def readers_while_paused(root: Path, cache: Path, sae: Path, explorer: TestClien
 
 
 def test_two_fits_and_an_encode_read_one_cache_at_once(tmp_path: Path, random_cache: Path) -> None:
-    opts = {**SAE_OPTS, "max_rows": 4000, "checkpoint_every_rows": 1000}
+    opts = {**SAE_OPTS, "max_rows": 2000, "checkpoint_every_rows": 1000}
     fit(TrainConfig(cache=random_cache, out=tmp_path / "alone", **opts))
     run_encode(EncodeConfig(tmp_path / "alone", random_cache, tmp_path / "latents-alone", device="cpu"))
     fit_args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
