@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -15,8 +16,21 @@ from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.core.zarrstore import StoreTransaction
 from mlsae_cache.harvest import library_versions
 from mlsae_cache.policy import IMPORT_POLICY
-from mlsae_cache.storage import check_range, to_storage
+from mlsae_cache.storage import STORAGE_TORCH, check_range, to_storage
 from mlsae_cache.store import CacheMeta, CacheWriter, Rows, TokenRows, create_store, existing_cache
+
+
+class ArrayLike(Protocol):
+    """What `import_array` reads: a .npy memory map, an ndarray, or any object that returns rows on demand (e.g. a
+    synthetic generator larger than memory); it is only ever sliced as arr[start:stop] along the first axis."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+
+    def __getitem__(self, key: slice, /) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -42,14 +56,14 @@ def _load(path: Path, what: str) -> np.ndarray:
     return arr
 
 
-def _digest(arr: np.ndarray, step: int) -> str:
+def _digest(arr: ArrayLike, step: int) -> str:
     h = hashlib.sha256(str((arr.shape, arr.dtype.str)).encode())
     for start in range(0, arr.shape[0], step):
         h.update(np.ascontiguousarray(arr[start : start + step]).tobytes())
     return h.hexdigest()[:16]
 
 
-def _meta(cfg: ImportConfig, acts: np.ndarray, ctx: int, dtype: str) -> CacheMeta:
+def _meta(cfg: ImportConfig, acts: ArrayLike, ctx: int, dtype: str) -> CacheMeta:
     n_tokens, n_layers, d_model = acts.shape
     return CacheMeta(
         d_model=d_model,
@@ -66,11 +80,16 @@ def _meta(cfg: ImportConfig, acts: np.ndarray, ctx: int, dtype: str) -> CacheMet
     )
 
 
-def _rows(acts: np.ndarray, ids: np.ndarray | None, start: int, stop: int, ctx: int, dtype: str) -> Rows:
-    x = torch.from_numpy(np.array(acts[start:stop], dtype=np.float32)).transpose(0, 1).contiguous()  # layer-major
+def _rows(acts: ArrayLike, ids: np.ndarray | None, start: int, stop: int, ctx: int, dtype: str) -> Rows:
+    # one copy, layer-major, in the given dtype: a float16 array stored as float16 is never widened (each
+    # temporary of a chunk is fresh memory, whose first touch costs more than the arithmetic)
+    given = np.asarray(acts[start:stop])
+    wide = np.float32 if given.dtype.kind in "iu" else None
+    x = torch.from_numpy(np.array(given.transpose(1, 0, 2), dtype=wide, order="C"))
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"--activations holds NaN or infinite values in rows {start}..{stop - 1} (clean the array)")
-    check_range(x.abs().amax(dim=(1, 2)), dtype, tuple(range(acts.shape[1])))
+    if x.dtype != STORAGE_TORCH[dtype]:
+        check_range(x.abs().amax(dim=(1, 2)), dtype, tuple(range(acts.shape[1])))
     index = np.arange(start, stop)
     token_ids = np.zeros(stop - start, np.int32) if ids is None else np.asarray(ids[start:stop], np.int32)
     tokens = TokenRows(
@@ -82,11 +101,11 @@ def _rows(acts: np.ndarray, ids: np.ndarray | None, start: int, stop: int, ctx: 
     return Rows(to_storage(x, dtype), tokens)
 
 
-def _inputs(cfg: ImportConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    """The activations and token ids of `cfg`, checked: a 3-D array of real numbers and whole, non-negative ids
-    one per token."""
-    acts = _load(cfg.activations, "--activations")
-    if acts.ndim != 3 or 0 in acts.shape:
+def _inputs(cfg: ImportConfig, given: ArrayLike | None) -> tuple[ArrayLike, np.ndarray | None]:
+    """The activations (`given`, else loaded from cfg.activations) and token ids of `cfg`, checked: a 3-D array of
+    real numbers and whole, non-negative ids one per token."""
+    acts = _load(cfg.activations, "--activations") if given is None else given
+    if len(acts.shape) != 3 or 0 in acts.shape:
         raise InputError(f"--activations {cfg.activations} has shape {acts.shape}; expected (token, layer, d_model)")
     if acts.dtype.kind not in "fiu":
         raise InputError(f"--activations {cfg.activations} holds {acts.dtype} values; give real numbers (floats)")
@@ -102,9 +121,15 @@ def _inputs(cfg: ImportConfig) -> tuple[np.ndarray, np.ndarray | None]:
     return acts, ids
 
 
-def import_array(cfg: ImportConfig, progress: Progress = no_progress) -> CacheMeta:
-    """Write `cfg.activations` [token, layer, d_model] as a complete cache; every row is trainable."""
-    acts, ids = _inputs(cfg)
+def import_array(
+    cfg: ImportConfig, progress: Progress = no_progress, activations: ArrayLike | None = None
+) -> CacheMeta:
+    """Write `cfg.activations` [token, layer, d_model] as a complete cache; every row is trainable.
+
+    `activations`, when given, is read instead of the file (which then only names the source in the cache's
+    metadata): any array-like sliced along tokens, read one chunk of rows at a time, so an array larger than
+    memory is imported in bounded memory."""
+    acts, ids = _inputs(cfg, activations)
     dtype = cfg.dtype or (acts.dtype.name if acts.dtype.name in ("float16", "float32") else "float32")
     ctx = cfg.context_length or acts.shape[0]
     out = Path(cfg.out)
