@@ -20,15 +20,23 @@ from mlsae_cache.core.errors import InputError
 from mlsae_cache.core.outputs import check_replaceable, output_dir
 from mlsae_cache.store import Cache
 
+COSINE_TOKENS = 256
+"""Tokens of a block widened to float64 at a time by `_block_cosines` (a few MB; a whole chunk's float64 copies
+were GBs per dask thread)."""
+
 
 def _block_cosines(x: np.ndarray, mean: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Per block [n, L, d]: sums over kept tokens of the adjacent-layer cosines -> [1, L - 1]."""
-    xc = x[keep.reshape(-1)].astype(np.float64) - mean[None]
-    num = np.einsum("nld,nld->nl", xc[:, :-1], xc[:, 1:])
-    norms = np.linalg.norm(xc, axis=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = num / (norms[:, :-1] * norms[:, 1:])
-    return np.nan_to_num(cos).sum(axis=0)[None]
+    keep = keep.reshape(-1)
+    total = np.zeros(x.shape[1] - 1)
+    for a in range(0, x.shape[0], COSINE_TOKENS):
+        xc = x[a : a + COSINE_TOKENS][keep[a : a + COSINE_TOKENS]].astype(np.float64) - mean[None]
+        num = np.einsum("nld,nld->nl", xc[:, :-1], xc[:, 1:])
+        norms = np.linalg.norm(xc, axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = num / (norms[:, :-1] * norms[:, 1:])
+        total += np.nan_to_num(cos).sum(axis=0)
+    return total[None]
 
 
 def build_cosine_graph(cache: Cache) -> tuple[Any, Any]:

@@ -159,7 +159,9 @@ def test_variance_bad_input(tmp_path: Path, trained: tuple[Path, Path], case: st
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".var")]
 
 
-def test_cosine_equals_numpy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sub_block", [256, 48], ids=["whole-chunk", "sub-blocks"])
+def test_cosine_equals_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sub_block: int) -> None:
+    monkeypatch.setattr("mlsae_analyze.cosine.COSINE_TOKENS", sub_block)  # 48: sub-blocks cut across the excluded rows
     rng = np.random.default_rng(3)
     base = rng.normal(size=(700, 1, 12))
     x = (base + 0.5 * rng.normal(size=(700, 4, 12)) + np.arange(4)[None, :, None]).astype(np.float32)
