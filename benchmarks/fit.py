@@ -145,10 +145,15 @@ def sparsify_rows(d_model: int, expansion: int, k: int, batch_rows: int, steps: 
     return run
 
 
+DEAD_FRACTIONS: list[float] = []
+"""The dead fraction at the last step of each `fit_rows` run (AuxK runs on every step where it is above 0)."""
+
+
 def fit_rows(cfg: TrainConfig) -> float:
     """rows/s of `fit` between its first and last step."""
     clock = StepClock()
-    fit(cfg, progress=clock)
+    result = fit(cfg, progress=clock)
+    DEAD_FRACTIONS.append(result.final["dead_fraction"])
     shutil.rmtree(cfg.out)
     return clock.rows / clock.seconds
 
@@ -180,6 +185,8 @@ def fit_vs_floor(args: argparse.Namespace, cache: Path, root: Path) -> None:
             f"| {'fp32' if autocast == 'none' else 'bf16'} | {median_range(got['fit'])} | "
             f"{median_range(got['floor'])} | {median_range(ratio, '.2f')} | {sparsify_cells} |"
         )
+        dead = DEAD_FRACTIONS[-len(got["fit"]) :]
+        print(f"(fit's dead fraction at its last step: {median_range(dead, '.3f')}; AuxK runs where it is above 0)")
 
 
 def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
@@ -208,6 +215,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", default="1e-4,3e-4")
     p.add_argument("--seed", default="0")
     p.add_argument("--batch-rows", type=int, default=4096)
+    p.add_argument(
+        "--dead-after-rows",
+        type=int,
+        default=TrainConfig.dead_after_rows,
+        help="fit's dead-latent horizon (default fit's: no latent dies in a short run). On the synthetic cache's "
+        "random rows every latent fires in every batch, so AuxK never runs whatever this is; with --cache of real "
+        "activations a short horizon leaves latents dead and AuxK runs (benchmarks/train_step.py --dead-fraction "
+        "times a step with AuxK on a fixed dead set)",
+    )
     p.add_argument("--steps", type=int, default=12, help="steps per run (the rate is over all but the first)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--autocast", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
@@ -229,6 +245,7 @@ def sweep_config(args: argparse.Namespace, cache: Path, autocast: str) -> SweepC
         seed=values(args.seed, int),
         batch_rows=args.batch_rows,
         max_rows=args.steps * args.batch_rows,
+        dead_after_rows=args.dead_after_rows,
         checkpoint_every_rows=10**12,  # the final checkpoint only
         device=args.device,
         autocast=autocast,
