@@ -56,11 +56,9 @@ def _load(path: Path, what: str) -> np.ndarray:
     return arr
 
 
-def _digest(arr: ArrayLike, step: int) -> str:
-    h = hashlib.sha256(str((arr.shape, arr.dtype.str)).encode())
-    for start in range(0, arr.shape[0], step):
-        h.update(np.ascontiguousarray(arr[start : start + step]).tobytes())
-    return h.hexdigest()[:16]
+def _new_digest(arr: ArrayLike) -> Any:
+    """The fingerprint's hash, fed every chunk's token-major bytes in order as they are written (one read)."""
+    return hashlib.sha256(str((arr.shape, arr.dtype.str)).encode())
 
 
 def _meta(cfg: ImportConfig, acts: ArrayLike, ctx: int, dtype: str) -> CacheMeta:
@@ -72,7 +70,7 @@ def _meta(cfg: ImportConfig, acts: ArrayLike, ctx: int, dtype: str) -> CacheMeta
         dataset={"dataset": "imported", "token_ids_file": str(cfg.token_ids) if cfg.token_ids else None},
         context_length=ctx,
         storage_dtype=dtype,
-        fingerprint=_digest(acts, cfg.chunk_tokens),
+        fingerprint="",  # set with complete=True, once every row has been read
         chunk_tokens=cfg.chunk_tokens,
         max_tokens=n_tokens,
         trainable_policy=IMPORT_POLICY.to_dict(),
@@ -80,16 +78,17 @@ def _meta(cfg: ImportConfig, acts: ArrayLike, ctx: int, dtype: str) -> CacheMeta
     )
 
 
-def _rows(acts: ArrayLike, ids: np.ndarray | None, start: int, stop: int, ctx: int, dtype: str) -> Rows:
+def _rows(given: np.ndarray, ids: np.ndarray | None, start: int, ctx: int, dtype: str) -> Rows:
+    """Rows of the cache from the given activations [n, layer, d_model] of tokens [start, start + n)."""
+    stop = start + given.shape[0]
     # one copy, layer-major, in the given dtype: a float16 array stored as float16 is never widened (each
     # temporary of a chunk is fresh memory, whose first touch costs more than the arithmetic)
-    given = np.asarray(acts[start:stop])
     wide = np.float32 if given.dtype.kind in "iu" else None
     x = torch.from_numpy(np.array(given.transpose(1, 0, 2), dtype=wide, order="C"))
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"--activations holds NaN or infinite values in rows {start}..{stop - 1} (clean the array)")
     if x.dtype != STORAGE_TORCH[dtype]:
-        check_range(x.abs().amax(dim=(1, 2)), dtype, tuple(range(acts.shape[1])))
+        check_range(x.abs().amax(dim=(1, 2)), dtype, tuple(range(given.shape[1])))
     index = np.arange(start, stop)
     token_ids = np.zeros(stop - start, np.int32) if ids is None else np.asarray(ids[start:stop], np.int32)
     tokens = TokenRows(
@@ -140,12 +139,13 @@ def import_array(
     try:
         with StoreTransaction(out, keep_on_interrupt=False) as tx:
             tx.create(lambda path: create_store(path, meta))
-            writer = CacheWriter(out)
+            writer, digest = CacheWriter(out), _new_digest(acts)
             for start in range(0, acts.shape[0], cfg.chunk_tokens):
-                stop = min(start + cfg.chunk_tokens, acts.shape[0])
-                writer.commit(start, _rows(acts, ids, start, stop, ctx, dtype))
-                progress(stop - start)
-            writer.set_meta(complete=True, exhausted=True)
+                given = np.asarray(acts[start : start + cfg.chunk_tokens])
+                digest.update(np.ascontiguousarray(given))
+                writer.commit(start, _rows(given, ids, start, ctx, dtype))
+                progress(given.shape[0])
+            writer.set_meta(complete=True, exhausted=True, fingerprint=digest.hexdigest()[:16])
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; the partial cache was removed from {out}: re-run the same command") from None
     return writer.meta

@@ -3,6 +3,7 @@ are the given ones in every input dtype; values the storage dtype cannot hold ar
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,14 @@ class OnDemand:
         return rows
 
 
+def _reference_fingerprint(x: np.ndarray, chunk_tokens: int) -> str:
+    """sha256 of (shape, dtype), then every chunk's token-major bytes in order; its first 16 hex digits."""
+    h = hashlib.sha256(str((x.shape, x.dtype.str)).encode())
+    for start in range(0, x.shape[0], chunk_tokens):
+        h.update(x[start : start + chunk_tokens].tobytes())
+    return h.hexdigest()[:16]
+
+
 def _stored(path: Path) -> np.ndarray:
     cache = Cache(path)
     return np.asarray(cache.to_xarray()["activations"].values)
@@ -41,7 +50,7 @@ def test_array_like_equals_npy(tmp_path: Path, dtype: str) -> None:
     cfg = ImportConfig(tmp_path / "b", tmp_path / "x.npy", chunk_tokens=256, dtype="float32")
     from_array = import_array(cfg, activations=given)
     assert given.largest == 256
-    assert from_array.fingerprint == from_file.fingerprint
+    assert from_array.fingerprint == from_file.fingerprint == _reference_fingerprint(x, 256)
     np.testing.assert_array_equal(_stored(tmp_path / "a"), _stored(tmp_path / "b"))
     np.testing.assert_array_equal(_stored(tmp_path / "b"), x.astype(np.float32))
     np.testing.assert_allclose(Cache(tmp_path / "b").layer_mean(), x.astype(np.float32).astype(np.float64).mean(axis=0))
