@@ -294,30 +294,56 @@ class CacheChunkWriter(ChunkCommitter[Rows]):
         self.meta = set_meta(self.group, self.meta, **changes)
 
 
-def read_partials(group: zarr.Group, n_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The stored partial sums of the first `n_chunks` token chunks."""
-    first = slice(n_chunks)
+PARTIAL_BLOCK = 1024
+"""Chunks' partial sums read at a time when they are totalled (memory bounded however many chunks a cache has)."""
+
+
+def read_partials(group: zarr.Group, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored partial sums of token chunks [start, stop)."""
+    chunks = slice(start, stop)
     return (
-        read_array(group, _CHUNK_SUM, first),
-        read_array(group, _CHUNK_SQ, first),
-        read_array(group, _CHUNK_COUNT, first),
+        read_array(group, _CHUNK_SUM, chunks),
+        read_array(group, _CHUNK_SQ, chunks),
+        read_array(group, _CHUNK_COUNT, chunks),
     )
 
 
-def write_statistics(group: zarr.Group, sums: np.ndarray, sq: np.ndarray, counts: np.ndarray) -> None:
-    """layer_mean and layer_sq_norm from per-chunk partial sums [chunk, ...], summed in chunk order (so a cache
-    written in one run, several, or shards gets the same bits)."""
-    count = int(counts.sum())
+@dataclass(frozen=True)
+class Totals:
+    """Sums of per-chunk partial sums, added one chunk after another in chunk order, so that a cache written in
+    one run, several, or shards gets the same bits; O(n_layers x d_model) memory however many chunks."""
+
+    sums: np.ndarray
+    sq: np.ndarray
+    count: int
+
+    def add(self, sums: np.ndarray, sq: np.ndarray, count: int) -> Totals:
+        """These totals plus one more chunk's partials."""
+        return Totals(self.sums + sums, self.sq + sq, self.count + int(count))
+
+    @classmethod
+    def read(cls, group: zarr.Group, n_chunks: int, n_layers: int, d_model: int) -> Totals:
+        """Totals of the stored partial sums of the first `n_chunks` token chunks."""
+        totals = cls(np.zeros((n_layers, d_model)), np.zeros(n_layers), 0)
+        for start in range(0, n_chunks, PARTIAL_BLOCK):
+            for s, q, c in zip(*read_partials(group, start, min(start + PARTIAL_BLOCK, n_chunks)), strict=True):
+                totals = totals.add(s, q, c)
+        return totals
+
+
+def write_statistics(group: zarr.Group, totals: Totals) -> None:
+    """layer_mean and layer_sq_norm from the totals of the chunks' partial sums."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums.sum(axis=0) / count if count else np.full(sums.shape[1:], np.nan)
-        sq_norm = sq.sum(axis=0) / count if count else np.full(sq.shape[1:], np.nan)
+        mean = totals.sums / totals.count if totals.count else np.full(totals.sums.shape, np.nan)
+        sq_norm = totals.sq / totals.count if totals.count else np.full(totals.sq.shape, np.nan)
     writable(get_array(group, _LAYER_MEAN))[:] = mean
     writable(get_array(group, _LAYER_SQ_NORM))[:] = sq_norm
 
 
 def finish_statistics(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:
     """Statistics from the stored partial sums of the chunks holding the first `n_tokens` rows."""
-    write_statistics(group, *read_partials(group, math.ceil(n_tokens / chunk_tokens)))
+    n_layers, d_model = get_array(group, _CHUNK_SUM).shape[1:]
+    write_statistics(group, Totals.read(group, math.ceil(n_tokens / chunk_tokens), n_layers, d_model))
 
 
 def resize_store(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:
@@ -343,10 +369,15 @@ class CacheWriter(CacheChunkWriter):
 
     def __init__(self, path: Path | str, direct_io: bool = True) -> None:
         super().__init__(path, direct_io)
-        # the committed chunks' partial sums, kept in memory so each commit reads none of them back
-        self._sums, self._sq, self._counts = read_partials(
-            self.group, math.ceil(self.meta.n_tokens / self.meta.chunk_tokens)
-        )
+        # the totals of the committed chunks before the last one, and the last one's partials: a commit rewrites
+        # the last chunk (when it is not full) or appends one, and reads no partial sums back
+        n_chunks = math.ceil(self.meta.n_tokens / self.meta.chunk_tokens)
+        self._before = Totals.read(self.group, max(n_chunks - 1, 0), self.meta.n_layers, self.meta.d_model)
+        self._last_chunk = n_chunks - 1
+        self._last: Partials | None = None
+        if n_chunks:
+            s, q, c = read_partials(self.group, n_chunks - 1, n_chunks)
+            self._last = (s[0], q[0], int(c[0]))
 
     @property
     def resume_token(self) -> int:
@@ -355,12 +386,12 @@ class CacheWriter(CacheChunkWriter):
 
     def _record(self, start: int, rows: Rows, derived: Partials) -> None:
         assert start <= self.meta.n_tokens
-        s, q, c = derived
         chunk = start // self.meta.chunk_tokens
-        self._sums = np.concatenate([self._sums[:chunk], s[None]])
-        self._sq = np.concatenate([self._sq[:chunk], q[None]])
-        self._counts = np.concatenate([self._counts[:chunk], [c]])
-        write_statistics(self.group, self._sums, self._sq, self._counts)
+        assert chunk in (self._last_chunk, self._last_chunk + 1)
+        if chunk == self._last_chunk + 1 and self._last is not None:
+            self._before = self._before.add(*self._last)
+        self._last_chunk, self._last = chunk, derived
+        write_statistics(self.group, self._before.add(*derived))
         self.set_meta(n_tokens=max(start + len(rows), self.meta.n_tokens))
 
 

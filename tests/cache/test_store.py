@@ -187,3 +187,31 @@ def test_buffered_writes_equal_direct_writes(tmp_path: Path) -> None:
             aligned[:] = r.activations
             writer.commit(64 * i, replace(r, activations=aligned))
     assert_same_store(tmp_path / "direct", tmp_path / "buffered")
+
+
+def test_statistics_are_chunk_order_totals_however_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer keeps totals, not every chunk's partials: one run, a run resumed at each chunk (its last, partial
+    chunk rewritten), and finish_statistics (shards; partials read PARTIAL_BLOCK chunks at a time) give the same
+    bits as the partials summed in chunk order."""
+    monkeypatch.setattr(store, "PARTIAL_BLOCK", 2)
+    meta = CacheMeta(
+        d_model=24, layers=(0, 1, 2), model={}, dataset={}, context_length=8, storage_dtype="float32",
+        fingerprint="f", chunk_tokens=64,
+    )  # fmt: skip
+    sizes = (64, 64, 30, 64, 64, 40)  # the third commit is a partial chunk that the fourth rewrites whole
+    starts = (0, 64, 128, 128, 192, 256)
+    partials = [store.chunk_partials(rows(n, 3, 24, "float32", i), "float32") for i, n in enumerate(sizes)]
+    kept = [partials[i] for i in (0, 1, 3, 4, 5)]
+    want = (sum((p[0] for p in kept), np.zeros((3, 24))), sum((p[1] for p in kept), np.zeros(3)))
+    for name, reopen in (("one", False), ("resumed", True)):
+        create_store(tmp_path / name, meta)
+        writer = CacheWriter(tmp_path / name)
+        for i, (start, n) in enumerate(zip(starts, sizes, strict=True)):
+            writer = CacheWriter(tmp_path / name) if reopen else writer
+            writer.commit(start, rows(n, 3, 24, "float32", i))
+        cache = Cache(tmp_path / name)
+        count = sum(p[2] for p in kept)
+        np.testing.assert_array_equal(cache.layer_mean(), want[0] / count)
+        np.testing.assert_array_equal(cache.layer_sq_norm(), want[1] / count)
+    store.finish_statistics(zarr.open_group(str(tmp_path / "one"), mode="r+"), 296, 64)
+    np.testing.assert_array_equal(Cache(tmp_path / "one").layer_mean(), want[0] / count)
