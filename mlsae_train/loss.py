@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mlsae_cache.core.errors import InputError, StoreError
-from mlsae_train.kernels import DecoderKernel
-from mlsae_train.sae import AUXK_K, auxk_select, sparse_decode
 
 AUXK_COEF = 1.0 / 32.0
 """Weight of the AuxK loss: L = L_fvu + AUXK_COEF * L_aux (docs/METHOD.md section 4)."""
@@ -37,6 +35,9 @@ def _check_rows(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int) -> None:
             "(pass n_layers = number of layers in the cache)"
         )
 
+
+AUXK_K = 256
+"""Default number k_aux of dead latents used by AuxK (capped at n/2 and at the number dead)."""
 
 AllReduce = Callable[[Tensor], Tensor]
 """Sums a tensor over the ranks of a data-parallel run, in place, and returns it."""
@@ -88,6 +89,21 @@ def fvu_loss(x: Tensor, x_hat: Tensor, layer: Tensor, n_layers: int) -> Tensor:
     return per_layer[~per_layer.isnan()].mean()
 
 
+def auxk_acts(dead_pre: Tensor, k_aux: int, n_latents: int) -> Tensor:
+    """AuxK's activations over the dead latents: per row, the ReLU of the k_aux largest of `dead_pre` [B, m] (the
+    pre-activations of the m dead latents), the others 0; k_aux is capped at n_latents // 2 and at m (m >= 1).
+    -> [B, m], float32 or wider, differentiable in dead_pre."""
+    m = dead_pre.shape[1]
+    k_eff = min(k_aux, n_latents // 2, m)
+    if k_eff < 1:
+        raise InputError(f"AuxK needs k_aux >= 1 and a dead latent; got k_aux {k_aux}, {m} dead")
+    z = dead_pre.to(torch.promote_types(dead_pre.dtype, torch.float32))
+    if k_eff == m:
+        return z.relu()
+    top, pos = z.topk(k_eff, dim=1, sorted=False)
+    return torch.zeros_like(z).scatter(1, pos, top.relu())
+
+
 def auxk_loss(
     residual: Tensor,
     pre_acts: Tensor,
@@ -95,39 +111,38 @@ def auxk_loss(
     W_dec: Tensor,
     k_aux: int = AUXK_K,
     all_reduce: AllReduce | None = None,
-    decoder_kernel: DecoderKernel = "auto",
 ) -> Tensor:
-    """AuxK loss (Gao et al. 2024; docs/METHOD.md section 4) from the pre-activations: `auxk_select` of the dead
-    latents, then `auxk_residual_loss`. Shapes: residual [B, d], pre_acts [B, n], dead_mask [n] bool, W_dec [n, d]
-    -> scalar; a zero scalar (no graph) when no latent is dead. (Training takes the selection from the encoder,
-    `TopKSAE.forward(x, dead, k_aux)`, whose backward stays sparse; this form is the same loss for any z.)"""
-    if not bool(dead_mask.any()):
-        return residual.new_zeros(())
-    acts, indices = auxk_select(pre_acts, dead_mask, k_aux)
-    return auxk_residual_loss(residual, acts, indices, W_dec, all_reduce, decoder_kernel)
+    """AuxK loss (Gao et al. 2024; docs/METHOD.md section 4) from all pre-activations z [B, n] and the dead mask
+    [n] bool: `auxk_dead_loss` of z's dead columns. A zero scalar (no graph) when no latent is dead. (Training takes
+    the dead columns from the encoder, `TopKSAE.forward(x, dead)`.)"""
+    dead_ids = dead_mask.nonzero().squeeze(1)
+    return auxk_dead_loss(residual, pre_acts.index_select(1, dead_ids), dead_ids, W_dec, k_aux, all_reduce)
 
 
-def auxk_residual_loss(
+def auxk_dead_loss(
     residual: Tensor,
-    acts: Tensor,
-    indices: Tensor,
+    dead_pre: Tensor,
+    dead_ids: Tensor,
     W_dec: Tensor,
+    k_aux: int = AUXK_K,
     all_reduce: AllReduce | None = None,
-    decoder_kernel: DecoderKernel = "auto",
 ) -> Tensor:
-    """AuxK loss of a selection of dead latents: they regress the residual.
+    """AuxK loss: the dead latents regress the residual.
 
-    e = residual (x_std - x^_std, detached here in any case), e^ = sum_j a_j W_dec[i_j] with (a, i) = (acts,
-    indices) from `auxk_select` and no b_dec; L_aux = ||e - e^||^2 / ||e - mean_rows(e)||^2, the mean per dimension.
-    Shapes: residual [B, d], acts and indices [B, k_aux], W_dec [n, d] -> scalar.
-    Returns a zero scalar (no graph) when the selection is empty (no dead latent) or e has no variance.
+    e = residual (x_std - x^_std, detached here in any case); a = `auxk_acts` of dead_pre (each row's k_aux largest
+    pre-activations among the dead latents, ReLU'd); e^ = a W_dec[dead_ids], no b_dec; L_aux = ||e - e^||^2 /
+    ||e - mean_rows(e)||^2, the mean per dimension. e^ is a dense [B, m] x [m, d] product: the m dead latents are
+    usually few, and a matmul over all of them is faster on a CPU than gathering k_aux decoder rows per row.
+    Shapes: residual [B, d], dead_pre [B, m], dead_ids [m], W_dec [n, d] -> scalar.
+    Returns a zero scalar (no graph) when no latent is dead (m = 0), k_aux is 0, or e has no variance.
     With `all_reduce` (and the same dead latents on every rank), mean_rows(e) and the denominator are those of the
     global batch: the result is this rank's share of the global L_aux.
     """
-    if acts.shape[1] == 0:
+    if dead_ids.numel() == 0 or k_aux == 0:
         return residual.new_zeros(())
     e = residual.detach()
-    e_hat = sparse_decode(acts, indices, W_dec, decoder_kernel)
+    acts = auxk_acts(dead_pre, k_aux, W_dec.shape[0])
+    e_hat = acts.to(W_dec.dtype) @ W_dec.index_select(0, dead_ids)
     if all_reduce is None:
         den = (e - e.mean(0)).pow(2).sum()
     else:

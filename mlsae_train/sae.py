@@ -11,7 +11,7 @@ Forward, per row x in R^d:
     x^ = sigma * x^~ + mu                                                            (de-standardise)
 
 Speed (measured on 2 CPU cores, d 576, n 4608, k 32, B 4096): the dense encoder matmul dominates; the backward
-never forms a dense [B, n] product, for the top-k or for AuxK's selection among dead latents. Its
+never forms a dense [B, n] product (AuxK's gradient is dense over the dead latents' columns only). Its
 gradient is a sparse [n, B] CSR matrix times the [B, d] input (~10 ms against ~100 ms dense), and the
 gradient of b_dec through the encoder is -(colsum G) W_enc, one [n] x [n, d] product, so b_dec need not be
 detached from the encoder input. The decoder's backward is likewise a CSR product plus a sampled
@@ -84,15 +84,15 @@ class EncoderOutput(NamedTuple):
 
     values: [B, k] post-ReLU top-k activations (float, differentiable).
     indices: [B, k] int64 latent ids of the top-k, in no particular order.
-    aux_values, aux_indices: [B, k_aux] the same for AuxK (`auxk_select`): the ReLU of the k_aux largest
-        pre-activations among the dead latents, differentiable, so AuxK trains the encoder of dead latents
-        through a sparse backward like the top-k's; [B, 0] when no dead mask is given or no latent is dead.
+    dead_pre: [B, m] the pre-activations of the m dead latents (in the autocast dtype when one is set),
+        differentiable, so AuxK can train the encoder of dead latents; [B, 0] without a dead mask or a dead latent.
+    dead_ids: [m] int64 the dead latents' ids, in increasing order.
     """
 
     values: Tensor
     indices: Tensor
-    aux_values: Tensor
-    aux_indices: Tensor
+    dead_pre: Tensor
+    dead_ids: Tensor
 
 
 class ForwardOutput(NamedTuple):
@@ -100,7 +100,7 @@ class ForwardOutput(NamedTuple):
 
     x_std, x_hat_std: [B, d] input and reconstruction in the standardised space.
     x_hat: [B, d] reconstruction in raw units, sigma * x_hat_std + mu.
-    values, indices, aux_values, aux_indices: see `EncoderOutput`.
+    values, indices, dead_pre, dead_ids: see `EncoderOutput`.
     mu, sigma: [B, 1] per-row mean and unbiased std (0 and 1 when standardisation is off).
     """
 
@@ -109,8 +109,8 @@ class ForwardOutput(NamedTuple):
     x_hat: Tensor
     values: Tensor
     indices: Tensor
-    aux_values: Tensor
-    aux_indices: Tensor
+    dead_pre: Tensor
+    dead_ids: Tensor
     mu: Tensor
     sigma: Tensor
 
@@ -195,36 +195,16 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, kernel: Decode
     return _SparseDecode.apply(values, indices, W_dec)
 
 
-AUXK_K = 256
-"""Default number k_aux of dead latents used by AuxK (capped at n/2 and at the number dead)."""
-
-
-def auxk_select(pre_acts: Tensor, dead_mask: Tensor, k_aux: int = AUXK_K) -> tuple[Tensor, Tensor]:
-    """ReLU of the k_aux largest pre-activations among dead latents, per row (AuxK's selection).
-
-    k_aux is capped at n // 2 and at the number of dead latents (at least 1 must be dead).
-    Shapes: pre_acts [B, n], dead_mask [n] bool -> (acts [B, k_aux] float32 or wider, indices [B, k_aux]).
-    acts are differentiable in pre_acts.
-    """
-    dead_ids = dead_mask.nonzero().squeeze(1)
-    k_eff = min(k_aux, pre_acts.shape[1] // 2, dead_ids.numel())
-    if k_eff < 1:
-        raise InputError(f"auxk_select needs k_aux >= 1 and a dead latent; got k_aux {k_aux}, {dead_ids.numel()} dead")
-    top, pos = pre_acts.index_select(1, dead_ids).topk(k_eff, dim=1, sorted=False)
-    acts = top.to(torch.promote_types(top.dtype, torch.float32)).relu()
-    return acts, dead_ids[pos]
-
-
 class _TopKEncode(torch.autograd.Function):
-    """z = (x_std - b_dec) W_enc^T + b_enc, top-k, ReLU, and AuxK's selection among dead latents; backward sparse
-    over both selections.
+    """z = (x_std - b_dec) W_enc^T + b_enc, top-k, ReLU, and the columns of z of the dead latents; backward sparse
+    over the top-k, dense over the dead latents' columns.
 
-    Inputs: x_std [B, d], b_dec [d], weight [n, d], bias [n], k, compute_dtype (matmul dtype or None), dead [n]
-    bool or None, k_aux. Outputs: values, indices [B, k]; aux_values, aux_indices [B, k_aux] ([B, 0] without a
-    dead latent). The pre-activations z [B, n] never leave the forward.
-    The gradient G on z is zero outside the selected entries (top-k and AuxK's, summed where a latent is in
-    both), so dL/dW_enc = G^T (x_std - b_dec) is a sparse product, dL/db_enc = colsum(G) and
-    dL/db_dec = -colsum(G) W_enc: with dead latents too, no step forms a dense [B, n] gradient or product.
+    Inputs: x_std [B, d], b_dec [d], weight [n, d], bias [n], k, compute_dtype (matmul dtype or None), dead_ids [m].
+    Outputs: values, indices [B, k]; dead_pre [B, m], z's columns dead_ids. z [B, n] itself never leaves the forward.
+    The top-k path's gradient G is zero outside the selected entries, so its dL/dW_enc = G^T (x_std - b_dec) is a
+    sparse product, dL/db_enc = colsum(G) and dL/db_dec = -colsum(G) W_enc. The gradient on dead_pre (AuxK's) is a
+    dense [B, m] block, whose product with the input, [m, B] x [B, d], updates the dead latents' rows: m x B x d
+    multiply-adds at the speed of a dense matmul (the m dead latents are usually few; at most n).
     """
 
     @staticmethod
@@ -236,46 +216,43 @@ class _TopKEncode(torch.autograd.Function):
         bias: Tensor,
         k: int,
         compute_dtype: torch.dtype | None,
-        dead: Tensor | None,
-        k_aux: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dead_ids: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         x_in = x_std - b_dec
         dtype = compute_dtype or x_in.dtype
         pre_acts = F.linear(x_in.to(dtype), weight.to(dtype), bias.to(dtype))
         top, indices = pre_acts.topk(k, dim=-1, sorted=False)
         values = top.to(x_in.dtype).clamp_min(0.0)
-        if dead is not None and k_aux > 0 and bool(dead.any()):
-            aux_values, aux_indices = auxk_select(pre_acts, dead, k_aux)
-            aux_values = aux_values.to(x_in.dtype)
-        else:
-            aux_values, aux_indices = values.new_zeros(values.shape[0], 0), indices.new_zeros(indices.shape[0], 0)
-        ctx.save_for_backward(x_in, weight, indices, values, aux_indices, aux_values)
-        ctx.mark_non_differentiable(indices, aux_indices)
+        dead_pre = pre_acts.index_select(1, dead_ids)
+        ctx.save_for_backward(x_in, weight, indices, values, dead_ids)
+        ctx.compute_dtype = dtype
+        ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
-        return values, indices, aux_values, aux_indices
+        return values, indices, dead_pre
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any,
-        g_values: Tensor | None,
-        _g_indices: Tensor | None,
-        g_aux: Tensor | None,
-        _g_aux_indices: Tensor | None,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, None, None, None, None]:
-        x_in, weight, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        ctx: Any, g_values: Tensor | None, _g_indices: Tensor | None, g_dead: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, None, None, None]:
+        x_in, weight, indices, values, dead_ids = ctx.saved_tensors
         n = weight.shape[0]
         g_sel = torch.zeros_like(values) if g_values is None else g_values * (values > 0)
-        if g_aux is not None and aux_indices.shape[1]:  # one sparse product for both selections
-            indices = torch.cat([indices, aux_indices], 1)
-            g_sel = torch.cat([g_sel, g_aux * (aux_values > 0)], 1)
         grad_w = sparse_rows_t_matmul(indices, g_sel, x_in, n)
         grad_b = torch.zeros(n, dtype=weight.dtype, device=weight.device)
         grad_b.index_add_(0, indices.reshape(-1), g_sel.reshape(-1).to(weight.dtype))
+        if dead_ids.numel() == 0:
+            g_dead = None
+        if g_dead is not None:
+            cd = ctx.compute_dtype
+            grad_w.index_add_(0, dead_ids, (g_dead.to(cd).T @ x_in.to(cd)).to(weight.dtype))
+            grad_b.index_add_(0, dead_ids, g_dead.sum(0, dtype=weight.dtype))
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, weight, per_sample_weights=g_sel.to(weight.dtype), mode="sum")
+            if g_dead is not None:
+                grad_x = grad_x + g_dead.to(weight.dtype) @ weight.index_select(0, dead_ids)
         grad_b_dec = -(grad_b @ weight) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_b_dec, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_b_dec, grad_w, grad_b, None, None, None
 
 
 def geometric_median(points: Tensor, n_iter: int = 64, tol: float = 1e-10) -> Tensor:
@@ -352,13 +329,16 @@ class TopKSAE(nn.Module):
         sigma = centred.pow(2).sum(dim=-1, keepdim=True).div_(x.shape[-1] - 1).sqrt_()
         return Standardized(centred / (sigma + STD_EPS), mu, sigma)
 
-    def encode(self, x_std: Tensor, dead: Tensor | None = None, k_aux: int = AUXK_K) -> EncoderOutput:
-        """Top-k encoding of standardised rows x_std [B, d]: values, indices [B, k], and with `dead` [n] bool (the
-        dead latents) AuxK's selection of up to k_aux of them per row (`auxk_select`)."""
-        values, indices, aux_values, aux_indices = _TopKEncode.apply(
-            x_std, self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, self.autocast_dtype, dead, k_aux
+    def encode(self, x_std: Tensor, dead: Tensor | None = None) -> EncoderOutput:
+        """Top-k encoding of standardised rows x_std [B, d]: values, indices [B, k]; with `dead` [n] bool (the dead
+        latents, for AuxK) their pre-activations too."""
+        dead_ids = (
+            dead.nonzero().squeeze(1) if dead is not None else torch.zeros(0, dtype=torch.int64, device=x_std.device)
         )
-        return EncoderOutput(values, indices, aux_values, aux_indices)
+        values, indices, dead_pre = _TopKEncode.apply(
+            x_std, self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, self.autocast_dtype, dead_ids
+        )
+        return EncoderOutput(values, indices, dead_pre, dead_ids)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """x^~ = sum_j values[:, j] W_dec[indices[:, j]] + b_dec, a gather of k rows per row.
@@ -367,16 +347,16 @@ class TopKSAE(nn.Module):
         """
         return sparse_decode(values, indices, self.W_dec, self.decoder_kernel) + self.b_dec
 
-    def forward(self, x: Tensor, dead: Tensor | None = None, k_aux: int = AUXK_K) -> ForwardOutput:
+    def forward(self, x: Tensor, dead: Tensor | None = None) -> ForwardOutput:
         """Standardise, encode, decode, de-standardise (docs/METHOD.md section 3). x [B, d] raw rows; `dead` [n]
-        bool and `k_aux`: AuxK's selection, see `encode`.
+        bool: the dead latents, whose pre-activations AuxK needs (see `encode`).
 
         x is cast to the parameters' dtype first (a float16/bfloat16 cache row becomes float32).
         """
         self._check_rows(x)
         x = x.to(self.b_dec.dtype)
         x_std, mu, sigma = self.standardize(x)
-        enc = self.encode(x_std, dead, k_aux)
+        enc = self.encode(x_std, dead)
         x_hat_std = self.decode(enc.values, enc.indices)
         x_hat = x_hat_std * sigma + mu if self.cfg.standardize else x_hat_std
         return ForwardOutput(x_std, x_hat_std, x_hat, *enc, mu, sigma)

@@ -36,7 +36,7 @@ from mlsae_train.distributed import ONE_PROCESS, World, process_group
 from mlsae_train.kernels import resolve_decoder_kernel
 from mlsae_train.lens import SAE_CFG_KEY, Lens, carry_lens, check_lens_fits, load_lens, sae_lens_record
 from mlsae_train.loader import Batch, LoaderConfig, RowLoader
-from mlsae_train.loss import DeadLatentTracker, active_mask, auxk_residual_loss, fvu_per_layer, l0, total_loss
+from mlsae_train.loss import DeadLatentTracker, active_mask, auxk_dead_loss, fvu_per_layer, l0, total_loss
 from mlsae_train.outdir import clear_out, plan_out, resume_config
 from mlsae_train.sae import SaeConfig, TopKSAE
 from mlsae_train.state import METRICS_NAME, save_state, truncate_metrics
@@ -255,7 +255,7 @@ def step_loss(
     """Forward and losses of one step, each loss this rank's share of the global batch's (the whole loss in one
     process). The FVU loss is computed in `loss_space`; beside it the raw-unit FVU, which costs a pass over the
     batch in the standardised space and so is measured only when `measure_raw` (NaN otherwise)."""
-    out = (sae if model is None else model)(x, dead, k_aux)  # AuxK's selection comes with the top-k
+    out = (sae if model is None else model)(x, dead if k_aux else None)  # with the dead latents' pre-activations
     reduce = world.all_reduce
     raw_x = x.to(out.x_hat.dtype)
     if loss_space == "raw":
@@ -270,14 +270,7 @@ def step_loss(
             fvu_raw = torch.full((n_layers,), math.nan, device=x.device)
     l_fvu = fvu_loss[~fvu_loss.isnan()].mean()
     # AuxK: dead latents regress the residual, in the standardised space (docs/METHOD.md, section 4).
-    l_aux = auxk_residual_loss(
-        out.x_std - out.x_hat_std,
-        out.aux_values,
-        out.aux_indices,
-        sae.W_dec,
-        all_reduce=reduce,
-        decoder_kernel=sae.decoder_kernel,
-    )
+    l_aux = auxk_dead_loss(out.x_std - out.x_hat_std, out.dead_pre, out.dead_ids, sae.W_dec, k_aux, all_reduce=reduce)
     return StepLoss(fvu_loss, fvu_raw, l_fvu, l_aux, out)
 
 

@@ -10,8 +10,8 @@ from mlsae_cache.core.errors import InputError, StoreError
 from mlsae_train.loss import (
     AUXK_COEF,
     DeadLatentTracker,
+    auxk_acts,
     auxk_loss,
-    auxk_select,
     dead_fraction,
     fvu_loss,
     fvu_per_layer,
@@ -104,20 +104,20 @@ def hand_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def test_auxk_selects_top_dead_latents() -> None:
+    """Over the dead latents 1, 4, 6: each row's two largest pre-activations, ReLU'd, the third 0."""
     _, pre_acts, dead, _ = hand_case()
-    acts, idx = auxk_select(pre_acts, dead, k_aux=2)
-    order = idx.argsort(1)
-    idx, acts = idx.gather(1, order), acts.gather(1, order)
-    assert idx.tolist() == [[1, 4], [4, 6], [1, 6]]
-    assert acts.tolist() == [[0.5, 2.0], [0.0, 0.25], [1.5, 3.0]]
+    acts = auxk_acts(pre_acts[:, dead], k_aux=2, n_latents=8)
+    assert acts.tolist() == [[0.5, 2.0, 0.0], [0.0, 0.0, 0.25], [1.5, 0.0, 3.0]]
 
 
 @pytest.mark.parametrize(("k_aux", "want"), [(256, 3), (2, 2), (1, 1)], ids=["capped-by-dead", "k_aux", "one"])
 def test_auxk_k_is_capped(k_aux: int, want: int) -> None:
     _, pre_acts, dead, _ = hand_case()
-    assert auxk_select(pre_acts, dead, k_aux)[1].shape == (3, want)
-    all_dead = torch.ones(8, dtype=torch.bool)
-    assert auxk_select(pre_acts, all_dead, 256)[1].shape == (3, 4), "capped at n // 2"
+    positive = pre_acts.abs() + 1  # every selected activation is non-zero
+    assert ((auxk_acts(positive[:, dead], k_aux, 8) > 0).sum(1) == want).all()
+    assert ((auxk_acts(positive, 256, 8) > 0).sum(1) == 4).all(), "capped at n // 2"
+    with pytest.raises(InputError, match="a dead latent"):
+        auxk_acts(positive[:, :0], k_aux, 8)
 
 
 def test_auxk_loss_value_and_gradients() -> None:
