@@ -5,7 +5,7 @@ Run: `.venv/bin/python benchmarks/loader.py [--cache demo_out/cache] [--batches 
 - shuffled rows/s of `RowLoader` (whole chunks in random order, rows permuted in blocks, background reads),
   batches in the stored dtype as the trainer takes them;
 - random (token, layer) row gathers from a raw memory-mapped .npy copy of the same activations (the fastest
-  unshuffled-format baseline; FACTS.md: 2.5-4.3 M rows/s warm), its pages read once before;
+  unshuffled-format baseline; measured at 2.5-4.3 M rows/s warm), its pages read once before;
 both in steady state, the best of two alternating runs each.
 - distinct context windows and layers per batch, against the expectation under i.i.d. sampling of rows.
 """

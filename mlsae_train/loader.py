@@ -1,6 +1,6 @@
 """Shuffled (token, layer) rows from a cache, read chunk by chunk.
 
-Random row gathers through Zarr decode a whole chunk per row (FACTS.md: a few thousand rows/s), so the loader
+Random row gathers through Zarr decode a whole chunk per row (measured: a few thousand rows/s), so the loader
 shuffles at two levels instead:
 1. the units of an epoch, one stored chunk each (a token chunk at one layer), are put in a random order,
    stratified so that every run of n_layers units holds each layer once;

@@ -44,7 +44,7 @@ def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path: Path, smollm2) -> No
     for layer in (0, 11, 28):
         want = hs[layer + 1].reshape(-1, 576).numpy()
         np.testing.assert_allclose(stored[:1024, layer], want, rtol=1e-4, atol=1e-3, err_msg=f"layer {layer}")
-    # Position 0 carries the attention-sink values (FACTS.md) and is not trainable.
+    # Position 0 carries the attention-sink values (norms in the thousands) and is not trainable.
     assert np.abs(stored[0, 11:28]).max() > 5_000
     assert not cache.trainable()[::256].any()
 
