@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mlsae_analyze.latents import LatentChunk, LatentsMeta, LatentsWriter, create_latents, read_latents_meta
+from mlsae_cache.core.allocator import keep_freed_memory
 from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import StoreError
 from mlsae_cache.core.progress import Progress, no_progress
@@ -80,6 +81,7 @@ def encode_chunk(
 def _plan(cfg: EncodeConfig) -> tuple[TopKSAE, Cache, LatentsMeta, Lens | None]:
     sae_dir = resolve_sae(cfg.sae)  # a hub id: its local snapshot
     sae, sae_cfg = load_sae(sae_dir, resolve_device(cfg.device), cfg.allow_unfinished)
+    keep_freed_memory(sae.b_dec.device)  # on a CPU, each batch reuses the last one's pages
     cache = open_cache(cfg.cache)
     layers = tuple(sae_cfg.get("layers") or cache.layers)
     check_compatible(sae, cache, layers)

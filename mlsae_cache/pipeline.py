@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mlsae_cache.config import HarvestConfig
+from mlsae_cache.core.allocator import keep_freed_memory
 from mlsae_cache.core.progress import Progress
 from mlsae_cache.hooks import ResidCapture
 from mlsae_cache.models import LoadedModel, base_model, find_blocks
@@ -67,6 +68,7 @@ class RowMaker:
         self.meta = meta
         model = loaded.model
         self.device = next(model.parameters()).device
+        keep_freed_memory(self.device)  # on a CPU, each forward pass reuses the last one's pages
         self.in_flight = 2 if self.device.type == "cuda" else 1
         self.capture = ResidCapture(
             base_model(model), find_blocks(model), meta.layers, STORAGE_TORCH[meta.storage_dtype], self.in_flight

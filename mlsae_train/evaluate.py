@@ -18,6 +18,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from mlsae_cache.core.allocator import keep_freed_memory
 from mlsae_cache.core.devices import resolve_device
 from mlsae_cache.core.errors import InputError
 from mlsae_cache.core.progress import Progress, no_progress
@@ -159,6 +160,7 @@ def run_eval(
     write the result to cfg.out when given."""
     sae_dir = resolve_sae(cfg.sae)  # a hub id: its local snapshot
     sae, sae_cfg = load_sae(sae_dir, resolve_device(cfg.device), cfg.allow_unfinished)
+    keep_freed_memory(sae.b_dec.device)  # on a CPU, each batch reuses the last one's pages
     cache = Cache(cfg.cache)
     layers = cfg.layers or tuple(sae_cfg.get("layers") or cache.layers)
     lens = lens_of(sae_dir, sae_cfg, sae.b_dec.device)

@@ -24,12 +24,12 @@ from typing import IO, Any, NamedTuple, TypedDict
 import torch
 from torch import nn
 
+from mlsae_cache.core.allocator import keep_freed_memory
 from mlsae_cache.core.errors import Interrupted
 from mlsae_cache.core.lock import StoreLock
 from mlsae_cache.core.outputs import writing
 from mlsae_cache.core.progress import Progress, no_progress
 from mlsae_cache.store import Cache, open_cache
-from mlsae_train.allocator import keep_freed_memory
 from mlsae_train.checkpoint import save_sae
 from mlsae_train.config import TrainConfig
 from mlsae_train.distributed import ONE_PROCESS, World, process_group
@@ -151,8 +151,7 @@ def prepare(
     cache, layers = _open_cache(cfg)
     device = world.device(cfg.device)
     resolve_decoder_kernel(cfg.decoder_kernel, device)  # InputError for `triton` where it cannot run
-    if device.type == "cpu":
-        keep_freed_memory()  # each step reuses the last one's pages (allocator.py)
+    keep_freed_memory(device)  # on a CPU, each step reuses the last one's pages (core/allocator.py)
     sae_cfg = SaeConfig(cache.d_model, cfg.expansion_factor * cache.d_model, cfg.k, cfg.standardize)
     if loader is None:
         loader_cfg = LoaderConfig(

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from mlsae_train.allocator import keep_freed_memory
+from mlsae_cache.core.allocator import keep_freed_memory
 
 SCRIPT = """
 import resource, sys, torch
-from mlsae_train.allocator import keep_freed_memory
+from mlsae_cache.core.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():
