@@ -1,16 +1,19 @@
 """Harvest throughput against a bare forward pass of the same model over the same batches (target >= 0.9).
 
-Run: `.venv/bin/python benchmarks/harvest.py [--tokens 16384] [--repeats 3]`. For each model it times, on the
-same window batches and in alternation, (a) the transformer without hooks and without the LM head, and (b) the
-whole harvest (hooks, range check, float16 conversion, statistics, Zarr writes with checksums) into a temporary
-store; then prints tokens/s of both, their ratio, and bytes on disk per token. The machine's speed drifts over
-tens of seconds (this project's VM: the bare pass alone varies by 10-20% between runs), so besides the ratio of
-the best runs it prints the ratio of each bare run to the harvest run right after it, and their median.
+Run: `.venv/bin/python benchmarks/harvest.py [--tokens 16384] [--repeats 5]`. For each model it times, on the
+same window batches and in alternation (the order reversed every other repeat), (a) the transformer without hooks
+and without the LM head, and (b) the whole harvest (hooks, range check, float16 conversion, statistics, Zarr
+writes with checksums, the store's start-up and finish) into a temporary store; then prints the median (range) of
+tokens/s of both and of the ratio of each pair of adjacent runs, and bytes on disk per token. The machine's speed
+drifts over tens of seconds (the bare pass alone varies by 10-20% between runs on a 2-core VM), which the pairing
+cancels where the best runs of each would not. Both run with the allocator setting harvest uses on a CPU
+(`keep_freed_memory`), set once at the start.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mlsae_cache.config import HarvestConfig
+from mlsae_cache.core.allocator import keep_freed_memory
 from mlsae_cache.harvest import run_harvest
 from mlsae_cache.models import LoadedModel, ModelInfo, base_model, find_blocks, load_model
 from mlsae_cache.store import Cache
@@ -75,33 +79,42 @@ def bench(loaded: LoadedModel, n_tokens: int, repeats: int, ctx: int, batch_size
     bare, harv, size = [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            bare.append(time_bare(loaded, batches))
             cfg = HarvestConfig(
                 out=Path(tmp) / f"c{r}", max_tokens=n, context_length=ctx, batch_windows=batch_size, device="cpu"
             )
-            elapsed, size = time_harvest(loaded, cfg)
-            harv.append(elapsed)
+            for which in ("bare", "harvest") if r % 2 == 0 else ("harvest", "bare"):
+                if which == "bare":
+                    bare.append(time_bare(loaded, batches))
+                else:
+                    elapsed, size = time_harvest(loaded, cfg)
+                    harv.append(elapsed)
             shutil.rmtree(cfg.out)  # each run writes into memory the last one's files gave back, as a long run does
     return {
         "tokens": n,
-        "bare": n / min(bare),
-        "harvest": n / min(harv),
-        "paired": sorted(b / h for b, h in zip(bare, harv, strict=True)),
+        "bare": [n / t for t in bare],
+        "harvest": [n / t for t in harv],
+        "paired": [b / h for b, h in zip(bare, harv, strict=True)],
         "bytes_per_token": size / n,
         "layers": loaded.info.n_layers,
     }
 
 
+def median_range(values: list[float], fmt: str = ",.0f") -> str:
+    """`median (min-max)`."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    keep_freed_memory()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.repeats}, "
-        f"{args.tokens} tokens, context {args.context_length}, batch {args.batch_size}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.repeats} repeats, "
+        f"{args.tokens} tokens, context {args.context_length}, batch {args.batch_size}; load {os.getloadavg()}"
     )
     smol = load_model("smollm2-135m", device="cpu")
     rows = []
@@ -110,17 +123,15 @@ def main() -> None:
         r = bench(loaded, args.tokens, args.repeats, args.context_length, args.batch_size)
         rows.append((name, r))
     print(
-        "| model | layers | bare forward tok/s (best) | harvest tok/s (best) | ratio of bests | "
-        "ratios of adjacent runs (median in bold) | bytes/token on disk |"
+        "| model | layers | bare forward tok/s | harvest tok/s | harvest / bare, adjacent runs | bytes/token on disk |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for name, r in rows:
-        paired = r["paired"]
-        median = statistics.median(paired)
         print(
-            f"| {name} | {r['layers']} | {r['bare']:,.0f} | {r['harvest']:,.0f} | {r['harvest'] / r['bare']:.2f} | "
-            f"{', '.join(f'{p:.2f}' for p in paired)} (**{median:.2f}**) | {r['bytes_per_token']:,.0f} |"
+            f"| {name} | {r['layers']} | {median_range(r['bare'])} | {median_range(r['harvest'])} | "
+            f"**{median_range(r['paired'], '.3f')}** | {r['bytes_per_token']:,.0f} |"
         )
+    print(f"load {os.getloadavg()}")
 
 
 if __name__ == "__main__":
