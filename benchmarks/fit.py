@@ -228,6 +228,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--autocast", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's: one per core)")
     p.add_argument("--part", nargs="+", default=["sweep", "fit"], choices=["sweep", "fit"], help="which tables")
     return p.parse_args()
 
@@ -254,6 +255,8 @@ def sweep_config(args: argparse.Namespace, cache: Path, autocast: str) -> SweepC
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}; load {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
