@@ -131,7 +131,7 @@ def test_fit_checkpoint_stops_cleanly_and_resumes(tmp_path: Path, small_disk: Sm
     small_disk.resize((state + weights + state // 2 + 32 * 1024) // 1024)
     out = small_disk.path / "sae"
     assert_full_disk_line(run(train_main, "fit", random_cache, out, *FIT), out)
-    sae, cfg = load_sae(out, allow_unfinished=True)  # the first checkpoint, whole
+    _, cfg = load_sae(out, allow_unfinished=True)  # the first checkpoint, whole
     assert cfg["rows_trained"] == 1024 and not cfg["finished"]
     assert sorted(p.name for p in out.iterdir()) == sorted([CFG_NAME, METRICS_NAME, WEIGHTS_NAME, STATE_NAME])
     small_disk.resize(16 * 1024)
@@ -150,10 +150,10 @@ def test_a_checkpoint_file_on_a_full_disk_is_an_os_error_naming_it(small_disk: S
     sae = TopKSAE(SaeConfig(d_model=64, n_latents=4096, k=4))
     small_disk.resize(256)
     out = small_disk.path / "sae"
-    with pytest.raises(OSError) as raised:
+    with pytest.raises(OSError, match="No space left") as raised:
         save_sae(sae, out)
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out / WEIGHTS_NAME)
-    with pytest.raises(OSError) as raised:
+    with pytest.raises(OSError, match="No space left") as raised:
         save_state(out, {"model": sae.state_dict()})
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out / STATE_NAME)
     assert list(out.iterdir()) == []
