@@ -25,8 +25,9 @@ chunk c is written first, then its partial statistics; then the two statistics a
 chunk (rather than one running sum) make a re-written chunk idempotent and let shards merge exactly, in a fixed
 order.
 
-Readers outside this module use `Cache` (typed accessors: `tokens`, `trainable`, `activations`, `stored_chunk`,
-`to_xarray`, ...) and the write-side records `Rows` and `TokenRows`; no other module spells an array name.
+The statistics arrays' names and sums live in cachestats.py, part of this owner. Readers outside the two use
+`Cache` (typed accessors: `tokens`, `trainable`, `activations`, `stored_chunk`, `to_xarray`, ...) and the
+write-side records `Rows` and `TokenRows`; no other module spells an array name.
 """
 
 from __future__ import annotations
@@ -41,6 +42,28 @@ from typing import Any, Literal, NamedTuple, cast
 import numpy as np
 import zarr
 
+from mlsae_cache.cachestats import (
+    CHUNK_COUNT as _CHUNK_COUNT,
+)
+from mlsae_cache.cachestats import (
+    CHUNK_SQ as _CHUNK_SQ,
+)
+from mlsae_cache.cachestats import (
+    CHUNK_SUM as _CHUNK_SUM,
+)
+from mlsae_cache.cachestats import (
+    LAYER_MEAN as _LAYER_MEAN,
+)
+from mlsae_cache.cachestats import (
+    LAYER_SQ_NORM as _LAYER_SQ_NORM,
+)
+from mlsae_cache.cachestats import (
+    Partials,
+    Totals,
+    chunk_partials,
+    read_partials,
+    write_statistics,
+)
 from mlsae_cache.core.errors import InputError, StoreError
 from mlsae_cache.core.paths import STORE_KINDS, what_is
 from mlsae_cache.core.records import check_format
@@ -73,9 +96,6 @@ KIND = "cache"
 
 _ACTIVATIONS = "activations"
 _LAYER = "layer"
-_LAYER_MEAN = "layer_mean"
-_LAYER_SQ_NORM = "layer_sq_norm"
-_CHUNK_SUM, _CHUNK_SQ, _CHUNK_COUNT = "chunk_sum", "chunk_sq_norm_sum", "chunk_count"
 
 
 class TokenRows(NamedTuple):
@@ -230,36 +250,6 @@ class Rows:
         return self.activations.transpose(1, 0, 2)
 
 
-PARTIAL_ROWS = 128
-"""Rows widened to float64 at a time by `chunk_partials` (a block that stays in the CPU's cache)."""
-
-
-def chunk_partials(rows: Rows, storage_dtype: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Float64 sums over trainable rows: sum x [n_layers, d_model], sum ||x||^2 [n_layers], count.
-
-    Layer by layer and PARTIAL_ROWS rows at a time, widened into one small float64 buffer, so no float64 copy of
-    a layer is made. Excluded rows are zeroed rather than selected out (a boolean gather costs more than
-    everything else here). numpy widens with SIMD and sums single-threaded, so the bits do not depend on the
-    machine's thread count (shards and resumed runs write the same partials).
-    """
-    trainable = rows.tokens.trainable
-    excluded = ~trainable
-    n_layers, n, d_model = rows.activations.shape
-    sums, sq = np.zeros((n_layers, d_model)), np.zeros(n_layers)
-    buf = np.empty((min(n, PARTIAL_ROWS), d_model))
-    for i in range(n_layers):
-        for a in range(0, n, PARTIAL_ROWS):
-            x, stored = buf[: min(PARTIAL_ROWS, n - a)], rows.activations[i, a : a + PARTIAL_ROWS]
-            np.copyto(x, to_float32(stored, storage_dtype) if storage_dtype == "bfloat16" else stored)
-            x[excluded[a : a + PARTIAL_ROWS]] = 0.0
-            sums[i] += x.sum(axis=0)
-            sq[i] += np.einsum("nd,nd->", x, x)
-    return sums, sq, int(trainable.sum())
-
-
-Partials = tuple[np.ndarray, np.ndarray, int]
-
-
 def _open(path: Path, mode: Literal["r", "r+"]) -> zarr.Group:
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
 
@@ -285,65 +275,13 @@ class CacheChunkWriter(ChunkCommitter[Rows]):
         if not write_raw_chunks(activations, start // ct, rows.activations, direct=self.direct_io):
             activations[start : start + len(rows)] = rows.token_major()
         write_rows_at(self.group, start, rows.tokens._asdict())
-        s, q, c = chunk_partials(rows, self.meta.storage_dtype)
+        s, q, c = chunk_partials(rows.activations, rows.tokens.trainable, self.meta.storage_dtype)
         write_rows_at(self.group, start // ct, {_CHUNK_SUM: s[None], _CHUNK_SQ: q[None], _CHUNK_COUNT: np.asarray([c])})
         return s, q, c
 
     def set_meta(self, **changes: Any) -> None:
         """Replace fields of the root attribute (one atomic write of the group's zarr.json)."""
         self.meta = set_meta(self.group, self.meta, **changes)
-
-
-PARTIAL_BLOCK = 1024
-"""Chunks' partial sums read at a time when they are totalled (memory bounded however many chunks a cache has)."""
-
-
-def read_partials(group: zarr.Group, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The stored partial sums of token chunks [start, stop)."""
-    chunks = slice(start, stop)
-    return (
-        read_array(group, _CHUNK_SUM, chunks),
-        read_array(group, _CHUNK_SQ, chunks),
-        read_array(group, _CHUNK_COUNT, chunks),
-    )
-
-
-@dataclass(frozen=True)
-class Totals:
-    """Sums of per-chunk partial sums, added one chunk after another in chunk order, so that a cache written in
-    one run, several, or shards gets the same bits; O(n_layers x d_model) memory however many chunks."""
-
-    sums: np.ndarray
-    sq: np.ndarray
-    count: int
-
-    def add(self, sums: np.ndarray, sq: np.ndarray, count: int) -> Totals:
-        """These totals plus one more chunk's partials."""
-        return Totals(self.sums + sums, self.sq + sq, self.count + int(count))
-
-    @classmethod
-    def read(cls, group: zarr.Group, n_chunks: int, n_layers: int, d_model: int) -> Totals:
-        """Totals of the stored partial sums of the first `n_chunks` token chunks."""
-        totals = cls(np.zeros((n_layers, d_model)), np.zeros(n_layers), 0)
-        for start in range(0, n_chunks, PARTIAL_BLOCK):
-            for s, q, c in zip(*read_partials(group, start, min(start + PARTIAL_BLOCK, n_chunks)), strict=True):
-                totals = totals.add(s, q, c)
-        return totals
-
-
-def write_statistics(group: zarr.Group, totals: Totals) -> None:
-    """layer_mean and layer_sq_norm from the totals of the chunks' partial sums."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = totals.sums / totals.count if totals.count else np.full(totals.sums.shape, np.nan)
-        sq_norm = totals.sq / totals.count if totals.count else np.full(totals.sq.shape, np.nan)
-    writable(get_array(group, _LAYER_MEAN))[:] = mean
-    writable(get_array(group, _LAYER_SQ_NORM))[:] = sq_norm
-
-
-def finish_statistics(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:
-    """Statistics from the stored partial sums of the chunks holding the first `n_tokens` rows."""
-    n_layers, d_model = get_array(group, _CHUNK_SUM).shape[1:]
-    write_statistics(group, Totals.read(group, math.ceil(n_tokens / chunk_tokens), n_layers, d_model))
 
 
 def resize_store(group: zarr.Group, n_tokens: int, chunk_tokens: int) -> None:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, cast
 import numpy as np
 import zarr
 
+from mlsae_cache.cachestats import Partials, finish_statistics
 from mlsae_cache.config import HarvestConfig
 from mlsae_cache.core.errors import InputError, LockedError, StoreError
 from mlsae_cache.core.lock import StoreLock
@@ -44,11 +45,9 @@ from mlsae_cache.pipeline import HarvestResult, RowMaker, text_batches, write_ro
 from mlsae_cache.store import (
     CacheChunkWriter,
     CacheMeta,
-    Partials,
     Rows,
     create_store,
     existing_cache,
-    finish_statistics,
     read_meta,
     resize_store,
     set_meta,

@@ -21,7 +21,7 @@ STORE_NAMES = {
     "n_layers_active", "locations",
 }  # fmt: skip
 OWNERS = {
-    "mlsae_cache.store", "mlsae_analyze.latents", "mlsae_analyze.results", "mlsae_analyze.explorer.index",
+    "mlsae_cache.store", "mlsae_cache.cachestats", "mlsae_analyze.latents", "mlsae_analyze.results", "mlsae_analyze.explorer.index",
     "mlsae_analyze.delphi",
 }  # fmt: skip
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
+import mlsae_cache.cachestats as cachestats
 import mlsae_cache.rawchunks as rawchunks
 import mlsae_cache.store as store
 from mlsae_cache.core.errors import CorruptError
@@ -94,17 +95,17 @@ def test_direct_chunk_writes_equal_zarr_writes(tmp_path: Path, monkeypatch: pyte
     assert verify(tmp_path / "fast") > 0
 
 
-@pytest.mark.parametrize("n", [64, store.PARTIAL_ROWS * 2 + 44])
+@pytest.mark.parametrize("n", [64, cachestats.PARTIAL_ROWS * 2 + 44])
 def test_partials_equal_a_float64_reference(n: int) -> None:
     """Sums over several blocks of PARTIAL_ROWS rows too."""
     r = rows(n, 3, 24, "float16", 7)
-    sums, sq, count = store.chunk_partials(r, "float16")
+    sums, sq, count = cachestats.chunk_partials(r.activations, r.tokens.trainable, "float16")
     x = r.activations.astype(np.float64)[:, r.tokens.trainable]
     np.testing.assert_array_equal(sums, x.sum(axis=1))  # float16 sums are exact in float64, in any order
     np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
     assert count == r.tokens.trainable.sum()
     b = rows(n, 3, 24, "bfloat16", 7)
-    sums, sq, _ = store.chunk_partials(b, "bfloat16")
+    sums, sq, _ = cachestats.chunk_partials(b.activations, b.tokens.trainable, "bfloat16")
     x = to_float32(b.activations, "bfloat16").astype(np.float64)[:, b.tokens.trainable]
     np.testing.assert_allclose(sums, x.sum(axis=1), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
@@ -193,14 +194,15 @@ def test_statistics_are_chunk_order_totals_however_written(tmp_path: Path, monke
     """A writer keeps totals, not every chunk's partials: one run, a run resumed at each chunk (its last, partial
     chunk rewritten), and finish_statistics (shards; partials read PARTIAL_BLOCK chunks at a time) give the same
     bits as the partials summed in chunk order."""
-    monkeypatch.setattr(store, "PARTIAL_BLOCK", 2)
+    monkeypatch.setattr(cachestats, "PARTIAL_BLOCK", 2)
     meta = CacheMeta(
         d_model=24, layers=(0, 1, 2), model={}, dataset={}, context_length=8, storage_dtype="float32",
         fingerprint="f", chunk_tokens=64,
     )  # fmt: skip
     sizes = (64, 64, 30, 64, 64, 40)  # the third commit is a partial chunk that the fourth rewrites whole
     starts = (0, 64, 128, 128, 192, 256)
-    partials = [store.chunk_partials(rows(n, 3, 24, "float32", i), "float32") for i, n in enumerate(sizes)]
+    written = [rows(n, 3, 24, "float32", i) for i, n in enumerate(sizes)]
+    partials = [cachestats.chunk_partials(r.activations, r.tokens.trainable, "float32") for r in written]
     kept = [partials[i] for i in (0, 1, 3, 4, 5)]
     want = (sum((p[0] for p in kept), np.zeros((3, 24))), sum((p[1] for p in kept), np.zeros(3)))
     for name, reopen in (("one", False), ("resumed", True)):
@@ -213,5 +215,5 @@ def test_statistics_are_chunk_order_totals_however_written(tmp_path: Path, monke
         count = sum(p[2] for p in kept)
         np.testing.assert_array_equal(cache.layer_mean(), want[0] / count)
         np.testing.assert_array_equal(cache.layer_sq_norm(), want[1] / count)
-    store.finish_statistics(zarr.open_group(str(tmp_path / "one"), mode="r+"), 296, 64)
+    cachestats.finish_statistics(zarr.open_group(str(tmp_path / "one"), mode="r+"), 296, 64)
     np.testing.assert_array_equal(Cache(tmp_path / "one").layer_mean(), want[0] / count)
