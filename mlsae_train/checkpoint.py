@@ -31,13 +31,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mlsae_cache.core.checksums import check_file, check_seal, file_crc32c, seal
+from mlsae_cache.core.checksums import check_weights_record, file_crc32c, seal
 from mlsae_cache.core.errors import CorruptError, InputError, LockedError, NotFoundError, StoreError
 from mlsae_cache.core.lock import StoreLock
 from mlsae_cache.core.outputs import replace_file
 from mlsae_cache.core.paths import SWAPPED, is_mlsae, what_is
 from mlsae_cache.core.verifying import Verified
 from mlsae_train.sae import SaeConfig, TopKSAE
+from mlsae_train.state import load_state, state_exists
 
 log = logging.getLogger(__name__)
 
@@ -228,25 +229,21 @@ def load_sae(
 def check_checksums(path: Path, cfg: dict[str, Any]) -> list[str]:
     """Check the seal of cfg.json (`cfg`, read from checkpoint directory `path`) and the crc32c it records of
     sae.safetensors; CorruptError naming the file that does not match. Returns notes on what carries no checksum."""
-    notes = []
-    if not check_seal(cfg, path / CFG_NAME, RESAVE, SEALED_KEYS):
-        notes.append(
-            f"{path / CFG_NAME} carries no crc32c (an older or hand-written checkpoint): its values were "
-            "checked for consistency only"
-        )
-    if isinstance(cfg.get(WEIGHTS_CRC), str):
-        check_file(path / WEIGHTS_NAME, cfg[WEIGHTS_CRC], f"{path / CFG_NAME}", RESAVE)
-    else:
-        notes.append(
-            f"{path / CFG_NAME} records no crc32c of {WEIGHTS_NAME} (an older or hand-written checkpoint): "
-            "its tensors were read and their shapes checked, their values could not be"
-        )
-    return notes
+    return check_weights_record(
+        cfg,
+        path / CFG_NAME,
+        path / WEIGHTS_NAME,
+        WEIGHTS_CRC,
+        SEALED_KEYS,
+        RESAVE,
+        "an older or hand-written checkpoint",
+    )
 
 
 def verify_sae(path: Path) -> Verified:
     """Check the checkpoint directory `path` whole: cfg.json's seal and the crc32c of sae.safetensors first (so any
-    damage is a CorruptError naming the file), then a full load, and the lens it carries (lens.verify_lens)."""
+    damage is a CorruptError naming the file), then a full load, the trainer state where there is one
+    (state.load_state checks its crc32c), and the lens it carries (lens.verify_lens)."""
     from mlsae_train.lens import SAE_LENS_DIR, has_lens, lens_of, verify_lens
 
     cfg = _read_cfg(path)
@@ -256,6 +253,12 @@ def verify_sae(path: Path) -> Verified:
     except StoreError as e:  # damage in a checkpoint without checksums, found by reading it
         raise CorruptError(str(e)) from e
     checked = 2
+    if state_exists(path):  # the trainer state a resume reads, its own checksum checked
+        try:
+            load_state(path)
+        except StoreError as e:
+            raise CorruptError(str(e)) from e
+        checked += 1
     if has_lens(cfg):
         lens = verify_lens(path / SAE_LENS_DIR)
         lens_of(path, cfg)  # the copy is the lens cfg.json names

@@ -30,6 +30,8 @@ from mlsae_cache.core.verifying import STORE_VERIFIERS, verifier
 from mlsae_cache.store import open_cache
 from mlsae_train.checkpoint import load_sae
 from mlsae_train.lens import Lens, load_lens, save_lens
+from mlsae_train.state import load_state, save_state
+from mlsae_train.trainer import make_optimizer
 from tests.explorer.stores import make_stores
 
 
@@ -56,8 +58,9 @@ def read_index(path: Path) -> dict[str, Any]:
 
 
 def read_sae(path: Path) -> dict[str, Any]:
+    """The SAE as eval and encode load it, and the trainer state as a resumed fit loads it."""
     sae, cfg = load_sae(path)
-    return {"state": sae.state_dict(), "cfg": cfg}
+    return {"state": sae.state_dict(), "cfg": cfg, "trainer": load_state(path)}
 
 
 def read_lens(path: Path) -> dict[str, Any]:
@@ -110,6 +113,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     root = tmp_path_factory.mktemp("corruption")
     s = make_stores(root / "stores", chunk_tokens=320)
     run_index(IndexConfig(s.latents, root / "index", s.variance, s.sae))
+    sae, _ = load_sae(s.sae)  # a trainer state beside it, as fit leaves one: weights and Adam's after a step
+    optimizer = make_optimizer(sae.parameters(), 1e-4)
+    sum(p.square().sum() for p in sae.parameters()).backward()
+    optimizer.step()
+    save_state(s.sae, {"rows": 1024, "step": 1, "model": sae.state_dict(), "optimizer": optimizer.state_dict()})
     g = torch.Generator().manual_seed(0)
     save_lens(Lens((0, 1, 2, 3), 0.1 * torch.randn(4, 32, 32, generator=g), torch.zeros(4, 32)), root / "lens", {})
     stores = {"cache": s.cache, "latents": s.latents, "variance": s.variance, "index": root / "index",
@@ -155,7 +163,7 @@ def _layout() -> dict[str, dict[str, str]]:
         if kind == "variance":
             files["summary"] = "summary.json"
         out[kind] = files
-    out["sae"] = {"cfg": "cfg.json", "weights": "sae.safetensors"}
+    out["sae"] = {"cfg": "cfg.json", "weights": "sae.safetensors", "trainer-state": "trainer_state.pt"}
     out["lens"] = {"cfg": "cfg.json", "weights": "lens.safetensors"}
     return out
 
