@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mlsae_cache.core.checksums import check_file, check_seal, file_crc32c, seal
+from mlsae_cache.core.checksums import check_weights_record, file_crc32c, seal
 from mlsae_cache.core.errors import CorruptError, InputError, NotFoundError, StoreError
 from mlsae_cache.core.outputs import replace_file
 from mlsae_cache.core.paths import what_is
@@ -205,19 +205,9 @@ def load_lens(path: Path | str, device: torch.device | str = "cpu") -> Lens:
 def check_checksums(path: Path, cfg: dict[str, Any]) -> list[str]:
     """Check the seal of cfg.json (`cfg`, read from lens directory `path`) and the crc32c it records of
     lens.safetensors; CorruptError naming the file that does not match. Returns notes on what carries no checksum."""
-    notes = []
-    if not check_seal(cfg, path / CFG_NAME, RETRAIN, SEALED_KEYS):
-        notes.append(
-            f"{path / CFG_NAME} carries no crc32c (an older lens): its values were checked for consistency only"
-        )
-    if isinstance(cfg.get(WEIGHTS_CRC), str):
-        check_file(path / WEIGHTS_NAME, cfg[WEIGHTS_CRC], f"{path / CFG_NAME}", RETRAIN)
-    else:
-        notes.append(
-            f"{path / CFG_NAME} records no crc32c of {WEIGHTS_NAME} (an older lens): its tensors were read "
-            "and their shapes checked, their values could not be"
-        )
-    return notes
+    return check_weights_record(
+        cfg, path / CFG_NAME, path / WEIGHTS_NAME, WEIGHTS_CRC, SEALED_KEYS, RETRAIN, "an older lens"
+    )
 
 
 def verify_lens(path: Path) -> Verified:

@@ -74,6 +74,25 @@ def check_seal(record: dict[str, Any], where: Path | str, remake: str, keys: Ite
     return True
 
 
+def check_weights_record(
+    record: dict[str, Any], where: Path, weights: Path, crc_key: str, sealed: Iterable[str], remake: str, older: str
+) -> list[str]:
+    """Check a weights file's cfg.json: `record` (read from `where`) against its seal over the `sealed` keys, and the
+    file `weights` against the crc32c the record keeps under `crc_key`; CorruptError naming the file that does not
+    match. Returns notes on what carries no checksum (`older`: what such a record is, e.g. "an older lens")."""
+    notes = []
+    if not check_seal(record, where, remake, sealed):
+        notes.append(f"{where} carries no crc32c ({older}): its values were checked for consistency only")
+    if isinstance(record.get(crc_key), str):
+        check_file(weights, record[crc_key], str(where), remake)
+    else:
+        notes.append(
+            f"{where} records no crc32c of {weights.name} ({older}): its tensors were read and their shapes "
+            "checked, their values could not be"
+        )
+    return notes
+
+
 def write_manifest(directory: Path) -> None:
     """Record the size and crc32c of every file under `directory` in its MANIFEST (call it last: a file written
     afterwards would not match)."""
