@@ -21,8 +21,8 @@ STORE_NAMES = {
     "n_layers_active", "locations",
 }  # fmt: skip
 OWNERS = {
-    "mlsae_cache.store", "mlsae_cache.cachestats", "mlsae_analyze.latents", "mlsae_analyze.results", "mlsae_analyze.explorer.index",
-    "mlsae_analyze.delphi",
+    "mlsae_cache.store", "mlsae_cache.cachestats", "mlsae_analyze.latents", "mlsae_analyze.results",
+    "mlsae_analyze.explorer.index", "mlsae_analyze.delphi",
 }  # fmt: skip
 
 
