@@ -218,12 +218,19 @@ def load_sae(
     cfg = _read_cfg(path)
     if not allow_unfinished:
         check_finished(path, cfg)
+    return _sae_from(path, cfg).to(device), cfg
+
+
+def _sae_from(path: Path, cfg: dict[str, Any], check: bool = True) -> TopKSAE:
+    """The SAE of checkpoint directory `path` whose cfg.json is `cfg`: its tensors read and their shapes checked,
+    then (unless the caller has, `check` False) cfg.json's seal and the weights file's crc32c."""
     sae_cfg = _sae_config(cfg, path / CFG_NAME)
     tensors = _read_tensors(path, cfg.get("save_id"), expected_shapes(sae_cfg))
-    check_checksums(path, cfg)
+    if check:
+        check_checksums(path, cfg)
     sae = TopKSAE(sae_cfg)
     sae.load_state_dict(tensors)
-    return sae.to(device), cfg
+    return sae
 
 
 def check_checksums(path: Path, cfg: dict[str, Any]) -> list[str]:
@@ -249,7 +256,7 @@ def verify_sae(path: Path) -> Verified:
     cfg = _read_cfg(path)
     notes = check_checksums(path, cfg)
     try:
-        _, cfg = load_sae(path, allow_unfinished=True)
+        _sae_from(path, cfg, check=False)  # the checksums were just checked: the weights file is read once more
     except StoreError as e:  # damage in a checkpoint without checksums, found by reading it
         raise CorruptError(str(e)) from e
     checked = 2
