@@ -87,12 +87,15 @@ class EncoderOutput(NamedTuple):
     dead_pre: [B, m] the pre-activations of the m dead latents (in the autocast dtype when one is set),
         differentiable, so AuxK can train the encoder of dead latents; [B, 0] without a dead mask or a dead latent.
     dead_ids: [m] int64 the dead latents' ids, in increasing order.
+    layout: the latent-major order of `indices` (`SparseLayout`), which the backward of the encoder and of a
+        decode of these codes share; built only when the encoder's parameters need a gradient, else None.
     """
 
     values: Tensor
     indices: Tensor
     dead_pre: Tensor
     dead_ids: Tensor
+    layout: SparseLayout | None = None
 
 
 class ForwardOutput(NamedTuple):
@@ -115,47 +118,71 @@ class ForwardOutput(NamedTuple):
     sigma: Tensor
 
 
-def sparse_rows_t_matmul(indices: Tensor, weights: Tensor, dense: Tensor, n_latents: int) -> Tensor:
-    """S^T @ dense for the sparse S [B, n] with S[r, indices[r, j]] = weights[r, j] (summed where an index repeats
-    within a row).
+class SparseLayout(NamedTuple):
+    """The (row, slot) pairs of indices [B, m] in latent-major order: the CSR pattern of S^T [n, B], where S [B, n]
+    has S[r, indices[r, j]] != 0. Built by `sparse_layout`, once per step, for the three sparse products of a
+    training step's backward (both weight gradients and the decoder's SDDMM).
 
-    Shapes: indices [B, m] int64, weights [B, m], dense [B, d] -> [n, d].
-    Built as a CSR matrix [n, B] whose row i lists the rows r that selected latent i; cost O(B m d).
+    order: [B m] int64, the flat positions r m + j sorted by latent, stably (so each latent's rows increase).
+    rows: [B m] int64, the row r of each position in `order` (S^T's column indices).
+    crow: [n + 1] int64, latent i owning order[crow[i]:crow[i + 1]] (S^T's row offsets).
     """
+
+    order: Tensor
+    rows: Tensor
+    crow: Tensor
+
+
+def sparse_layout(indices: Tensor, n_latents: int) -> SparseLayout:
+    """The latent-major layout of indices [B, m] int64 in [0, n_latents); see `SparseLayout`."""
     flat = indices.reshape(-1)
     # A stable sort keeps each latent's row ids increasing, as CSR column indices must be. int32 keys
     # sort faster than int64 ones (8 against 10 ms for 131k ids on 2 idle cores; 100 against 170 ms on
     # busy ones).
     keys = flat.to(torch.int32) if n_latents < 2**31 else flat
     order = torch.sort(keys, stable=True).indices
-    rows = torch.div(order, indices.shape[1], rounding_mode="floor")
+    rows = torch.div(order, max(indices.shape[1], 1), rounding_mode="floor")
     crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=flat.device)
     crow[1:] = torch.cumsum(torch.bincount(flat, minlength=n_latents), 0)
-    vals = weights.reshape(-1)[order].to(dense.dtype)
+    return SparseLayout(order, rows, crow)
+
+
+def _csr_t(layout: SparseLayout, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """S^T [n, B] as a CSR tensor with the pattern of `layout` and `values` [B m] given in (row, slot) order."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        s_t = torch.sparse_csr_tensor(crow, rows, vals, (n_latents, dense.shape[0]), check_invariants=False)
-        return torch.sparse.mm(s_t, dense)
-
-
-def gather_dots(indices: Tensor, dense: Tensor, weight: Tensor) -> Tensor:
-    """out[r, j] = weight[indices[r, j]] . dense[r], without forming the [B, m, d] gather.
-
-    A sampled dense-dense product (SDDMM) on the CSR pattern of `indices`, whose column indices are
-    sorted within each row first, as CSR requires. Shapes: indices [B, m], dense [B, d], weight [n, d]
-    -> [B, m].
-    """
-    b, m = indices.shape
-    sorted_idx, order = indices.sort(dim=1)
-    crow = torch.arange(0, b * m + 1, m, device=indices.device)
-    ones = torch.ones(b * m, dtype=dense.dtype, device=dense.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(
-            crow, sorted_idx.reshape(-1), ones, (b, weight.shape[0]), check_invariants=False
+        return torch.sparse_csr_tensor(
+            layout.crow, layout.rows, values.reshape(-1)[layout.order], shape, check_invariants=False
         )
-        dots = torch.sparse.sampled_addmm(pattern, dense, weight.T.to(dense.dtype), beta=0.0)
-    return torch.empty_like(dots.values()).view(b, m).scatter_(1, order, dots.values().view(b, m))
+
+
+def sparse_rows_t_matmul(layout: SparseLayout, weights: Tensor, dense: Tensor) -> Tensor:
+    """S^T @ dense for the sparse S [B, n] with S[r, indices[r, j]] = weights[r, j] (summed where an index repeats
+    within a row), `layout` being `sparse_layout(indices, n)`.
+
+    Shapes: weights [B, m], dense [B, d] -> [n, d]. A CSR matrix [n, B] times dense; cost O(B m d).
+    """
+    n = layout.crow.shape[0] - 1
+    return torch.sparse.mm(_csr_t(layout, weights.to(dense.dtype), (n, dense.shape[0])), dense)
+
+
+def gather_dots(layout: SparseLayout, dense: Tensor, weight: Tensor) -> Tensor:
+    """out[r, j] = weight[indices[r, j]] . dense[r], without forming the [B, m, d] gather; `layout` is
+    `sparse_layout(indices, n)`.
+
+    A sampled dense-dense product (SDDMM) on the pattern of S^T: weight [n, d] times dense^T, whose column indices
+    `layout` keeps sorted within each latent; the dots are then put back in (row, slot) order. (On S's own
+    pattern the indices of each row would have to be sorted first: measured 3.8 against 2.6 ms on 2 cores at
+    B 4,096, m 32, d 576, with the same bits.) Shapes: dense [B, d], weight [n, d] -> [B m], flat in (row, slot)
+    order.
+    """
+    b, n = dense.shape[0], weight.shape[0]
+    ones = torch.ones(layout.order.shape[0], dtype=dense.dtype, device=dense.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(layout.crow, layout.rows, ones, (n, b), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, weight.to(dense.dtype), dense.T, beta=0.0).values()
+    return torch.empty_like(dots).index_copy_(0, layout.order, dots)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -164,43 +191,59 @@ class _SparseDecode(torch.autograd.Function):
     Shapes: values [B, m], indices [B, m] int64 (distinct within a row), weight [n, d] -> y [B, d].
     dL/dweight = S^T g (sparse CSR product) and dL/dvalues[r, j] = weight[indices[r, j]] . g[r] (SDDMM).
     Measured on 2 cores (B 4096, d 576, n 4608), forward + backward: m 32, 32 ms (as F.embedding_bag);
-    m 256 (AuxK), 190 ms against 220 ms for F.embedding_bag's own backward.
+    m 256 (AuxK), 190 ms against 220 ms for F.embedding_bag's own backward. `layout`: `sparse_layout(indices, n)`
+    when the caller has it (the encoder's), else the backward builds it once for both products.
     """
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, values: Tensor, indices: Tensor, weight: Tensor, layout: SparseLayout | None = None
+    ) -> Tensor:
         ctx.save_for_backward(values, indices, weight)
+        ctx.layout = layout
         return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, None, Tensor | None, None]:
         values, indices, weight = ctx.saved_tensors
-        grad_values = gather_dots(indices, grad, weight) if ctx.needs_input_grad[0] else None
+        layout = ctx.layout if ctx.layout is not None else sparse_layout(indices, weight.shape[0])
+        grad_values = gather_dots(layout, grad, weight).view_as(values) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[2]:
-            grad_weight = sparse_rows_t_matmul(indices, values, grad, weight.shape[0]).to(weight.dtype)
-        return grad_values, None, grad_weight
+            grad_weight = sparse_rows_t_matmul(layout, values, grad).to(weight.dtype)
+        return grad_values, None, grad_weight, None
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, kernel: DecoderKernel = "auto") -> Tensor:
+def sparse_decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    kernel: DecoderKernel = "auto",
+    layout: SparseLayout | None = None,
+) -> Tensor:
     """sum_j values[:, j] W_dec[indices[:, j]]: values [B, m], indices [B, m] -> [B, d]; no bias added.
 
     `kernel` picks the implementation (kernels.resolve_decoder_kernel): `auto` runs the Triton kernels
     (kernels.py) on a CUDA device when triton is installed and `_SparseDecode` otherwise; `triton` insists
-    (InputError where it cannot run); `eager` is always `_SparseDecode`.
+    (InputError where it cannot run); `eager` is always `_SparseDecode`. `layout`, `sparse_layout(indices, n)`
+    if the caller has it, spares `_SparseDecode`'s backward building it again (the Triton kernels sort their own).
     """
     values = values.to(W_dec.dtype)
     if resolve_decoder_kernel(kernel, W_dec.device) == "triton":
         return TritonSparseDecode.apply(values, indices, W_dec)
-    return _SparseDecode.apply(values, indices, W_dec)
+    return _SparseDecode.apply(values, indices, W_dec, layout)
 
 
 class _TopKEncode(torch.autograd.Function):
     """z = (x_std - b_dec) W_enc^T + b_enc, top-k, ReLU, and the columns of z of the dead latents; backward sparse
     over the top-k, dense over the dead latents' columns.
 
-    Inputs: x_std [B, d], b_dec [d], weight [n, d], bias [n], k, compute_dtype (matmul dtype or None), dead_ids [m].
-    Outputs: values, indices [B, k]; dead_pre [B, m], z's columns dead_ids. z [B, n] itself never leaves the forward.
+    Inputs: x_std [B, d], b_dec [d], weight [n, d], bias [n], k, compute_dtype (matmul dtype or None), dead_ids [m],
+    with_layout (build the `SparseLayout` of the top-k; the backward needs it).
+    Outputs: values, indices [B, k]; dead_pre [B, m], z's columns dead_ids; the layout's order, rows and crow (empty
+    without with_layout). z [B, n] itself never leaves the forward.
     The top-k path's gradient G is zero outside the selected entries, so its dL/dW_enc = G^T (x_std - b_dec) is a
     sparse product, dL/db_enc = colsum(G) and dL/db_dec = -colsum(G) W_enc. The gradient on dead_pre (AuxK's) is a
     dense [B, m] block, whose product with the input, [m, B] x [B, d], updates the dead latents' rows: m x B x d
@@ -217,27 +260,32 @@ class _TopKEncode(torch.autograd.Function):
         k: int,
         compute_dtype: torch.dtype | None,
         dead_ids: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        with_layout: bool,
+    ) -> tuple[Tensor, ...]:
         x_in = x_std - b_dec
         dtype = compute_dtype or x_in.dtype
         pre_acts = F.linear(x_in.to(dtype), weight.to(dtype), bias.to(dtype))
         top, indices = pre_acts.topk(k, dim=-1, sorted=False)
         values = top.to(x_in.dtype).clamp_min(0.0)
         dead_pre = pre_acts.index_select(1, dead_ids)
-        ctx.save_for_backward(x_in, weight, indices, values, dead_ids)
+        no_ids = indices.new_zeros(0)
+        layout = sparse_layout(indices, weight.shape[0]) if with_layout else SparseLayout(no_ids, no_ids, no_ids)
+        ctx.save_for_backward(x_in, weight, indices, values, dead_ids, *layout)
         ctx.compute_dtype = dtype
-        ctx.mark_non_differentiable(indices)
+        ctx.with_layout = with_layout
+        ctx.mark_non_differentiable(indices, *layout)
         ctx.set_materialize_grads(False)
-        return values, indices, dead_pre
+        return values, indices, dead_pre, *layout
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any, g_values: Tensor | None, _g_indices: Tensor | None, g_dead: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, None, None, None]:
-        x_in, weight, indices, values, dead_ids = ctx.saved_tensors
+        ctx: Any, g_values: Tensor | None, _g_indices: Tensor | None, g_dead: Tensor | None, *_g_layout: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x_in, weight, indices, values, dead_ids, *saved_layout = ctx.saved_tensors
         n = weight.shape[0]
+        layout = SparseLayout(*saved_layout) if ctx.with_layout else sparse_layout(indices, n)
         g_sel = torch.zeros_like(values) if g_values is None else g_values * (values > 0)
-        grad_w = sparse_rows_t_matmul(indices, g_sel, x_in, n)
+        grad_w = sparse_rows_t_matmul(layout, g_sel, x_in)
         grad_b = torch.zeros(n, dtype=weight.dtype, device=weight.device)
         grad_b.index_add_(0, indices.reshape(-1), g_sel.reshape(-1).to(weight.dtype))
         if dead_ids.numel() == 0:
@@ -252,7 +300,7 @@ class _TopKEncode(torch.autograd.Function):
             if g_dead is not None:
                 grad_x = grad_x + g_dead.to(weight.dtype) @ weight.index_select(0, dead_ids)
         grad_b_dec = -(grad_b @ weight) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_b_dec, grad_w, grad_b, None, None, None
+        return grad_x, grad_b_dec, grad_w, grad_b, None, None, None, None
 
 
 def geometric_median(points: Tensor, n_iter: int = 64, tol: float = 1e-10) -> Tensor:
@@ -335,17 +383,20 @@ class TopKSAE(nn.Module):
         dead_ids = (
             dead.nonzero().squeeze(1) if dead is not None else torch.zeros(0, dtype=torch.int64, device=x_std.device)
         )
-        values, indices, dead_pre = _TopKEncode.apply(
-            x_std, self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, self.autocast_dtype, dead_ids
+        weight = self.encoder.weight
+        with_layout = torch.is_grad_enabled() and weight.requires_grad  # only a backward reads the layout
+        values, indices, dead_pre, *layout = _TopKEncode.apply(
+            x_std, self.b_dec, weight, self.encoder.bias, self.cfg.k, self.autocast_dtype, dead_ids, with_layout
         )
-        return EncoderOutput(values, indices, dead_pre, dead_ids)
+        return EncoderOutput(values, indices, dead_pre, dead_ids, SparseLayout(*layout) if with_layout else None)
 
-    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+    def decode(self, values: Tensor, indices: Tensor, layout: SparseLayout | None = None) -> Tensor:
         """x^~ = sum_j values[:, j] W_dec[indices[:, j]] + b_dec, a gather of k rows per row.
 
-        Shapes: values [B, k] float, indices [B, k] int64 -> [B, d] (standardised space).
+        Shapes: values [B, k] float, indices [B, k] int64 -> [B, d] (standardised space). `layout`: the
+        encoder's `sparse_layout` of indices, which the backward then shares (see `sparse_decode`).
         """
-        return sparse_decode(values, indices, self.W_dec, self.decoder_kernel) + self.b_dec
+        return sparse_decode(values, indices, self.W_dec, self.decoder_kernel, layout) + self.b_dec
 
     def forward(self, x: Tensor, dead: Tensor | None = None) -> ForwardOutput:
         """Standardise, encode, decode, de-standardise (docs/METHOD.md section 3). x [B, d] raw rows; `dead` [n]
@@ -357,9 +408,9 @@ class TopKSAE(nn.Module):
         x = x.to(self.b_dec.dtype)
         x_std, mu, sigma = self.standardize(x)
         enc = self.encode(x_std, dead)
-        x_hat_std = self.decode(enc.values, enc.indices)
+        x_hat_std = self.decode(enc.values, enc.indices, enc.layout)
         x_hat = x_hat_std * sigma + mu if self.cfg.standardize else x_hat_std
-        return ForwardOutput(x_std, x_hat_std, x_hat, *enc, mu, sigma)
+        return ForwardOutput(x_std, x_hat_std, x_hat, enc.values, enc.indices, enc.dead_pre, enc.dead_ids, mu, sigma)
 
     def _check_rows(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.cfg.d_model:
