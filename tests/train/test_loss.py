@@ -200,3 +200,17 @@ def test_metrics() -> None:
     W_dec = torch.eye(4)
     atoms = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     assert mean_max_cosine(atoms, W_dec).item() == pytest.approx((1.0 + 2**-0.5) / 2)
+
+
+def test_fvu_gradient_matches_autograd_of_the_formula(batch: tuple) -> None:
+    """The hand-written backward of the FVU's numerator against autograd through the plain formula, in float64."""
+    x, x_hat, layer = batch
+    leaf = x_hat.clone().requires_grad_()
+    (got,) = torch.autograd.grad(fvu_loss(x, leaf, layer, 6), [leaf])
+    per_layer = []
+    for l_id in (0, 2, 3):  # the layers with a defined FVU
+        rows = layer == l_id
+        den = (x[rows] - x[rows].mean(0)).pow(2).sum()
+        per_layer.append((x[rows] - leaf[rows]).pow(2).sum() / den)
+    (want,) = torch.autograd.grad(torch.stack(per_layer).mean(), [leaf])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
