@@ -268,8 +268,10 @@ def step_loss(
         else:
             fvu_raw = torch.full((n_layers,), math.nan, device=x.device)
     l_fvu = fvu_loss[~fvu_loss.isnan()].mean()
-    # AuxK: dead latents regress the residual, in the standardised space (docs/METHOD.md, section 4).
-    l_aux = auxk_dead_loss(out.x_std - out.x_hat_std, out.dead_pre, out.dead_ids, sae.W_dec, k_aux, all_reduce=reduce)
+    # AuxK: dead latents regress the residual, in the standardised space (docs/METHOD.md, section 4); the residual
+    # is not formed when no latent is dead (auxk_dead_loss is then 0 whatever it gets)
+    residual = out.x_std - out.x_hat_std if out.dead_ids.numel() else out.x_std
+    l_aux = auxk_dead_loss(residual, out.dead_pre, out.dead_ids, sae.W_dec, k_aux, all_reduce=reduce)
     return StepLoss(fvu_loss, fvu_raw, l_fvu, l_aux, out)
 
 
