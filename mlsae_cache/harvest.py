@@ -255,5 +255,6 @@ def _harvest_here(
             exhausted = write_rows(writer.commit, batches, maker, progress, writer.resume_token, cfg.max_tokens)
         except KeyboardInterrupt:
             raise interrupted(out, writer.meta.n_tokens, "tokens") from None
+        writer.trim()
         writer.set_meta(complete=True, exhausted=exhausted)
     return _finished(out, writer.meta)

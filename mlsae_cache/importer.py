@@ -145,6 +145,7 @@ def import_array(
                 digest.update(np.ascontiguousarray(given))
                 writer.commit(start, _rows(given, ids, start, ctx, dtype))
                 progress(given.shape[0])
+            writer.trim()
             writer.set_meta(complete=True, exhausted=True, fingerprint=digest.hexdigest()[:16])
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; the partial cache was removed from {out}: re-run the same command") from None
