@@ -53,6 +53,10 @@ def pythia70m_shape(tokenizer_source: LoadedModel) -> LoadedModel:
     return LoadedModel(model, tok, info)
 
 
+MODELS = {"smollm2": "smollm2-135m", "pythia-shape": "pythia-70m shape (random)"}
+"""--models: the embedded SmolLM2-135M, and a random GPT-NeoX of Pythia-70m's shape with SmolLM2's tokenizer."""
+
+
 def time_bare(loaded: LoadedModel, batches: list[torch.Tensor]) -> float:
     body = base_model(loaded.model)
     start = time.perf_counter()
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--context-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="which models")
     args = parser.parse_args()
     keep_freed_memory()
     print(
@@ -118,7 +123,8 @@ def main() -> None:
     )
     smol = load_model("smollm2-135m", device="cpu")
     rows = []
-    for name, loaded in (("smollm2-135m", smol), ("pythia-70m shape (random)", pythia70m_shape(smol))):
+    for key in args.models:
+        name, loaded = MODELS[key], smol if key == "smollm2" else pythia70m_shape(smol)
         assert len(find_blocks(loaded.model)) == loaded.info.n_layers
         r = bench(loaded, args.tokens, args.repeats, args.context_length, args.batch_size)
         rows.append((name, r))
