@@ -217,3 +217,30 @@ def test_statistics_are_chunk_order_totals_however_written(tmp_path: Path, monke
         np.testing.assert_array_equal(cache.layer_sq_norm(), want[1] / count)
     cachestats.finish_statistics(zarr.open_group(str(tmp_path / "one"), mode="r+"), 296, 64)
     np.testing.assert_array_equal(Cache(tmp_path / "one").layer_mean(), want[0] / count)
+
+
+def test_arrays_grow_ahead_and_a_run_ends_trimmed(tmp_path: Path) -> None:
+    """A writer grows its arrays to twice their length when a chunk does not fit, so they may hold more rows than
+    are committed while it runs: readers and verify then see the committed rows only. `trim` sets every growing
+    array to the committed rows (tokens along `token`, the chunks they fill along `token_chunk`)."""
+    path = tmp_path / "c"
+    meta = CacheMeta(
+        d_model=24, layers=(0, 1, 2), model={}, dataset={}, context_length=8, storage_dtype="float16", fingerprint="f",
+        chunk_tokens=64,
+    )  # fmt: skip
+    create_store(path, meta)
+    writer = CacheWriter(path)
+    for i, n in enumerate((64, 64, 40)):
+        writer.commit(64 * i, rows(n, 3, 24, "float16", i))
+    per_chunk = (cachestats.CHUNK_SUM, cachestats.CHUNK_SQ, cachestats.CHUNK_COUNT)
+    group = zarr.open_group(str(path), mode="r")
+    for name in store._GROWING:  # 64 -> 128 -> 256 rows, 1 -> 2 -> 4 chunks
+        assert group[name].shape[0] == (4 if name in per_chunk else 256), name
+    want = np.concatenate([rows(n, 3, 24, "float16", i).token_major() for i, n in enumerate((64, 64, 40))])
+    np.testing.assert_array_equal(Cache(path).activations(0, 168), want.astype(np.float32))
+    assert verify(path) > 0
+    writer.trim()
+    group = zarr.open_group(str(path), mode="r")
+    for name in store._GROWING:
+        assert group[name].shape[0] == (3 if name in per_chunk else 168), name
+    np.testing.assert_array_equal(Cache(path).activations(0, 168), want.astype(np.float32))
