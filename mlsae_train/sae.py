@@ -439,7 +439,7 @@ class TopKSAE(nn.Module):
         if grad is None:
             return
         w = self.W_dec
-        # row dot products and an in-place update, without [n, d] temporaries (measured 4.3 against 7.0 ms on one
-        # core at n 4,608, d 576)
-        coef = torch.einsum("ij,ij->i", grad, w).div_(w.norm(dim=1).square_().clamp_min_(1e-30))
+        # row dot products and an in-place update, without [n, d] temporaries; vecdot rather than einsum, which runs
+        # as a batched matmul (measured at n 4,608, d 576 on 2 cores: 0.33 against 1.07 ms for the dots)
+        coef = torch.linalg.vecdot(grad, w, dim=1).div_(w.norm(dim=1).square_().clamp_min_(1e-30))
         grad.addcmul_(coef[:, None], w, value=-1.0)
