@@ -20,8 +20,12 @@ a memory-mapped .npy and imported as `mlsae-cache import` does; or --cache DIR.
 Fit against the floor (`--part fit`): `fit` from the cache (the member of the first values, AuxK and metrics on as by
 default) against the floor of one step on this machine, the dense encoder product plus top-k of the same shape and
 dtype (every other part of a step has a sparse form), and against EleutherAI sparsify's SparseCoder + Adam fed from
-memory (eai-sparsify, installed by `make bench`; fp32, its only CPU mode). Printed per encoder dtype: each rate's
-median (range) over the interleaved repeats, and the ratios fit / floor and fit / sparsify taken within each repeat.
+memory (eai-sparsify, installed by `make bench`; fp32, its only CPU mode). Beside them, "floor + required
+kernels": the floor plus what any TopK step must also run, each with fit's own kernel (the decode gather, its SDDMM,
+both weight-gradient CSR products on one sparse layout, a fused Adam step); its ratio to the floor bounds what
+fit / floor can reach with these kernels on this machine, and the script says whether 0.9 lies within that bound.
+Printed per encoder dtype: each rate's median (range) over the interleaved repeats, and the ratios fit / floor,
+bound / floor and fit / sparsify taken within each repeat.
 """
 
 from __future__ import annotations
