@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlsae_cache.core.errors import InputError
-from mlsae_train.kernels import DecoderKernel, TritonSparseDecode, resolve_decoder_kernel
+from mlsae_train.kernels import DecoderKernel, SparseLayout, TritonSparseDecode, resolve_decoder_kernel, sparse_layout
 
 STD_EPS = 1e-5
 """Added to sigma before dividing (docs/METHOD.md section 3)."""
@@ -118,35 +118,6 @@ class ForwardOutput(NamedTuple):
     sigma: Tensor
 
 
-class SparseLayout(NamedTuple):
-    """The (row, slot) pairs of indices [B, m] in latent-major order: the CSR pattern of S^T [n, B], where S [B, n]
-    has S[r, indices[r, j]] != 0. Built by `sparse_layout`, once per step, for the three sparse products of a
-    training step's backward (both weight gradients and the decoder's SDDMM).
-
-    order: [B m] int64, the flat positions r m + j sorted by latent, stably (so each latent's rows increase).
-    rows: [B m] int64, the row r of each position in `order` (S^T's column indices).
-    crow: [n + 1] int64, latent i owning order[crow[i]:crow[i + 1]] (S^T's row offsets).
-    """
-
-    order: Tensor
-    rows: Tensor
-    crow: Tensor
-
-
-def sparse_layout(indices: Tensor, n_latents: int) -> SparseLayout:
-    """The latent-major layout of indices [B, m] int64 in [0, n_latents); see `SparseLayout`."""
-    flat = indices.reshape(-1)
-    # A stable sort keeps each latent's row ids increasing, as CSR column indices must be. int32 keys
-    # sort faster than int64 ones (8 against 10 ms for 131k ids on 2 idle cores; 100 against 170 ms on
-    # busy ones).
-    keys = flat.to(torch.int32) if n_latents < 2**31 else flat
-    order = torch.sort(keys, stable=True).indices
-    rows = torch.div(order, max(indices.shape[1], 1), rounding_mode="floor")
-    crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=flat.device)
-    crow[1:] = torch.cumsum(torch.bincount(flat, minlength=n_latents), 0)
-    return SparseLayout(order, rows, crow)
-
-
 def _csr_t(layout: SparseLayout, values: Tensor, shape: tuple[int, int]) -> Tensor:
     """S^T [n, B] as a CSR tensor with the pattern of `layout` and `values` [B m] given in (row, slot) order."""
     with warnings.catch_warnings():
@@ -228,12 +199,11 @@ def sparse_decode(
     `kernel` picks the implementation (kernels.resolve_decoder_kernel): `auto` runs the Triton kernels
     (kernels.py) on a CUDA device when triton is installed and `_SparseDecode` otherwise; `triton` insists
     (InputError where it cannot run); `eager` is always `_SparseDecode`. `layout`, `sparse_layout(indices, n)`
-    if the caller has it, spares `_SparseDecode`'s backward building it again (the Triton kernels sort their own).
+    if the caller has it, spares either backward building it again.
     """
     values = values.to(W_dec.dtype)
-    if resolve_decoder_kernel(kernel, W_dec.device) == "triton":
-        return TritonSparseDecode.apply(values, indices, W_dec)
-    return _SparseDecode.apply(values, indices, W_dec, layout)
+    decode = TritonSparseDecode if resolve_decoder_kernel(kernel, W_dec.device) == "triton" else _SparseDecode
+    return decode.apply(values, indices, W_dec, layout)
 
 
 class _TopKEncode(torch.autograd.Function):
