@@ -43,21 +43,11 @@ import numpy as np
 import zarr
 
 from mlsae_cache.cachestats import (
-    CHUNK_COUNT as _CHUNK_COUNT,
-)
-from mlsae_cache.cachestats import (
-    CHUNK_SQ as _CHUNK_SQ,
-)
-from mlsae_cache.cachestats import (
-    CHUNK_SUM as _CHUNK_SUM,
-)
-from mlsae_cache.cachestats import (
-    LAYER_MEAN as _LAYER_MEAN,
-)
-from mlsae_cache.cachestats import (
-    LAYER_SQ_NORM as _LAYER_SQ_NORM,
-)
-from mlsae_cache.cachestats import (
+    CHUNK_COUNT,
+    CHUNK_SQ,
+    CHUNK_SUM,
+    LAYER_MEAN,
+    LAYER_SQ_NORM,
     Partials,
     Totals,
     chunk_partials,
@@ -117,7 +107,9 @@ TOKEN_DTYPES: dict[str, type[np.generic]] = {
 
 assert tuple(TOKEN_DTYPES) == TokenRows._fields
 
-_ARRAYS = (_ACTIVATIONS, *TOKEN_DTYPES, _LAYER, _LAYER_MEAN, _LAYER_SQ_NORM, _CHUNK_SUM, _CHUNK_SQ, _CHUNK_COUNT)
+_PER_CHUNK = (CHUNK_SUM, CHUNK_SQ, CHUNK_COUNT)
+"""The arrays along `token_chunk`: each chunk's partial sums."""
+_ARRAYS = (_ACTIVATIONS, *TOKEN_DTYPES, _LAYER, LAYER_MEAN, LAYER_SQ_NORM, *_PER_CHUNK)
 """Every array of the format (a reader refuses a store missing one)."""
 
 
@@ -218,12 +210,12 @@ def create_store(path: Path | Any, meta: CacheMeta) -> None:
         create_array(group, name, (0,), (ct,), dtype, ("token",), compress=True)
     layer = create_array(group, _LAYER, (n_layers,), (n_layers,), np.int32, ("layer",), compress=False)
     writable(layer)[:] = np.asarray(meta.layers, dtype=np.int32)
-    create_array(group, _LAYER_MEAN, (n_layers, d), (n_layers, d), np.float64, ("layer", "d_model"), False)
-    create_array(group, _LAYER_SQ_NORM, (n_layers,), (n_layers,), np.float64, ("layer",), False)
+    create_array(group, LAYER_MEAN, (n_layers, d), (n_layers, d), np.float64, ("layer", "d_model"), False)
+    create_array(group, LAYER_SQ_NORM, (n_layers,), (n_layers,), np.float64, ("layer",), False)
     per_chunk = ("token_chunk", "layer", "d_model")
-    create_array(group, _CHUNK_SUM, (0, n_layers, d), (1, n_layers, d), np.float64, per_chunk, False)
-    create_array(group, _CHUNK_SQ, (0, n_layers), (1, n_layers), np.float64, ("token_chunk", "layer"), False)
-    create_array(group, _CHUNK_COUNT, (0,), (1,), np.int64, ("token_chunk",), False)
+    create_array(group, CHUNK_SUM, (0, n_layers, d), (1, n_layers, d), np.float64, per_chunk, False)
+    create_array(group, CHUNK_SQ, (0, n_layers), (1, n_layers), np.float64, ("token_chunk", "layer"), False)
+    create_array(group, CHUNK_COUNT, (0,), (1,), np.int64, ("token_chunk",), False)
 
 
 @dataclass(frozen=True)
@@ -253,7 +245,7 @@ def _open(path: Path, mode: Literal["r", "r+"]) -> zarr.Group:
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
 
 
-_GROWING = (_ACTIVATIONS, *TOKEN_DTYPES, _CHUNK_SUM, _CHUNK_SQ, _CHUNK_COUNT)
+_GROWING = (_ACTIVATIONS, *TOKEN_DTYPES, *_PER_CHUNK)
 """The arrays that grow along their first axis: `token` (activations and token arrays), `token_chunk` (partials)."""
 
 
@@ -294,7 +286,7 @@ class CacheChunkWriter(ChunkCommitter[Rows]):
         for name, values in rows.tokens._asdict().items():
             self._at_least(name, stop)[start:stop] = values
         s, q, c = chunk_partials(rows.activations, rows.tokens.trainable, self.meta.storage_dtype)
-        for name, value in ((_CHUNK_SUM, s[None]), (_CHUNK_SQ, q[None]), (_CHUNK_COUNT, np.asarray([c]))):
+        for name, value in ((CHUNK_SUM, s[None]), (CHUNK_SQ, q[None]), (CHUNK_COUNT, np.asarray([c]))):
             self._at_least(name, chunk + 1)[chunk : chunk + 1] = value
         return s, q, c
 
@@ -317,7 +309,7 @@ def _resize_all(arrays: dict[str, zarr.Array], n_tokens: int, chunk_tokens: int)
     """Resize the growing `arrays` to `n_tokens` rows along `token`, the chunks they fill along `token_chunk`."""
     n_chunks = math.ceil(n_tokens / chunk_tokens)
     for name, arr in arrays.items():
-        rows = n_chunks if name in (_CHUNK_SUM, _CHUNK_SQ, _CHUNK_COUNT) else n_tokens
+        rows = n_chunks if name in _PER_CHUNK else n_tokens
         if arr.shape[0] != rows:
             arr.resize((rows, *arr.shape[1:]))
 
@@ -442,11 +434,11 @@ class Cache:
 
     def layer_mean(self) -> np.ndarray:
         """Mean over trainable tokens, per stored layer: [n_layers, d_model] float64."""
-        return read_array(self._group, _LAYER_MEAN)
+        return read_array(self._group, LAYER_MEAN)
 
     def layer_sq_norm(self) -> np.ndarray:
         """Mean squared L2 norm over trainable tokens, per stored layer: [n_layers] float64."""
-        return read_array(self._group, _LAYER_SQ_NORM)
+        return read_array(self._group, LAYER_SQ_NORM)
 
     def to_xarray(self) -> Any:
         """The committed rows as a lazy xarray Dataset (bfloat16 bit patterns are left as stored)."""
