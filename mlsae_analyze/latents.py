@@ -157,7 +157,7 @@ class LatentsWriter(ChunkCommitter[LatentChunk]):
         self.meta = read_latents_meta(path)
         self.group = zarr.open_group(str(path), mode="r+", zarr_format=3)
 
-    def _write_data(self, start: int, rows: LatentChunk) -> None:
+    def _write_data(self, start: int, rows: LatentChunk, derived: None) -> None:
         assert start % self.meta.chunk_tokens == 0 and start <= self.meta.n_tokens
         write_rows_at(self.group, start, {_INDICES: rows.indices, _VALUES: rows.values, **rows.tokens._asdict()})
 

@@ -9,10 +9,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import zarr
 
 from mlsae_cache.core.zarrstore import get_array, read_array, writable
-from mlsae_cache.storage import to_float32
+from mlsae_cache.storage import stored_to_torch
 
 LAYER_MEAN = "layer_mean"
 LAYER_SQ_NORM = "layer_sq_norm"
@@ -21,30 +22,35 @@ CHUNK_SUM, CHUNK_SQ, CHUNK_COUNT = "chunk_sum", "chunk_sq_norm_sum", "chunk_coun
 Partials = tuple[np.ndarray, np.ndarray, int]
 """One chunk's float64 sum x [n_layers, d_model], sum ||x||^2 [n_layers] and count of trainable rows."""
 
-PARTIAL_ROWS = 128
-"""Rows widened to float64 at a time by `chunk_partials` (a block that stays in the CPU's cache)."""
+PARTIAL_ROWS = 64
+"""Rows summed in float32 before their sums are added in float64 by `chunk_partials`."""
 
 
 def chunk_partials(activations: np.ndarray, trainable: np.ndarray, storage_dtype: str) -> Partials:
     """Float64 sums over the trainable rows of one chunk's activations [n_layers, n, d_model] (stored dtype;
     trainable [n] bool): sum x [n_layers, d_model], sum ||x||^2 [n_layers], count.
 
-    Layer by layer and PARTIAL_ROWS rows at a time, widened into one small float64 buffer, so no float64 copy of
-    a layer is made. Excluded rows are zeroed rather than selected out (a boolean gather costs more than
-    everything else here). numpy widens with SIMD and sums single-threaded, so the bits do not depend on the
-    machine's thread count (shards and resumed runs write the same partials).
+    Layer by layer in one reused float32 buffer, with torch (vectorised, on the calling thread's intra-op
+    threads: call it from the thread that runs the model, not beside it, or the two thread teams share the
+    cores): each block of PARTIAL_ROWS rows is summed in float32, and the blocks' sums in float64 by numpy. A
+    block's sum (of values, or of their squares, which are exact in float32 for float16 and bfloat16 values) is at
+    worst PARTIAL_ROWS float32 roundings off the exact one (4e-6 of its sum of |x|; 2e-9 measured on normal data).
+    Excluded rows are zeroed rather than selected out. Each output is reduced by one thread in a fixed order, so
+    the bits do not depend on the thread count (shards and resumed runs write the same partials). Widening to
+    float64 and summing with numpy took 77 ms of one core per SmolLM2 chunk of 4,096 tokens; this, 10 ms on 2.
     """
-    excluded = ~trainable
     n_layers, n, d_model = activations.shape
-    sums, sq = np.zeros((n_layers, d_model)), np.zeros(n_layers)
-    buf = np.empty((min(n, PARTIAL_ROWS), d_model))
+    blocks = -(-n // PARTIAL_ROWS)
+    stored = stored_to_torch(activations, storage_dtype)
+    excluded = torch.from_numpy(np.flatnonzero(~trainable))
+    x = torch.zeros(blocks * PARTIAL_ROWS, d_model)  # the rows past n stay zero
+    by_block = x.view(blocks, PARTIAL_ROWS, d_model)
+    sums, sq = np.empty((n_layers, d_model)), np.empty(n_layers)
     for i in range(n_layers):
-        for a in range(0, n, PARTIAL_ROWS):
-            x, stored = buf[: min(PARTIAL_ROWS, n - a)], activations[i, a : a + PARTIAL_ROWS]
-            np.copyto(x, to_float32(stored, storage_dtype) if storage_dtype == "bfloat16" else stored)
-            x[excluded[a : a + PARTIAL_ROWS]] = 0.0
-            sums[i] += x.sum(axis=0)
-            sq[i] += np.einsum("nd,nd->", x, x)
+        x[:n].copy_(stored[i])
+        x.index_fill_(0, excluded, 0.0)
+        sums[i] = by_block.sum(dim=1).numpy().sum(axis=0, dtype=np.float64)
+        sq[i] = by_block.square_().sum(dim=1).numpy().sum(dtype=np.float64)
     return sums, sq, int(trainable.sum())
 
 

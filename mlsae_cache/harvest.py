@@ -252,7 +252,7 @@ def _harvest_here(
         maker = RowMaker(loaded, writer.meta)
         progress(0, total=cfg.max_tokens, resumed_at=writer.resume_token)
         try:
-            exhausted = write_rows(writer.commit, batches, maker, progress, writer.resume_token, cfg.max_tokens)
+            exhausted = write_rows(writer, batches, maker, progress, writer.resume_token, cfg.max_tokens)
         except KeyboardInterrupt:
             raise interrupted(out, writer.meta.n_tokens, "tokens") from None
         writer.trim()

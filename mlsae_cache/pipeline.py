@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
@@ -22,6 +22,7 @@ import torch
 from mlsae_cache.config import HarvestConfig
 from mlsae_cache.core.allocator import keep_freed_memory
 from mlsae_cache.core.progress import Progress
+from mlsae_cache.core.zarrstore import ChunkCommitter
 from mlsae_cache.hooks import ResidCapture
 from mlsae_cache.models import LoadedModel, base_model, find_blocks
 from mlsae_cache.rawchunks import aligned_empty
@@ -147,14 +148,19 @@ class _ChunkBuffer:
 
 
 class _Committer:
-    """Copies rows into one of two chunk buffers used in turn and hands each full chunk to `commit_chunk` on one
+    """Copies rows into one of two chunk buffers used in turn and hands each full chunk to `writer.commit` on one
     background thread, in order. A buffer is filled again only after the commit that read it (the one before the
     last) has finished; at most one commit waits, which bounds memory, and an error in a commit surfaces at the
     next one. No memory is freshly allocated per chunk (fresh memory, mapped page by page, cost as much as the
-    copies it saves)."""
+    copies it saves).
 
-    def __init__(self, meta: CacheMeta, commit_chunk: Callable[[int, Rows], None], start: int) -> None:
-        self.meta, self.commit_chunk, self.chunk_start = meta, commit_chunk, start
+    The chunk's partial sums (`writer.derive`) are computed here, on the thread that runs the model, with torch's
+    intra-op threads; the commit thread only writes. Torch called from the commit thread would start a second
+    team of intra-op threads beside the model's on the same cores.
+    """
+
+    def __init__(self, meta: CacheMeta, writer: ChunkCommitter[Rows], start: int) -> None:
+        self.meta, self.writer, self.chunk_start = meta, writer, start
         self.buffers = [_ChunkBuffer(meta), _ChunkBuffer(meta)]
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending: Future | None = None
@@ -167,9 +173,11 @@ class _Committer:
                 self._submit()
 
     def _submit(self) -> None:
+        rows = self.buffers[0].rows()
+        derived = self.writer.derive(rows)  # while the commit before it may still be writing
         if self.pending is not None:
             self.pending.result()
-        self.pending = self.pool.submit(self.commit_chunk, self.chunk_start, self.buffers[0].rows())
+        self.pending = self.pool.submit(self.writer.commit, self.chunk_start, rows, derived)
         self.chunk_start += self.meta.chunk_tokens
         self.buffers.reverse()  # the other one's commit finished before the one just submitted started
         self.buffers[0].n = 0
@@ -186,14 +194,14 @@ class _Committer:
 
 
 def write_rows(
-    commit_chunk: Callable[[int, Rows], None],
+    writer: ChunkCommitter[Rows],
     batches: Iterable[np.ndarray],
     make_rows: RowMaker,
     progress: Progress,
     start: int,
     stop: int | None,
 ) -> bool:
-    """Compute rows [start, stop) (stop None: to the end of the text) and hand them to `commit_chunk` one token
+    """Compute rows [start, stop) (stop None: to the end of the text) and commit them with `writer` one token
     chunk at a time; `start` is a chunk boundary. True when the text ran out before `stop`.
 
     Batches are launched up to `make_rows.in_flight` ahead of the one being collected (on CUDA, the next forward
@@ -203,7 +211,7 @@ def write_rows(
     meta = make_rows.meta
     per_batch = meta.batch_size * meta.context_length
     target = math.inf if stop is None else stop
-    committer = _Committer(meta, commit_chunk, start)
+    committer = _Committer(meta, writer, start)
 
     def assemble(pos: int, launched: _Launched) -> None:
         rows = make_rows.collect(launched)  # views, valid until more batches are launched: copied below

@@ -274,9 +274,14 @@ class CacheChunkWriter(ChunkCommitter[Rows]):
             arr.resize((max(rows, 2 * arr.shape[0]), *arr.shape[1:]))
         return arr
 
-    def _write_data(self, start: int, rows: Rows) -> Partials:
+    def derive(self, rows: Rows) -> Partials:
+        """The chunk's partial sums (computed with torch's intra-op threads: the harvest calls this on the thread
+        that runs the model, then commits on another)."""
+        return chunk_partials(rows.activations, rows.tokens.trainable, self.meta.storage_dtype)
+
+    def _write_data(self, start: int, rows: Rows, derived: Partials) -> None:
         """Write rows [start, start + len(rows)) filling token chunk start // chunk_tokens from its start, then
-        that chunk's partial sums, which it returns (shards run this side by side on disjoint chunks)."""
+        that chunk's partial sums (shards run this side by side on disjoint chunks)."""
         ct = self.meta.chunk_tokens
         assert start % ct == 0 and 0 < len(rows) <= ct
         stop, chunk = start + len(rows), start // ct
@@ -285,10 +290,9 @@ class CacheChunkWriter(ChunkCommitter[Rows]):
             activations[start:stop] = rows.token_major()
         for name, values in rows.tokens._asdict().items():
             self._at_least(name, stop)[start:stop] = values
-        s, q, c = chunk_partials(rows.activations, rows.tokens.trainable, self.meta.storage_dtype)
+        s, q, c = derived
         for name, value in ((CHUNK_SUM, s[None]), (CHUNK_SQ, q[None]), (CHUNK_COUNT, np.asarray([c]))):
             self._at_least(name, chunk + 1)[chunk : chunk + 1] = value
-        return s, q, c
 
     def trim(self) -> None:
         """Set every growing array to the committed rows (`meta.n_tokens`), as a run's last step."""

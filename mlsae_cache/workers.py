@@ -278,7 +278,7 @@ def _write_shard(
         if writer.meta.batch_size != batch_size:
             windows = text_batches(cfg, loaded.tokenizer, writer.meta.batch_size)
         maker = RowMaker(loaded, writer.meta)
-        exhausted = write_rows(writer.commit, windows, maker, progress, writer.resume_token, writer.stop)
+        exhausted = write_rows(writer, windows, maker, progress, writer.resume_token, writer.stop)
         writer.mark_done(exhausted)
 
 

@@ -239,16 +239,26 @@ class ChunkCommitter(ABC, Generic[R]):
     attribute's `n_tokens`, or a shard's progress), in one atomic file write. A kill at any moment leaves data
     that no reader uses beyond the last record; the next writer starts at the first chunk that is not full and
     rewrites it whole, so a resumed store equals an uninterrupted one.
+
+    What a store derives from a chunk is computed by `derive`, apart from the writes, so that a caller that
+    commits on a background thread can compute it on its own thread first and hand it to `commit`.
     """
 
-    def commit(self, start: int, rows: R) -> None:
-        """Commit the rows `rows` that start at token `start`, a chunk boundary."""
-        derived = self._write_data(start, rows)
+    def derive(self, rows: R) -> Any:
+        """What the store computes from a chunk's rows and writes with them (nothing, unless a subclass says)."""
+        return None
+
+    def commit(self, start: int, rows: R, derived: Any = None) -> None:
+        """Commit the rows `rows` that start at token `start`, a chunk boundary; `derived`: `derive(rows)`, if
+        the caller has computed it already."""
+        if derived is None:
+            derived = self.derive(rows)
+        self._write_data(start, rows, derived)
         self._record(start, rows, derived)
 
     @abstractmethod
-    def _write_data(self, start: int, rows: R) -> Any:
-        """Write the chunk's arrays (and anything derived from them); returns what `_record` needs."""
+    def _write_data(self, start: int, rows: R, derived: Any) -> None:
+        """Write the chunk's arrays, then what was derived from them."""
 
     @abstractmethod
     def _record(self, start: int, rows: R, derived: Any) -> None:

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from mlsae_cache.cli import main
 from mlsae_cache.store import Cache
 from tests.cache.test_resume import store_files
+from tests.helpers import assert_statistics_close
 
 SMALL = [
     "--context-length",
@@ -90,7 +91,7 @@ def test_import_round_trips_an_array(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cache.token_ids(), ids)
     np.testing.assert_array_equal(cache.tokens().sequence, np.arange(500) // 50)
     assert cache.trainable().all() and cache.meta.complete
-    np.testing.assert_allclose(cache.layer_mean(), acts.astype(np.float64).mean(axis=0), rtol=1e-12)
+    assert_statistics_close(cache.layer_mean(), cache.layer_sq_norm(), acts)
     assert run("verify", str(out)).exit_code == 0
     refused = run("import", str(out), "--activations", str(tmp_path / "a.npy"))
     assert refused.exit_code == 2 and "--overwrite" in refused.stderr

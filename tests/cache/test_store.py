@@ -18,6 +18,7 @@ from mlsae_cache.core.zarrstore import StoreTransaction
 from mlsae_cache.storage import STORAGE_DTYPES, to_float32
 from mlsae_cache.store import Cache, CacheMeta, CacheWriter, Rows, TokenRows, create_store, verify
 from tests.cache.test_resume import assert_same_store
+from tests.helpers import assert_statistics_close
 
 
 def rows(n: int, n_layers: int, d: int, dtype: str, seed: int) -> Rows:
@@ -96,19 +97,32 @@ def test_direct_chunk_writes_equal_zarr_writes(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.parametrize("n", [64, cachestats.PARTIAL_ROWS * 2 + 44])
-def test_partials_equal_a_float64_reference(n: int) -> None:
-    """Sums over several blocks of PARTIAL_ROWS rows too."""
-    r = rows(n, 3, 24, "float16", 7)
-    sums, sq, count = cachestats.chunk_partials(r.activations, r.tokens.trainable, "float16")
-    x = r.activations.astype(np.float64)[:, r.tokens.trainable]
-    np.testing.assert_array_equal(sums, x.sum(axis=1))  # float16 sums are exact in float64, in any order
-    np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_partials_equal_a_float64_reference(n: int, dtype: str) -> None:
+    """Sums over several blocks of PARTIAL_ROWS rows, and a last block that is not full."""
+    r = rows(n, 3, 24, dtype, 7)
+    sums, sq, count = cachestats.chunk_partials(r.activations, r.tokens.trainable, dtype)
+    x = to_float32(r.activations, dtype)[:, r.tokens.trainable].transpose(1, 0, 2)
     assert count == r.tokens.trainable.sum()
-    b = rows(n, 3, 24, "bfloat16", 7)
-    sums, sq, _ = cachestats.chunk_partials(b.activations, b.tokens.trainable, "bfloat16")
-    x = to_float32(b.activations, "bfloat16").astype(np.float64)[:, b.tokens.trainable]
-    np.testing.assert_allclose(sums, x.sum(axis=1), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(sq, (x**2).sum(axis=(1, 2)), rtol=1e-15)
+    assert_statistics_close(sums / count, sq / count, x)
+
+
+def test_partials_do_not_depend_on_the_thread_count() -> None:
+    """Shards and resumed runs may run with other thread counts than the run they continue: the same bits."""
+    import torch
+
+    r = rows(4000, 3, 512, "float16", 3)  # over torch's grain, so that its intra-op threads do split the work
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(cachestats.chunk_partials(r.activations, r.tokens.trainable, "float16"))
+    finally:
+        torch.set_num_threads(before)
+    for other in got[1:]:
+        np.testing.assert_array_equal(other[0], got[0][0])
+        np.testing.assert_array_equal(other[1], got[0][1])
 
 
 def test_verify_accepts_chunks_of_zeros(tmp_path: Path) -> None:
