@@ -1,4 +1,4 @@
-"""Harvest throughput against a bare forward pass of the same model over the same batches (target >= 0.9).
+"""Harvest throughput against a bare forward pass of the same model over the same batches (target >= 0.97).
 
 Run: `.venv/bin/python benchmarks/harvest.py [--tokens 16384] [--repeats 5]`. For each model it times, on the
 same window batches and in alternation (the order reversed every other repeat), (a) the transformer without hooks
