@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 import mlsae_cache.cachestats as cachestats
@@ -109,8 +110,6 @@ def test_partials_equal_a_float64_reference(n: int, dtype: str) -> None:
 
 def test_partials_do_not_depend_on_the_thread_count() -> None:
     """Shards and resumed runs may run with other thread counts than the run they continue: the same bits."""
-    import torch
-
     r = rows(4000, 3, 512, "float16", 3)  # over torch's grain, so that its intra-op threads do split the work
     before = torch.get_num_threads()
     try:
