@@ -22,7 +22,7 @@ default) against the floor of one step on this machine, the dense encoder produc
 dtype (every other part of a step has a sparse form), and against EleutherAI sparsify's SparseCoder + Adam fed from
 memory (eai-sparsify, installed by `make bench`; fp32, its only CPU mode). Beside them, "floor + required
 kernels": the floor plus what any TopK step must also run, each with fit's own kernel (the decode gather, its SDDMM,
-both weight-gradient CSR products on one sparse layout, a fused Adam step); its ratio to the floor bounds what
+both weight-gradient sparse products on one sparse layout, a fused Adam step); its ratio to the floor bounds what
 fit / floor can reach with these kernels on this machine, and the script says whether 0.9 lies within that bound.
 Printed per encoder dtype: each rate's median (range) over the interleaved repeats, and the ratios fit / floor,
 bound / floor and fit / sparsify taken within each repeat.
@@ -129,7 +129,7 @@ def step_floor(d_model: int, n_latents: int, k: int, batch_rows: int, autocast: 
 def required_kernels(d_model: int, n_latents: int, batch_rows: int, k: int) -> Callable[[], float]:
     """rows/s of what any TopK step must run beside the floor, each with the kernel `fit` uses, on one batch (the
     median of 5 timings): the sparse decode's gather (`F.embedding_bag`), its two backward products (the SDDMM for
-    the codes' gradient, the CSR product for the decoder's) and the encoder weight's CSR product, on one
+    the codes' gradient, the sparse product (`sparse_rows_t_matmul`) for the decoder's) and the encoder weight's, on one
     `sparse_layout`, and a fused Adam step over the four parameters. Standardisation, the loss, the biases'
     gradients, the decoder-norm projection and the bookkeeping are left out, so the floor and these together
     bound what fit / floor can reach with these kernels on this machine."""

@@ -13,7 +13,7 @@ atomics add in whatever order the threads arrive, so two runs would differ in th
 indices are sorted (stable) into a CSC layout (`sparse_layout`), latent i owning the positions crow[i]:crow[i + 1]
 of `order` in increasing (row, slot) order, and each program sums its latent's pairs in that fixed order: the
 result is deterministic and no memory location is written twice. The sort (torch.sort of B * m int32 keys)
-is the price; it is the layout the eager backward uses for its CSR products, and the encoder's, built once a
+is the price; it is the layout the eager backward uses for its sparse products, and the encoder's, built once a
 step and handed to whichever decoder runs. A latent chosen by many rows is summed
 by one program (a long loop, 16 pairs at a time); a dead latent's program writes zeros.
 
