@@ -18,14 +18,15 @@ The cache: SmolLM2-135M's shape (d_model 576) of random float16 rows, --layers l
 a memory-mapped .npy and imported as `mlsae-cache import` does; or --cache DIR.
 
 Fit against the floor (`--part fit`): `fit` from the cache (the member of the first values, AuxK and metrics on as by
-default) against the floor of one step on this machine, the dense encoder product plus top-k of the same shape and
-dtype (every other part of a step has a sparse form), and against EleutherAI sparsify's SparseCoder + Adam fed from
-memory (eai-sparsify, installed by `make bench`; fp32, its only CPU mode). Beside them, "floor + required
-kernels": the floor plus what any TopK step must also run, each with fit's own kernel (the decode gather, its SDDMM,
-both weight-gradient sparse products on one sparse layout, a fused Adam step); its ratio to the floor bounds what
-fit / floor can reach with these kernels on this machine, and the script says whether 0.9 lies within that bound.
-Printed per encoder dtype: each rate's median (range) over the interleaved repeats, and the ratios fit / floor,
-bound / floor and fit / sparsify taken within each repeat.
+default) against the floor of one step on this machine, the dense encoder product plus `torch.topk` of the same shape
+and dtype (every other part of a step has a sparse form), and against EleutherAI sparsify's SparseCoder + Adam fed
+from memory (eai-sparsify, installed by `make bench`; fp32, its only CPU mode). Beside them, the same product with
+the top-k `fit` runs (`mlsae_train.topk.topk_rows`, faster than `torch.topk` on a CPU), and that plus what any TopK
+step must also run, each with fit's own kernel (the decode gather, its SDDMM, both weight-gradient sparse products
+on one sparse layout, a fused Adam step); the ratio of the latter to the floor bounds what fit / floor can reach
+with these kernels on this machine, and the script says whether 0.9 lies within that bound. Printed per encoder
+dtype: each rate's median (range) over the interleaved repeats, and the ratios fit / floor, bound / floor and
+fit / sparsify taken within each repeat.
 """
 
 from __future__ import annotations
@@ -108,8 +109,13 @@ def sweep_rows(sweep: SweepConfig, scratch: Path) -> dict[str, Callable[[], floa
     return {"separate fits": separate, "sweep": together}
 
 
-def step_floor(d_model: int, n_latents: int, k: int, batch_rows: int, autocast: str) -> Callable[[], float]:
-    """rows/s of x W_enc^T + b_enc then top-k on one batch (the median of 5 timings), in the encoder's dtype."""
+def step_floor(
+    d_model: int, n_latents: int, k: int, batch_rows: int, autocast: str, fits_topk: bool = False
+) -> Callable[[], float]:
+    """rows/s of x W_enc^T + b_enc then top-k on one batch (the median of 5 timings), in the encoder's dtype; the
+    top-k by `torch.topk`, or with `fits_topk` by the selection `fit` runs (`mlsae_train.topk.topk_rows`)."""
+    from mlsae_train.topk import topk_rows
+
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(batch_rows, d_model, generator=gen), torch.randn(n_latents, d_model, generator=gen)
     bias = torch.zeros(n_latents)
@@ -119,7 +125,11 @@ def step_floor(d_model: int, n_latents: int, k: int, batch_rows: int, autocast: 
         for _ in range(5):
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
-                torch.topk(torch.nn.functional.linear(x, w, bias), k, sorted=False)
+                z = torch.nn.functional.linear(x, w, bias)
+            if fits_topk:
+                topk_rows(z, k)
+            else:
+                torch.topk(z, k, sorted=False)
             times.append(time.perf_counter() - start)
         return batch_rows / statistics.median(times)
 
@@ -209,16 +219,17 @@ def fit_vs_floor(args: argparse.Namespace, cache: Path, root: Path) -> None:
     """The table of `fit` against the floor of a step and against sparsify, per encoder dtype."""
     expansion, k = int(args.expansion_factor.split(",")[0]), int(args.k.split(",")[0])
     print(
-        "| encoder | fit rows/s | floor rows/s | fit / floor | floor + required kernels rows/s | its / floor: the most "
-        "fit / floor can reach with them | sparsify rows/s | fit / sparsify |"
+        "| encoder | fit rows/s | floor rows/s | fit / floor | product + fit's top-k rows/s | those + required kernels "
+        "rows/s | its / floor: the most fit / floor can reach with them | sparsify rows/s | fit / sparsify |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for autocast in args.autocast:
         member = next(iter(sweep_config(args, cache, autocast).members().values()))
         cfg = replace(member, out=root / "fit")
         variants: dict[str, Callable[[], float]] = {
             "fit": lambda cfg=cfg: fit_rows(cfg),  # type: ignore[misc]
             "floor": step_floor(args.d_model, expansion * args.d_model, k, args.batch_rows, autocast),
+            "own floor": step_floor(args.d_model, expansion * args.d_model, k, args.batch_rows, autocast, True),
             "kernels": required_kernels(args.d_model, expansion * args.d_model, args.batch_rows, k),
         }
         theirs = sparsify_rows(args.d_model, expansion, k, args.batch_rows, args.steps)
@@ -227,8 +238,8 @@ def fit_vs_floor(args: argparse.Namespace, cache: Path, root: Path) -> None:
         interleaved(variants, 1)  # warm-up
         got = interleaved(variants, args.repeats)
         ratio = [f / s for f, s in zip(got["fit"], got["floor"], strict=True)]
-        # the floor and the required kernels one after the other, both timed in the same repeat
-        ceiling = [1.0 / (1.0 / f + 1.0 / r) for f, r in zip(got["floor"], got["kernels"], strict=True)]
+        # fit's own product and top-k, then the required kernels, both timed in the same repeat
+        ceiling = [1.0 / (1.0 / f + 1.0 / r) for f, r in zip(got["own floor"], got["kernels"], strict=True)]
         bound = [c / f for c, f in zip(ceiling, got["floor"], strict=True)]
         if "sparsify" in got:
             vs = [f / s for f, s in zip(got["fit"], got["sparsify"], strict=True)]
@@ -237,7 +248,8 @@ def fit_vs_floor(args: argparse.Namespace, cache: Path, root: Path) -> None:
             sparsify_cells = f"not installed ({theirs}) | -"
         print(
             f"| {'fp32' if autocast == 'none' else 'bf16'} | {median_range(got['fit'])} | "
-            f"{median_range(got['floor'])} | {median_range(ratio, '.2f')} | {median_range(ceiling)} | "
+            f"{median_range(got['floor'])} | {median_range(ratio, '.2f')} | {median_range(got['own floor'])} | "
+            f"{median_range(ceiling)} | "
             f"{median_range(bound, '.2f')} | {sparsify_cells} |"
         )
         dead = DEAD_FRACTIONS[-len(got["fit"]) :]

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from mlsae_cache.core.errors import InputError
 from mlsae_train.kernels import DecoderKernel, SparseLayout, TritonSparseDecode, resolve_decoder_kernel, sparse_layout
+from mlsae_train.topk import topk_rows
 
 STD_EPS = 1e-5
 """Added to sigma before dividing (docs/METHOD.md section 3)."""
@@ -231,7 +232,7 @@ class _TopKEncode(torch.autograd.Function):
         x_in = x_std - b_dec
         dtype = compute_dtype or x_in.dtype
         pre_acts = F.linear(x_in.to(dtype), weight.to(dtype), bias.to(dtype))
-        top, indices = pre_acts.topk(k, dim=-1, sorted=False)
+        top, indices = topk_rows(pre_acts, k)
         values = top.to(x_in.dtype).clamp_min(0.0)
         dead_pre = pre_acts.index_select(1, dead_ids)
         no_ids = indices.new_zeros(0)
