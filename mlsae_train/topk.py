@@ -108,6 +108,21 @@ def _select(a: Any, m: Any, k: Any) -> None:
 
 
 @numba.njit(inline="always")
+def _drop_smallest(a: Any, m: Any, k: Any) -> None:
+    """Reorder a[:m] so that a[m - k:m] are its k largest: by moving the smallest to the front m - k times where
+    that is few (step 3 usually finds k + 2 values), else by `_select`."""
+    if m - k > 4:
+        _select(a, m, k)
+        return
+    for front in range(m - k):
+        least = front
+        for j in range(front + 1, m):
+            if a[j] < a[least]:
+                least = j
+        a[front], a[least] = a[least], a[front]
+
+
+@numba.njit(inline="always")
 def _packed(key: Any, position: Any) -> Any:
     """key and position as one int64 that orders by key, then by the lower position."""
     return (np.int64(key) << 32) | (_LOW - position)
@@ -160,6 +175,6 @@ def _topk_kernel(bits: Any, k: Any, out: Any) -> None:  # pragma: no cover - run
                     key = _key(row[j])
                     packed[m] = _packed(key, j)
                     m += key >= tau
-        _select(packed, m, k)
+        _drop_smallest(packed, m, k)
         for j in range(k):
             out[r, j] = _LOW - (packed[m - k + j] & _LOW)
