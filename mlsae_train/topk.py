@@ -1,7 +1,7 @@
 """Exact top-k of each row of a CPU tensor, for the TopK encoder (k of n latents per row, k much smaller than n),
 as a numba kernel. Why by hand: `torch.topk` on a CPU costs about as much as the encoder's bf16 product (21-24 ms
-against 24-27 ms at B 4,096, n 4,608, k 32 on 2 cores), and no library offers a faster exact selection; this
-kernel takes 7 ms there, in float32 and in bfloat16.
+on 2 threads against 24-27 ms at B 4,096, n 4,608, k 32), and no library offers a faster exact selection; this
+kernel takes 14-15 ms there on one thread, in float32 and in bfloat16.
 
 How a row is selected. Values are compared as integers: a float's bits b (w of them, read as a signed integer),
 with the bits below the sign flipped where the sign is set, b ^ ((b >> (w - 1)) & (2^(w-1) - 1)), order as the
@@ -13,9 +13,14 @@ dealt into G = ceil(n / GROUP) groups, group g holding positions g, g + G, g + 2
    above), the k-th largest group maximum (k groups each hold a value >= it).
 3. The values >= tau of the groups whose maximum reaches tau (about k groups, k + 2 values), each as one 64-bit
    integer, key * 2^32 + (2^32 - 1 - position), so that equal values rank the lower position first; then the k
-   largest of these by Hoare's selection. The result does not depend on the threads or the machine.
+   largest of these, by dropping the smallest few (Hoare's selection where more than 4 are to go).
 A row of fewer than k groups goes to step 3 with all its values. float64 rows, whose keys fill 64 bits, are left
 to `torch.topk`.
+
+The kernel runs on the calling thread. Split over two threads it took 7 ms at the shape above, but a second thread
+shares its core with torch's OpenMP worker, which spins for milliseconds after every torch operation (the split took
+15 ms right after a matrix product); numba's parallel loops bring a second OpenMP runtime that spins likewise after
+the kernel, slowing the torch operations that follow.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     The same entries as `z.topk(k, dim=1, sorted=False)`, NaN ranking above every number, except among equal
     values, where the lower position is kept (`torch.topk` leaves that open; -0.0 ranks below +0.0). On a CPU, for
-    float32 and bfloat16, by this module's kernel on torch's number of threads; on another device or dtype, by
-    `torch.topk`.
+    float32 and bfloat16, by this module's kernel on the calling thread (without the GIL); on another device or
+    dtype, by `torch.topk`.
     """
     cpu_kernel = z.device.type == "cpu" and z.dtype in _BITS and z.ndim == 2 and z.shape[1] < 2**31
     if not cpu_kernel or not 0 < k <= z.shape[1] or z.shape[0] == 0:
@@ -134,9 +139,12 @@ def _topk_kernel(bits: Any, k: Any, out: Any) -> None:  # pragma: no cover - run
     those of the module's docstring. One thread, without the GIL."""
     n_rows, n = bits.shape
     n_groups = (n + GROUP - 1) // GROUP
+    packed = np.empty(n, np.int64)
+    gmax = np.empty(n_groups, np.int32)
+    groups = np.empty(n_groups, np.int32)
+    maxima = np.empty(n_groups, np.int32)
     for r in range(n_rows):
         row = bits[r]
-        packed = np.empty(n, np.int64)
         if n_groups < k:
             for j in range(n):
                 packed[j] = _packed(_key(row[j]), j)
@@ -144,8 +152,7 @@ def _topk_kernel(bits: Any, k: Any, out: Any) -> None:  # pragma: no cover - run
             for j in range(k):
                 out[r, j] = _LOW - (packed[n - k + j] & _LOW)
             continue
-        gmax = np.empty(n_groups, np.int32)  # step 1
-        for g in range(n_groups):
+        for g in range(n_groups):  # step 1
             gmax[g] = _key(row[g])
         for s in range(1, GROUP):
             base = s * n_groups
@@ -158,9 +165,7 @@ def _topk_kernel(bits: Any, k: Any, out: Any) -> None:  # pragma: no cover - run
             for g in range(first + 1, (s + 1) * n_groups // k):
                 run_max = max(run_max, gmax[g])
             tau = run_max if s == 0 else min(tau, run_max)
-        groups = np.empty(n_groups, np.int32)  # the groups reaching it, and then the k-th largest of their maxima
-        maxima = np.empty(n_groups, np.int32)
-        n_reach = 0
+        n_reach = 0  # the groups reaching it, and then the k-th largest of their maxima
         for g in range(n_groups):
             groups[n_reach] = g
             maxima[n_reach] = gmax[g]
