@@ -1,7 +1,7 @@
 """Exact top-k of each row of a CPU tensor, for the TopK encoder (k of n latents per row, k much smaller than n),
 as a numba kernel. Why by hand: `torch.topk` on a CPU costs about as much as the encoder's bf16 product (21-24 ms
 on 2 threads against 24-27 ms at B 4,096, n 4,608, k 32), and no library offers a faster exact selection; this
-kernel takes 7 ms there on 2 threads (14-15 ms on one), in float32 and in bfloat16.
+kernel takes 14-15 ms there on one thread, in float32 and in bfloat16.
 
 How a row is selected. Values are compared as integers: a float's bits b (w of them, read as a signed integer),
 with the bits below the sign flipped where the sign is set, b ^ ((b >> (w - 1)) & (2^(w-1) - 1)), order as the
@@ -17,17 +17,14 @@ dealt into G = ceil(n / GROUP) groups, group g holding positions g, g + G, g + 2
 A row of fewer than k groups goes to step 3 with all its values. float64 rows, whose keys fill 64 bits, are left
 to `torch.topk`.
 
-Rows are split among torch's threads and selected in a parallel region of torch's own OpenMP runtime (see
-`_torch_openmp`): 7 ms at the shape above on 2 threads. Threads of our own, or numba's parallel loops (which bring a
-second OpenMP runtime), would share the cores with torch's OpenMP workers, which spin for milliseconds after every
-torch operation; where torch's runtime is not found, the kernel runs on the calling thread.
+The kernel runs on the calling thread. Split over two threads it took 7 ms at the shape above, but a second thread
+shares its core with torch's OpenMP worker, which spins for milliseconds after every torch operation (the split took
+15 ms right after a matrix product); numba's parallel loops bring a second OpenMP runtime that spins likewise after
+the kernel, slowing the torch operations that follow.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from pathlib import Path
 from typing import Any
 
 import numba
@@ -38,9 +35,6 @@ from torch import Tensor
 
 GROUP = 16
 """Values per group (see the module's docstring); read when the kernel is compiled."""
-
-MIN_PART_ROWS = 64
-"""Rows are split among torch's threads in parts of at least this many rows."""
 
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
@@ -55,72 +49,16 @@ def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     The same entries as `z.topk(k, dim=1, sorted=False)`, NaN ranking above every number, except among equal
     values, where the lower position is kept (`torch.topk` leaves that open; -0.0 ranks below +0.0). On a CPU, for
-    float32 and bfloat16, by this module's kernel on torch's threads; on another device or dtype, by `torch.topk`.
-    Safe to call from several threads at once.
+    float32 and bfloat16, by this module's kernel on the calling thread (without the GIL); on another device or
+    dtype, by `torch.topk`.
     """
     cpu_kernel = z.device.type == "cpu" and z.dtype in _BITS and z.ndim == 2 and z.shape[1] < 2**31
     if not cpu_kernel or not 0 < k <= z.shape[1] or z.shape[0] == 0:
         values, indices = z.topk(k, dim=-1, sorted=False)
         return values, indices
     indices = torch.empty(z.shape[0], k, dtype=torch.int64)
-    _select_rows(z.detach().contiguous().view(_BITS[z.dtype]).numpy(), k, indices.numpy())
+    _topk_kernel(z.detach().contiguous().view(_BITS[z.dtype]).numpy(), k, indices.numpy())
     return z.gather(1, indices), indices
-
-
-def _select_rows(bits: np.ndarray, k: int, out: np.ndarray) -> None:
-    """The kernel over the rows of bits [B, n], in parts of at least MIN_PART_ROWS rows run by torch's own OpenMP
-    threads where `_torch_openmp` finds them (each thread takes parts until none is left), else on this thread."""
-    n_parts = min(torch.get_num_threads(), bits.shape[0] // MIN_PART_ROWS)
-    openmp = _torch_openmp()
-    if n_parts < 2 or openmp is None:
-        _topk_kernel(bits, k, out)
-        return
-    bounds = [bits.shape[0] * p // n_parts for p in range(n_parts + 1)]
-    done = [False] * n_parts
-    errors: list[BaseException] = []
-
-    def parts(_: Any) -> None:
-        try:
-            for p in range(openmp.omp_get_thread_num(), n_parts, openmp.omp_get_num_threads()):
-                _topk_kernel(bits[bounds[p] : bounds[p + 1]], k, out[bounds[p] : bounds[p + 1]])
-                done[p] = True
-        except BaseException as error:  # raised again below, on the calling thread
-            errors.append(error)
-
-    callback = _REGION(parts)
-    openmp.GOMP_parallel(ctypes.cast(callback, ctypes.c_void_p), None, n_parts, 0)
-    if errors:
-        raise errors[0]
-    if not all(done):
-        raise RuntimeError(f"top-k: {done.count(False)} of {n_parts} parts of the rows were not selected")
-
-
-_REGION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-"""The C type of an OpenMP parallel region's body, void (*)(void *)."""
-
-
-@functools.cache
-def _torch_openmp() -> Any:
-    """torch's own OpenMP runtime (ctypes), where it is the GNU libgomp its Linux wheels ship; else None.
-
-    Why: the kernel splits its rows among threads, and threads of its own would share the cores with torch's
-    OpenMP workers, which spin for milliseconds after every torch operation (measured: 15 against 7 ms for the
-    split right after a matrix product); run as a parallel region of torch's runtime, its parts go to those very
-    workers (7 ms, whatever ran before). `GOMP_parallel(fn, data, n_threads, flags)` is the runtime's C entry point
-    for a parallel region, the one GCC compiles `#pragma omp parallel` to.
-    """
-    path = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
-    if not path.is_file() or "OpenMP" not in torch.__config__.parallel_info():
-        return None
-    try:
-        openmp = ctypes.CDLL(str(path))  # already loaded by torch: the same library
-        openmp.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-        openmp.GOMP_parallel.restype = None
-        openmp.omp_get_thread_num.restype = ctypes.c_int
-        openmp.omp_get_num_threads.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    return openmp
 
 
 def _key(b: Any) -> Any:
@@ -198,7 +136,7 @@ def _packed(key: Any, position: Any) -> Any:
 @numba.njit(nogil=True, boundscheck=False, cache=True)
 def _topk_kernel(bits: Any, k: Any, out: Any) -> None:  # pragma: no cover - runs compiled
     """out[r] <- the positions of the k largest of row r of bits [B, n] (floats' bits as integers); the steps are
-    those of the module's docstring. Runs without the GIL."""
+    those of the module's docstring. One thread, without the GIL."""
     n_rows, n = bits.shape
     n_groups = (n + GROUP - 1) // GROUP
     packed = np.empty(n, np.int64)

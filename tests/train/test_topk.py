@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 import torch
 
-from mlsae_train import topk
 from mlsae_train.topk import GROUP, topk_rows
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -104,18 +101,6 @@ def test_topk_rows_does_not_depend_on_threads() -> None:
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(r, results[0]) for r in results)
-
-
-def test_topk_rows_is_the_same_on_one_thread_and_from_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The parts run in torch's OpenMP threads where its runtime is found; without it, or called from several
-    Python threads at once (as the explorer's server does), the same positions."""
-    z = awkward_rows(torch.float32, 1000, 4608, seed=6)
-    want = topk_rows(z, 32)[1]
-    with ThreadPoolExecutor(4) as pool:
-        for got in pool.map(lambda _: topk_rows(z, 32)[1], range(8)):
-            assert torch.equal(got, want)
-    monkeypatch.setattr(topk, "_torch_openmp", lambda: None)
-    assert torch.equal(topk_rows(z, 32)[1], want)
 
 
 def test_topk_rows_values_are_differentiable_and_strided_input_is_read() -> None:
