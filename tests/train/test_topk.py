@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +103,17 @@ def test_topk_rows_does_not_depend_on_threads() -> None:
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_topk_rows_is_the_same_from_several_threads_at_once() -> None:
+    """The kernel runs without the GIL, with scratch arrays of its own per call: several Python threads may select at
+    once (the explorer's server does)."""
+    z = awkward_rows(torch.float32, 1000, 4608, seed=6)
+    want = topk_rows(z, 32)[1]
+    np.testing.assert_array_equal(np.sort(want.numpy(), axis=1), reference(z, 32))
+    with ThreadPoolExecutor(4) as pool:
+        for got in pool.map(lambda _: topk_rows(z, 32)[1], range(8)):
+            assert torch.equal(got, want)
 
 
 def test_topk_rows_values_are_differentiable_and_strided_input_is_read() -> None:
