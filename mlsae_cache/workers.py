@@ -112,11 +112,14 @@ def _group(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
 
 
 def read_plan(path: Path) -> WorkerPlan | None:
-    """The plan of a parallel harvest under way in the cache at `path`, or None."""
+    """The plan of a parallel harvest under way in the cache at `path`, or None: also while another worker is still
+    writing it (`start_shards` records the plan last), which a reader without the store's lock may see."""
     if not (Path(path) / GROUP / "zarr.json").is_file():
         return None
-    record = cast(dict[str, Any], _group(path)[GROUP].attrs[ATTR])
-    return WorkerPlan.from_dict(dict(record), Path(path) / GROUP)
+    attributes = _group(path)[GROUP].attrs
+    if ATTR not in attributes:
+        return None
+    return WorkerPlan.from_dict(dict(cast(dict[str, Any], attributes[ATTR])), Path(path) / GROUP)
 
 
 def start_shards(path: Path, meta: CacheMeta, plan: WorkerPlan, **changes: object) -> None:

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+import zarr
 
 from mlsae_cache.core.errors import InputError, LockedError, StoreError
 from mlsae_cache.core.lock import StoreLock
 from mlsae_cache.harvest import run_harvest
 from mlsae_cache.store import Cache
-from mlsae_cache.workers import GROUP, shard_dir
+from mlsae_cache.workers import ATTR, GROUP, WorkerPlan, read_plan, shard_dir
 from tests.cache.conftest import small_config
 from tests.cache.test_resume import _cli, assert_same_store, store_files
 from tests.helpers import tokenizer_corpus
@@ -58,6 +59,17 @@ def test_concurrent_shard_processes_equal_one_process(tmp_path: Path, tiny_model
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     assert sum("from 3 shards" in o for o, _ in outputs) == 1, outputs
     assert_same_store(out, reference)
+
+
+def test_a_plan_still_being_written_reads_as_none(tmp_path: Path) -> None:
+    """A worker looks for a plan without the store's lock; between another worker creating the shards' group and
+    recording the plan there (its last write), it must see no plan rather than fail."""
+    root = zarr.open_group(str(tmp_path), mode="w", zarr_format=3)
+    shards = root.create_group(GROUP)
+    assert read_plan(tmp_path) is None
+    plan = WorkerPlan(num_shards=2, max_tokens=100, first_chunk=0, chunk_tokens=16)
+    shards.attrs[ATTR] = plan.to_dict()
+    assert read_plan(tmp_path) == plan
 
 
 def test_text_running_out_inside_a_shard(tmp_path: Path, tiny_models: dict[str, Path], loaded_llama) -> None:  # noqa: ANN001
