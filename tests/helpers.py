@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -12,6 +14,8 @@ FIXTURES = Path(__file__).resolve().parent.parent / "data" / "fixtures"
 with open(FIXTURES / "tiny_models.toml", "rb") as _f:
     TINY_MODELS = tomllib.load(_f)
 TINY = TINY_MODELS["model"]
+
+T = TypeVar("T")
 
 
 def tokenizer_corpus() -> list[str]:
@@ -68,3 +72,16 @@ def assert_statistics_close(mean: np.ndarray, sq_norm: np.ndarray, x: np.ndarray
     x = x.astype(np.float64)
     np.testing.assert_array_less(np.abs(mean - x.mean(axis=0)), STATS_TOLERANCE * np.abs(x).mean(axis=0) + 1e-300)
     np.testing.assert_allclose(sq_norm, (x**2).sum(axis=2).mean(axis=0), rtol=STATS_TOLERANCE)
+
+
+def per_thread_count(compute: Callable[[], T], counts: tuple[int, ...] = (1, 2, 3)) -> list[T]:
+    """compute() run with each of torch's intra-op thread `counts` in turn (the count restored after)."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(compute())
+    finally:
+        torch.set_num_threads(before)
+    return results

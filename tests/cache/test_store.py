@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 import mlsae_cache.cachestats as cachestats
@@ -19,7 +18,7 @@ from mlsae_cache.core.zarrstore import StoreTransaction
 from mlsae_cache.storage import STORAGE_DTYPES, to_float32
 from mlsae_cache.store import Cache, CacheMeta, CacheWriter, Rows, TokenRows, create_store, verify
 from tests.cache.test_resume import assert_same_store
-from tests.helpers import assert_statistics_close
+from tests.helpers import assert_statistics_close, per_thread_count
 
 
 def rows(n: int, n_layers: int, d: int, dtype: str, seed: int) -> Rows:
@@ -111,14 +110,7 @@ def test_partials_equal_a_float64_reference(n: int, dtype: str) -> None:
 def test_partials_do_not_depend_on_the_thread_count() -> None:
     """Shards and resumed runs may run with other thread counts than the run they continue: the same bits."""
     r = rows(4000, 3, 512, "float16", 3)  # over torch's grain, so that its intra-op threads do split the work
-    before = torch.get_num_threads()
-    try:
-        got = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            got.append(cachestats.chunk_partials(r.activations, r.tokens.trainable, "float16"))
-    finally:
-        torch.set_num_threads(before)
+    got = per_thread_count(lambda: cachestats.chunk_partials(r.activations, r.tokens.trainable, "float16"))
     for other in got[1:]:
         np.testing.assert_array_equal(other[0], got[0][0])
         np.testing.assert_array_equal(other[1], got[0][1])

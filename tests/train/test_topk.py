@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mlsae_train.topk import GROUP, topk_rows
+from tests.helpers import per_thread_count
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -94,14 +95,7 @@ def test_topk_rows_selects_what_torch_topk_selects(dtype: torch.dtype) -> None:
 
 def test_topk_rows_does_not_depend_on_threads() -> None:
     z = awkward_rows(torch.bfloat16, 257, 4608, seed=5)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(topk_rows(z, 32)[1])
-    finally:
-        torch.set_num_threads(before)
+    results = per_thread_count(lambda: topk_rows(z, 32)[1])
     assert all(torch.equal(r, results[0]) for r in results)
 
 
