@@ -1,7 +1,7 @@
 """Exact top-k of each row of a CPU tensor, for the TopK encoder (k of n latents per row, k much smaller than n),
 as a numba kernel. Why by hand: `torch.topk` on a CPU costs about as much as the encoder's bf16 product (21-24 ms
 on 2 threads against 24-27 ms at B 4,096, n 4,608, k 32), and no library offers a faster exact selection; this
-kernel takes 14-15 ms there on one thread, in float32 and in bfloat16.
+kernel takes 7 ms there on 2 threads (13-15 ms on one), in float32 and in bfloat16.
 
 How a row is selected. Values are compared as integers: a float's bits b (w of them, read as a signed integer),
 with the bits below the sign flipped where the sign is set, b ^ ((b >> (w - 1)) & (2^(w-1) - 1)), order as the
@@ -17,25 +17,38 @@ dealt into G = ceil(n / GROUP) groups, group g holding positions g, g + G, g + 2
 A row of fewer than k groups goes to step 3 with all its values. float64 rows, whose keys fill 64 bits, are left
 to `torch.topk`.
 
-The kernel runs on the calling thread. Split over two threads it took 7 ms at the shape above, but a second thread
-shares its core with torch's OpenMP worker, which spins for milliseconds after every torch operation (the split took
-15 ms right after a matrix product); numba's parallel loops bring a second OpenMP runtime that spins likewise after
-the kernel, slowing the torch operations that follow; and run as a parallel region of torch's own runtime (its
-`GOMP_parallel`), the split took 7-8 ms but the float32 product after it ran 8-10 ms slower.
+Rows are split among torch's intra-op threads: the kernel runs, in parts of at least MIN_PART_ROWS rows, as a
+parallel region of the OpenMP runtime torch itself runs on (`_torch_openmp`), whose workers, still spinning after
+torch's last operation, take it up at once. The region's body is a C function compiled by numba (`_region_body`), so
+the workers never enter Python. Where that runtime is not found (another platform, a torch built without OpenMP), or
+the rows are few, the kernel runs on the calling thread. Why not threads of our own: they share the cores with
+torch's OpenMP workers, which spin for milliseconds after every torch operation (a split over a second Python thread
+took 15 ms right after a matrix product); numba's parallel loops bring a second OpenMP runtime that spins likewise
+after the kernel, slowing the torch operations that follow; and a region whose body was a Python function (ctypes),
+which every worker ran holding the GIL, took 7-8 ms but left the float32 product after it 8-10 ms slower, which the
+compiled body does not (a whole float32 training step: 137 against 144 ms with the kernel on one thread).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import re
+from pathlib import Path
 from typing import Any
 
 import numba
 import numpy as np
 import torch
-from numba import extending, types
+from llvmlite import ir
+from numba import carray, extending, types
 from torch import Tensor
 
 GROUP = 16
 """Values per group (see the module's docstring); read when the kernel is compiled."""
+
+MIN_PART_ROWS = 64
+"""Rows are split among torch's threads in parts of at least this many rows (fewer rows: one thread)."""
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 """The dtypes the kernel takes, each with the integer dtype of its width that its bits are read as."""
@@ -49,16 +62,115 @@ def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     The same entries as `z.topk(k, dim=1, sorted=False)`, NaN ranking above every number, except among equal
     values, where the lower position is kept (`torch.topk` leaves that open; -0.0 ranks below +0.0). On a CPU, for
-    float32 and bfloat16, by this module's kernel on the calling thread (without the GIL); on another device or
-    dtype, by `torch.topk`.
+    float32 and bfloat16, by this module's kernel on torch's intra-op threads (see the module's docstring), without
+    the GIL; on another device or dtype, by `torch.topk`. The result does not depend on the number of threads.
     """
     cpu_kernel = z.device.type == "cpu" and z.dtype in _BITS and z.ndim == 2 and z.shape[1] < 2**31
     if not cpu_kernel or not 0 < k <= z.shape[1] or z.shape[0] == 0:
         values, indices = z.topk(k, dim=-1, sorted=False)
         return values, indices
     indices = torch.empty(z.shape[0], k, dtype=torch.int64)
-    _topk_kernel(z.detach().contiguous().view(_BITS[z.dtype]).numpy(), k, indices.numpy())
+    _select_rows(z.detach().contiguous().view(_BITS[z.dtype]).numpy(), k, indices.numpy())
     return z.gather(1, indices), indices
+
+
+def _select_rows(bits: np.ndarray, k: int, out: np.ndarray) -> None:
+    """out[r] <- the positions of the k largest of row r of bits [B, n] (C-contiguous, as `out` [B, k]): in a parallel
+    region of torch's OpenMP runtime, each of its threads taking parts of the rows, where there are rows for two
+    parts and the runtime is found; else on this thread."""
+    n_parts = min(torch.get_num_threads(), bits.shape[0] // MIN_PART_ROWS)
+    openmp = _torch_openmp() if n_parts > 1 else None
+    if openmp is None:
+        _topk_kernel(bits, k, out)
+        return
+    # what the region's body reads (see `_region_body`)
+    fns = (ctypes.cast(f, ctypes.c_void_p).value for f in (openmp.omp_get_thread_num, openmp.omp_get_num_threads))
+    params = np.array([bits.ctypes.data, out.ctypes.data, *bits.shape, k, n_parts, *fns], np.int64)
+    openmp.GOMP_parallel(_region_body(bits.dtype.itemsize).address, params.ctypes.data, n_parts, 0)
+
+
+@functools.cache
+def _torch_openmp() -> Any:
+    """The GNU OpenMP runtime (libgomp) that torch runs its intra-op threads on, through ctypes; None where torch
+    runs on none, or where that library cannot be told apart (none, or several, mapped into this process).
+
+    `GOMP_parallel(body, data, n_threads, flags)` is its C entry point for a parallel region, the one GCC compiles
+    `#pragma omp parallel` to: the calling thread and n_threads - 1 of the runtime's workers each run body(data).
+    """
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return None
+    paths = set(re.findall(r"(/\S*/libgomp[^/\s]*\.so[^/\s]*)$", maps, re.MULTILINE))
+    if len(paths) != 1:
+        return None
+    try:
+        openmp = ctypes.CDLL(paths.pop())  # already loaded: the same library, not a second copy
+        openmp.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        openmp.GOMP_parallel.restype = None
+        for name in ("omp_get_thread_num", "omp_get_num_threads"):
+            getattr(openmp, name).argtypes = []
+            getattr(openmp, name).restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return openmp
+
+
+@functools.cache
+def _region_body(width: int) -> Any:
+    """The parallel region's body for keys of `width` bytes (2: bfloat16, 4: float32): a C function void (int64 *),
+    compiled by numba on first use (and cached on disk). Its argument, params: the addresses of bits and out, B, n,
+    k, the number of parts, and the addresses of the runtime's omp_get_thread_num and omp_get_num_threads; the thread
+    of number t of T runs the kernel on parts t, t + T, ... of the rows."""
+    return numba.cfunc(types.void(types.CPointer(types.int64)), cache=True)(_body16 if width == 2 else _body32)
+
+
+def _pointer_to(item: Any) -> Any:
+    """A compiled function: an address (int64) -> a pointer to `item`s there."""
+
+    @extending.intrinsic
+    def to_pointer(typingctx: Any, address: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(item)))
+
+        return types.CPointer(item)(types.int64), codegen
+
+    return to_pointer
+
+
+_int16_at, _int32_at, _int64_at = _pointer_to(types.int16), _pointer_to(types.int32), _pointer_to(types.int64)
+
+
+def _typed_call_int(typingctx: Any, address: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        function = ir.FunctionType(ir.IntType(32), [])
+        return builder.call(builder.inttoptr(args[0], function.as_pointer()), [])
+
+    return types.int32(types.int64), codegen
+
+
+_call_int: Any = extending.intrinsic(_typed_call_int)
+"""A compiled function: calls the C function int (void) at an address (int64), returns its int."""
+
+
+@numba.njit(inline="always")
+def _run_parts(p: Any, bits: Any, out: Any) -> None:  # pragma: no cover - runs compiled
+    n_rows, k, n_parts = p[2], p[4], p[5]
+    for part in range(_call_int(p[6]), n_parts, _call_int(p[7])):
+        first, end = n_rows * part // n_parts, n_rows * (part + 1) // n_parts
+        _topk_kernel(bits[first:end], k, out[first:end])
+
+
+def _body16(params: Any) -> None:  # pragma: no cover - runs compiled
+    p = carray(params, 8)
+    _run_parts(p, carray(_int16_at(p[0]), (p[2], p[3])), carray(_int64_at(p[1]), (p[2], p[4])))
+
+
+def _body32(params: Any) -> None:  # pragma: no cover - runs compiled
+    p = carray(params, 8)
+    _run_parts(p, carray(_int32_at(p[0]), (p[2], p[3])), carray(_int64_at(p[1]), (p[2], p[4])))
 
 
 def _key(b: Any) -> Any:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from mlsae_train.topk import GROUP, topk_rows
+from mlsae_train import topk
+from mlsae_train.topk import GROUP, MIN_PART_ROWS, topk_rows
 from tests.helpers import per_thread_count
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -93,15 +95,38 @@ def test_topk_rows_selects_what_torch_topk_selects(dtype: torch.dtype) -> None:
         assert torch.equal(indices.sort(1).values, want_indices.sort(1).values)
 
 
-def test_topk_rows_does_not_depend_on_threads() -> None:
-    z = awkward_rows(torch.bfloat16, 257, 4608, seed=5)
+@pytest.mark.parametrize("n_rows", [2 * MIN_PART_ROWS - 1, 2 * MIN_PART_ROWS, 257])
+def test_topk_rows_does_not_depend_on_threads(n_rows: int) -> None:
+    """One thread, or parts of the rows on 2 and 3 of torch's threads (fewer than 2 * MIN_PART_ROWS rows: one)."""
+    z = awkward_rows(torch.bfloat16, n_rows, 4608, seed=5)
     results = per_thread_count(lambda: topk_rows(z, 32)[1])
+    np.testing.assert_array_equal(np.sort(results[0].numpy(), axis=1), reference(z, 32))
     assert all(torch.equal(r, results[0]) for r in results)
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch runs its threads on OpenMP's GNU runtime on Linux only",
+)
+def test_topk_rows_runs_on_torchs_openmp_threads_where_torch_does() -> None:
+    """The parallel path is found (a torch wheel for Linux ships GNU libgomp), and equals the calling thread's."""
+    assert topk._torch_openmp() is not None
+    z = awkward_rows(torch.float32, 300, 1000, seed=7)
+    want = torch.empty(300, 9, dtype=torch.int64)
+    topk._topk_kernel(z.view(torch.int32).numpy(), 9, want.numpy())
+    assert torch.equal(per_thread_count(lambda: topk_rows(z, 9)[1], counts=(2,))[0], want)
+
+
+def test_topk_rows_without_the_openmp_runtime_runs_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    z = awkward_rows(torch.float32, 300, 1000, seed=8)
+    want = topk_rows(z, 9)[1]
+    monkeypatch.setattr(topk, "_torch_openmp", lambda: None)
+    assert torch.equal(per_thread_count(lambda: topk_rows(z, 9)[1], counts=(2,))[0], want)
+
+
 def test_topk_rows_is_the_same_from_several_threads_at_once() -> None:
-    """The kernel runs without the GIL, with scratch arrays of its own per call: several Python threads may select at
-    once (the explorer's server does)."""
+    """The kernel runs without the GIL, with scratch arrays of its own per call, each calling thread with a team of
+    OpenMP threads of its own: several Python threads may select at once (the explorer's server does)."""
     z = awkward_rows(torch.float32, 1000, 4608, seed=6)
     want = topk_rows(z, 32)[1]
     np.testing.assert_array_equal(np.sort(want.numpy(), axis=1), reference(z, 32))
