@@ -208,6 +208,27 @@ def sparse_decode(
     return decode.apply(values, indices, W_dec, layout)
 
 
+def encoder_product(x: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """x W^T + b in `dtype`: x [B, d], weight [n, d], bias [n] -> [B, n].
+
+    On a CPU, where x or the weight must be cast to `dtype` (a bf16 encoder of float32 parameters), the bias rides in
+    the cast copies as one more column, of ones in x's: one product over d + 1, measured 24.4 against 26.8 ms for
+    F.linear with a bias, which fills its output with the bias first (bf16, B 4,096, d 576, n 4,608, 2 cores). The
+    sum is rounded to `dtype` once, as F.linear's is. Elsewhere F.linear (a GPU adds the bias in the product's
+    epilogue, and its fast kernels want d a multiple of 8).
+    """
+    if x.device.type != "cpu" or (x.dtype == dtype and weight.dtype == dtype):
+        return F.linear(x, weight, bias.to(dtype))
+    rows, d = x.shape
+    x_ext = torch.empty(rows, d + 1, dtype=dtype, device=x.device)
+    x_ext[:, :d] = x
+    x_ext[:, d] = 1.0
+    w_ext = torch.empty(weight.shape[0], d + 1, dtype=dtype, device=weight.device)
+    w_ext[:, :d] = weight
+    w_ext[:, d] = bias
+    return x_ext @ w_ext.T
+
+
 class _TopKEncode(torch.autograd.Function):
     """z = (x_std - b_dec) W_enc^T + b_enc, top-k, ReLU, and the columns of z of the dead latents; backward sparse
     over the top-k, dense over the dead latents' columns.
@@ -236,7 +257,7 @@ class _TopKEncode(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         x_in = x_std - b_dec
         dtype = compute_dtype or x_in.dtype
-        pre_acts = F.linear(x_in.to(dtype), weight.to(dtype), bias.to(dtype))
+        pre_acts = encoder_product(x_in, weight, bias, dtype)
         top, indices = topk_rows(pre_acts, k)
         values = top.to(x_in.dtype).clamp_min(0.0)
         dead_pre = pre_acts.index_select(1, dead_ids)

@@ -8,7 +8,7 @@ import torch
 
 from mlsae_cache.core.errors import InputError
 from mlsae_train.loss import auxk_dead_loss
-from mlsae_train.sae import STD_EPS, SaeConfig, TopKSAE, geometric_median
+from mlsae_train.sae import STD_EPS, SaeConfig, TopKSAE, encoder_product, geometric_median
 
 
 def random_sae(d: int, n: int, k: int, standardize: bool, seed: int = 0, n_off: int = 0) -> TopKSAE:
@@ -152,6 +152,29 @@ def test_bf16_autocast_is_close_and_keeps_float32_params() -> None:
     rel = (out.x_hat_std - ref.x_hat_std).norm() / ref.x_hat_std.norm()
     assert same > 0.8 and rel < 0.2, (same, rel)
     assert out.values.dtype == torch.float32 and sae.encoder.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_product_is_linear_rounded_once(dtype: torch.dtype) -> None:
+    """In bf16 (the bias a column of the cast operands) as close to the exact product as F.linear of the cast
+    operands, both rounded once; in float32 F.linear itself."""
+    gen = torch.Generator().manual_seed(4)
+    x, weight, bias = (
+        torch.randn(300, 40, generator=gen),
+        torch.randn(70, 40, generator=gen),
+        torch.randn(70, generator=gen),
+    )
+    got = encoder_product(x, weight, bias, dtype)
+    assert got.dtype == dtype and got.shape == (300, 70)
+    cast = [t.to(dtype).double() for t in (x, weight, bias)]
+    exact = cast[0] @ cast[1].T + cast[2]
+    want = torch.nn.functional.linear(*[t.to(dtype) for t in (x, weight, bias)])
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:  # the exact sum rounded to bf16, up to the float32 accumulation: at most one bf16 step away
+        ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double()
+        assert ((got.double() - exact).abs() <= ulp).all() and ((want.double() - exact).abs() <= ulp).all()
+        assert (got != want).float().mean() < 0.01
 
 
 def test_init_uses_only_the_generator() -> None:
