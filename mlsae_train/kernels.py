@@ -12,9 +12,9 @@ pairs that selected it. Scattering each pair's contribution with atomic adds wou
 atomics add in whatever order the threads arrive, so two runs would differ in the last bits. Instead the flat
 indices are sorted (stable) into a CSC layout (`sparse_layout`), latent i owning the positions crow[i]:crow[i + 1]
 of `order` in increasing (row, slot) order, and each program sums its latent's pairs in that fixed order: the
-result is deterministic and no memory location is written twice. The sort (torch.sort of B * m int32 keys)
-is the price; it is the layout the eager backward uses for its sparse products, and the encoder's, built once a
-step and handed to whichever decoder runs. A latent chosen by many rows is summed
+result is deterministic and no memory location is written twice. The sort (torch.sort of B * m int32 keys on
+a GPU, a counting sort on a CPU) is the price; it is the layout the eager backward uses for its sparse products,
+and the encoder's, built once a step and handed to whichever decoder runs. A latent chosen by many rows is summed
 by one program (a long loop, 16 pairs at a time); a dead latent's program writes zeros.
 
 Every kernel loads its inputs in their own dtype, accumulates in float32 and stores in the output's dtype
@@ -30,6 +30,7 @@ import functools
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal, NamedTuple, get_args
 
+import numba
 import torch
 from torch import Tensor
 
@@ -105,7 +106,49 @@ class SparseLayout(NamedTuple):
 
 
 def sparse_layout(indices: Tensor, n_latents: int) -> SparseLayout:
-    """The latent-major layout of indices [B, m] int64 in [0, n_latents); see `SparseLayout`."""
+    """The latent-major layout of indices [B, m] int64 in [0, n_latents); see `SparseLayout`.
+
+    On a CPU by a counting sort (`_latent_major`: 1.1 against 2.3 ms for a stable torch.sort and its bookkeeping, B
+    4,096, m 32, n 4,608, 2 cores); elsewhere by `sorted_layout`. The same layout either way.
+    """
+    if indices.device.type != "cpu":
+        return sorted_layout(indices, n_latents)
+    b, m = indices.shape
+    order, rows = (torch.empty(b * m, dtype=torch.int64) for _ in range(2))
+    crow = torch.empty(n_latents + 1, dtype=torch.int64)
+    if not _latent_major(indices.contiguous().numpy(), order.numpy(), rows.numpy(), crow.numpy()):
+        raise InputError(f"latent ids outside [0, {n_latents}) (the SAE has {n_latents} latents)")
+    return SparseLayout(order, rows, crow)
+
+
+@numba.njit(nogil=True, boundscheck=False, cache=True)
+def _latent_major(indices: Any, order: Any, rows: Any, crow: Any) -> bool:  # pragma: no cover - runs compiled
+    """A counting sort: crow [n + 1] <- each latent's offset, order and rows [B m] <- the positions r m + j and rows
+    r of indices [B, m], latent by latent, each latent's in increasing position. False (and no layout) where an id
+    lies outside [0, n)."""
+    n = crow.shape[0] - 1
+    b, m = indices.shape
+    crow[:] = 0
+    for r in range(b):
+        for j in range(m):
+            latent = indices[r, j]
+            if latent < 0 or latent >= n:
+                return False
+            crow[latent + 1] += 1
+    for i in range(n):
+        crow[i + 1] += crow[i]
+    end = crow[:-1].copy()  # where each latent's next position goes
+    for r in range(b):
+        for j in range(m):
+            latent = indices[r, j]
+            order[end[latent]] = r * m + j
+            rows[end[latent]] = r
+            end[latent] += 1
+    return True
+
+
+def sorted_layout(indices: Tensor, n_latents: int) -> SparseLayout:
+    """`sparse_layout` by torch operations on any device: a stable sort of the flat ids."""
     flat = indices.reshape(-1)
     # A stable sort keeps each latent's row ids increasing, as CSR column indices must be. int32 keys
     # sort faster than int64 ones (8 against 10 ms for 131k ids on 2 idle cores; 100 against 170 ms on

@@ -24,7 +24,13 @@ from mlsae_cache.core.errors import InputError
 from mlsae_train import kernels, sae
 from mlsae_train.cli import main
 from mlsae_train.config import TrainConfig
-from mlsae_train.kernels import TritonSparseDecode, resolve_decoder_kernel, triton_available
+from mlsae_train.kernels import (
+    TritonSparseDecode,
+    resolve_decoder_kernel,
+    sorted_layout,
+    sparse_layout,
+    triton_available,
+)
 from mlsae_train.sae import SaeConfig, TopKSAE, _SparseDecode, sparse_decode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,6 +157,31 @@ def fresh_availability() -> object:
     triton_available.cache_clear()
     yield
     triton_available.cache_clear()
+
+
+@pytest.mark.parametrize(("rows", "m", "n"), [(4096, 32, 4608), (37, 5, 9), (1, 1, 1), (0, 3, 4), (6, 0, 4)])
+def test_sparse_layout_is_the_latent_major_order_and_the_sorted_one(rows: int, m: int, n: int) -> None:
+    """The CPU's counting sort against the definition (each latent's positions in increasing order), and against
+    the stable sort that other devices run; ids may repeat within a row (AuxK's may not, but the layout allows it)."""
+    gen = torch.Generator().manual_seed(rows + m + n)
+    indices = torch.randint(0, n, (rows, m), generator=gen)
+    got = sparse_layout(indices, n)
+    flat = indices.reshape(-1).tolist()
+    want_order = sorted(range(len(flat)), key=lambda e: flat[e])  # Python's sort is stable
+    assert got.order.tolist() == want_order
+    assert got.rows.tolist() == [e // max(m, 1) for e in want_order]
+    counts = [0] * (n + 1)
+    for i in flat:
+        counts[i + 1] += 1
+    assert got.crow.tolist() == [sum(counts[: latent + 1]) for latent in range(n + 1)]
+    assert all(torch.equal(a, b) for a, b in zip(got, sorted_layout(indices, n), strict=True))
+
+
+@pytest.mark.parametrize("bad", [-1, 9])
+def test_sparse_layout_refuses_ids_outside_the_latents(bad: int) -> None:
+    indices = torch.tensor([[0, 3], [bad, 2]])
+    with pytest.raises(InputError, match=r"outside \[0, 9\)"):
+        sparse_layout(indices, 9)
 
 
 def test_auto_and_eager_pick_the_eager_decoder_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
