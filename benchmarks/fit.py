@@ -18,14 +18,16 @@ The cache: SmolLM2-135M's shape (d_model 576) of random float16 rows, --layers l
 a memory-mapped .npy and imported as `mlsae-cache import` does; or --cache DIR.
 
 Fit against the floor (`--part fit`): `fit` from the cache (the member of the first values, AuxK and metrics on as by
-default) against the floor of one step on this machine, the dense encoder product plus `torch.topk` of the same shape
-and dtype (every other part of a step has a sparse form), and against EleutherAI sparsify's SparseCoder + Adam fed
-from memory (eai-sparsify, installed by `make bench`; fp32, its only CPU mode). Beside them, the same product with
-the top-k `fit` runs (`mlsae_train.topk.topk_rows`, faster than `torch.topk` on a CPU), and that plus what any TopK
-step must also run, each with fit's own kernel (the decode gather, its SDDMM, both weight-gradient sparse products
-on one sparse layout, a fused Adam step); the ratio of the latter to the floor bounds what fit / floor can reach
-with these kernels on this machine, and the script says whether 0.9 lies within that bound. Printed per encoder
-dtype: each rate's median (range) over the interleaved repeats, and the ratios fit / floor, bound / floor and
+default) against the floor of one step on this machine, the dense encoder product (`F.linear` with its bias, under
+torch.autocast for bf16) plus `torch.topk` of the same shape and dtype (every other part of a step has a sparse
+form), and against EleutherAI sparsify's SparseCoder + Adam fed from memory (eai-sparsify, installed by `make bench`;
+fp32, its only CPU mode). Beside them, the product and top-k `fit` itself runs (`mlsae_train.sae.encoder_product`,
+`mlsae_train.topk.topk_rows`: on a CPU faster than those, in bf16 by the product's bias and in both by the top-k),
+with fit's rate over theirs (what the rest of a step costs), and those plus what any TopK step must also run, each
+with fit's own kernel (the decode gather, its SDDMM, both weight-gradient sparse products on one sparse layout, a
+fused Adam step); the ratio of the latter to the floor bounds what fit / floor can reach with these kernels on this
+machine, and the script says whether 0.9 lies within that bound. Printed per encoder dtype: each rate's median
+(range) over the interleaved repeats, and the ratios fit / floor, fit / its own product and top-k, bound / floor and
 fit / sparsify taken within each repeat.
 """
 
@@ -110,25 +112,28 @@ def sweep_rows(sweep: SweepConfig, scratch: Path) -> dict[str, Callable[[], floa
 
 
 def step_floor(
-    d_model: int, n_latents: int, k: int, batch_rows: int, autocast: str, fits_topk: bool = False
+    d_model: int, n_latents: int, k: int, batch_rows: int, autocast: str, fits: bool = False
 ) -> Callable[[], float]:
-    """rows/s of x W_enc^T + b_enc then top-k on one batch (the median of 5 timings), in the encoder's dtype; the
-    top-k by `torch.topk`, or with `fits_topk` by the selection `fit` runs (`mlsae_train.topk.topk_rows`)."""
+    """rows/s of x W_enc^T + b_enc then top-k on one batch (the median of 5 timings), in the encoder's dtype: by
+    `F.linear` (under torch.autocast for bf16) and `torch.topk`, or with `fits` by the kernels `fit` runs
+    (`mlsae_train.sae.encoder_product`, `mlsae_train.topk.topk_rows`)."""
+    from mlsae_train.sae import encoder_product
     from mlsae_train.topk import topk_rows
 
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(batch_rows, d_model, generator=gen), torch.randn(n_latents, d_model, generator=gen)
     bias = torch.zeros(n_latents)
+    dtype = torch.bfloat16 if autocast == "bf16" else torch.float32
 
     def run() -> float:
         times = []
         for _ in range(5):
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
-                z = torch.nn.functional.linear(x, w, bias)
-            if fits_topk:
-                topk_rows(z, k)
+            if fits:
+                topk_rows(encoder_product(x, w, bias, dtype), k)
             else:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
+                    z = torch.nn.functional.linear(x, w, bias)
                 torch.topk(z, k, sorted=False)
             times.append(time.perf_counter() - start)
         return batch_rows / statistics.median(times)
@@ -219,10 +224,11 @@ def fit_vs_floor(args: argparse.Namespace, cache: Path, root: Path) -> None:
     """The table of `fit` against the floor of a step and against sparsify, per encoder dtype."""
     expansion, k = int(args.expansion_factor.split(",")[0]), int(args.k.split(",")[0])
     print(
-        "| encoder | fit rows/s | floor rows/s | fit / floor | product + fit's top-k rows/s | those + required kernels "
-        "rows/s | its / floor: the most fit / floor can reach with them | sparsify rows/s | fit / sparsify |"
+        "| encoder | fit rows/s | floor rows/s | fit / floor | fit's product and top-k rows/s | fit / them | those + "
+        "required kernels rows/s | its / floor: the most fit / floor can reach with them | sparsify rows/s | "
+        "fit / sparsify |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for autocast in args.autocast:
         member = next(iter(sweep_config(args, cache, autocast).members().values()))
         cfg = replace(member, out=root / "fit")
@@ -238,6 +244,7 @@ def fit_vs_floor(args: argparse.Namespace, cache: Path, root: Path) -> None:
         interleaved(variants, 1)  # warm-up
         got = interleaved(variants, args.repeats)
         ratio = [f / s for f, s in zip(got["fit"], got["floor"], strict=True)]
+        own = [f / s for f, s in zip(got["fit"], got["own floor"], strict=True)]
         # fit's own product and top-k, then the required kernels, both timed in the same repeat
         ceiling = [1.0 / (1.0 / f + 1.0 / r) for f, r in zip(got["own floor"], got["kernels"], strict=True)]
         bound = [c / f for c, f in zip(ceiling, got["floor"], strict=True)]
@@ -249,7 +256,7 @@ def fit_vs_floor(args: argparse.Namespace, cache: Path, root: Path) -> None:
         print(
             f"| {'fp32' if autocast == 'none' else 'bf16'} | {median_range(got['fit'])} | "
             f"{median_range(got['floor'])} | {median_range(ratio, '.2f')} | {median_range(got['own floor'])} | "
-            f"{median_range(ceiling)} | "
+            f"{median_range(own, '.2f')} | {median_range(ceiling)} | "
             f"{median_range(bound, '.2f')} | {sparsify_cells} |"
         )
         dead = DEAD_FRACTIONS[-len(got["fit"]) :]
