@@ -112,9 +112,10 @@ def test_topk_rows_runs_on_torchs_openmp_threads_where_torch_does() -> None:
     """The parallel path is found (a torch wheel for Linux ships GNU libgomp), and equals the calling thread's."""
     assert topk._torch_openmp() is not None
     z = awkward_rows(torch.float32, 300, 1000, seed=7)
-    want = torch.empty(300, 9, dtype=torch.int64)
-    topk._topk_kernel(z.view(torch.int32).numpy(), 9, want.numpy())
-    assert torch.equal(per_thread_count(lambda: topk_rows(z, 9)[1], counts=(2,))[0], want)
+    want, want_top = torch.empty(300, 9, dtype=torch.int64), torch.empty(300, 9)
+    topk._topk_kernel(z.view(torch.int32).numpy(), 9, want.numpy(), want_top.view(torch.int32).numpy())
+    values, indices = per_thread_count(lambda: topk_rows(z, 9), counts=(2,))[0]
+    assert torch.equal(indices, want) and torch.equal(values.view(torch.int32), want_top.view(torch.int32))
 
 
 def test_topk_rows_without_the_openmp_runtime_runs_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
