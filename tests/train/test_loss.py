@@ -16,6 +16,7 @@ from mlsae_train.loss import (
     fvu_loss,
     fvu_per_layer,
     l0,
+    layer_sums,
     mean_max_cosine,
     total_loss,
 )
@@ -101,6 +102,26 @@ def hand_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     W_dec = torch.arange(24, dtype=torch.float64).reshape(8, 3) / 10
     residual = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [3.0, 1.0, 0.0]], dtype=torch.float64)
     return residual, pre_acts, dead, W_dec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_sums_match_numpy_and_the_one_hot_product(dtype: torch.dtype) -> None:
+    """Counts and sums per layer (layer 3 of 5 without rows) against float64 numpy, and against the one-hot product
+    that other devices run."""
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(500, 7, generator=gen, dtype=torch.float64) * 100 + 3).to(dtype)
+    layer = torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (500,), generator=gen)]
+    counts, sums = layer_sums(x, layer, 5)
+    assert counts.dtype == sums.dtype == dtype and sums.shape == (5, 7)
+    want = np.zeros((5, 7))
+    np.add.at(want, layer.numpy(), x.double().numpy())
+    np.testing.assert_array_equal(counts.numpy(), np.bincount(layer.numpy(), minlength=5))
+    np.testing.assert_allclose(sums.double().numpy(), want, rtol=1e-7 if dtype == torch.float32 else 1e-13)
+    onehot_t = torch.nn.functional.one_hot(layer, 5).to(dtype).T
+    # the product accumulates in x's dtype: equal to its rounding of a sum of 500 values
+    torch.testing.assert_close(sums, onehot_t @ x, rtol=0, atol=float(x.abs().sum()) * torch.finfo(dtype).eps)
+    with pytest.raises(InputError, match=r"outside \[0, 4\)"):
+        layer_sums(x, layer, 4)
 
 
 def test_auxk_selects_top_dead_latents() -> None:
