@@ -93,12 +93,13 @@ def evaluate(
                 continue
             x_in = lens.translate(x, slot) if lens is not None else x
             out = sae(x_in)
+            x_hat = out.x_hat  # formed at each access
             fired[out.indices[out.values > 0]] = True
             if lens is None:
-                sums[slot].add(x.cpu(), out.x_hat.cpu(), out.values.cpu())
+                sums[slot].add(x.cpu(), x_hat.cpu(), out.values.cpu())
                 continue
-            sums[slot].add(x.cpu(), lens.untranslate(out.x_hat, slot).cpu(), out.values.cpu())
-            lens_sums[slot].add(x_in.cpu(), out.x_hat.cpu(), out.values.cpu())
+            sums[slot].add(x.cpu(), lens.untranslate(x_hat, slot).cpu(), out.values.cpu())
+            lens_sums[slot].add(x_in.cpu(), x_hat.cpu(), out.values.cpu())
         progress(b - a)
     if sum(s.n for s in sums) == 0:
         raise InputError(f"no trainable token in [{start}, {stop}) of {cache.path}")

@@ -47,10 +47,9 @@ AllReduce = Callable[[Tensor], Tensor]
 
 
 class _RowSquaredError(torch.autograd.Function):
-    """||x_r - x^_r||^2 per row (the FVU's numerator): x, x_hat
-    [B, d] -> [B], differentiable in x_hat (x is the target). One difference is kept for the backward, which is
-    then one product; autograd's sub, pow and sum took 2.6 ms more per 4,096 x 576 step, forward and backward, on
-    2 cores (measured)."""
+    """||x_r - x^_r||^2 per row (the FVU's numerator): x, x_hat [B, d] -> [B], differentiable in x_hat (x is the
+    target). One difference is kept for the backward, which is then one product; autograd's sub, pow and sum took
+    2.6 ms more per 4,096 x 576 step, forward and backward, on 2 cores (measured)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, x_hat: Tensor) -> Tensor:  # type: ignore[override]
@@ -106,11 +105,11 @@ def fvu_per_layer(
 def layer_sums(x: Tensor, layer: Tensor, n_layers: int) -> tuple[Tensor, Tensor]:
     """Each layer's number of rows [L] and sum of rows [L, d], in x's dtype: x [B, d], layer [B] in [0, n_layers).
 
-    On a CPU by `_layer_sums` (summed in float64: 0.6 against 1.3 ms for the product of a one-hot [L, B] matrix and
-    x, B 4,096, d 576, L 30, 2 cores; index_add_, whose parallel loop stalls on a busy 2-core machine, had been
-    10-100x slower there); elsewhere by that product.
+    On a CPU, for float32 and float64 rows, by `_layer_sums` (summed in float64: 0.6 against 1.3 ms for the product
+    of a one-hot [L, B] matrix and x, B 4,096, d 576, L 30, 2 cores; index_add_, whose parallel loop stalls on a busy
+    2-core machine, had been 10-100x slower there); elsewhere by that product.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         onehot_t = F.one_hot(layer, n_layers).to(x.dtype).T
         return onehot_t.sum(1), onehot_t @ x
     counts, sums = np.zeros(n_layers, np.int64), np.zeros((n_layers, x.shape[1]))

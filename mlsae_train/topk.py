@@ -78,9 +78,8 @@ def topk_rows(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _select_rows(bits: np.ndarray, k: int, out: np.ndarray, top: np.ndarray) -> None:
     """out[r] <- the positions of the k largest of row r of bits [B, n], top[r] <- their bits (C-contiguous, as `out`
-    and `top` [B, k]): in a parallel
-    region of torch's OpenMP runtime, each of its threads taking parts of the rows, where there are rows for two
-    parts and the runtime is found; else on this thread."""
+    and `top` [B, k]): in a parallel region of torch's OpenMP runtime, each of its threads taking parts of the rows,
+    where there are rows for two parts and the runtime is found; else on this thread."""
     n_parts = min(torch.get_num_threads(), bits.shape[0] // MIN_PART_ROWS)
     openmp = _torch_openmp() if n_parts > 1 else None
     if openmp is None:
