@@ -10,7 +10,7 @@ dealt into G = ceil(n / GROUP) groups, group g holding positions g, g + G, g + 2
 1. Each group's maximum: a running maximum over the row's stripes of G values, which vectorises.
 2. A lower bound tau of the row's k-th largest value: the least of the maxima of k disjoint runs of groups (each
    run holds a value >= it); then, among the groups whose maximum reaches it (about 100 of 288 at the shape
-   above), the k-th largest group maximum (k groups each hold a value >= it).
+   above), the k-th largest group maximum (k groups each hold a value >= it), by a binary search over the keys.
 3. The values >= tau of the groups whose maximum reaches tau (about k groups, k + 2 values), each as one 64-bit
    integer, key * 2^32 + (2^32 - 1 - position), so that equal values rank the lower position first; then the k
    largest of these, by dropping the smallest few (Hoare's selection where more than 4 are to go).
@@ -229,6 +229,27 @@ def _select(a: Any, m: Any, k: Any) -> None:
 
 
 @numba.njit(inline="always")
+def _kth_largest(a: Any, m: Any, k: Any, low: Any) -> Any:
+    """The k-th largest of a[:m] (int32 keys, k <= m), given `low`, a value at most that: a binary search over the
+    keys between `low` and the largest, counting the values that reach each midpoint, a loop that vectorises (the
+    whole kernel took 8.5 against 12.3 ms for Hoare's selection, bf16, one thread, at the module's shape)."""
+    lo, hi = np.int64(low), np.int64(low)  # invariant: at least k values reach lo, fewer than k reach hi
+    for q in range(m):
+        hi = max(hi, np.int64(a[q]))
+    hi += 1
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        count = 0
+        for q in range(m):
+            count += a[q] >= mid
+        if count >= k:
+            lo = mid
+        else:
+            hi = mid
+    return np.int32(lo)
+
+
+@numba.njit(inline="always")
 def _drop_smallest(a: Any, m: Any, k: Any) -> None:
     """Reorder a[:m] so that a[m - k:m] are its k largest: by moving the smallest to the front m - k times where
     that is few (step 3 usually finds k + 2 values), else by `_select`."""
@@ -259,6 +280,9 @@ def _topk_kernel(bits: Any, k: Any, out: Any, top: Any) -> None:  # pragma: no c
     gmax = np.empty(n_groups, np.int32)
     groups = np.empty(n_groups, np.int32)
     maxima = np.empty(n_groups, np.int32)
+    runs = np.empty(k + 1, np.int64)  # run s of step 2 spans groups runs[s]:runs[s + 1] (divisions once, not per row)
+    for s in range(k + 1):
+        runs[s] = s * n_groups // k
     for r in range(n_rows):
         row = bits[r]
         if n_groups < k:
@@ -269,17 +293,19 @@ def _topk_kernel(bits: Any, k: Any, out: Any, top: Any) -> None:  # pragma: no c
                 out[r, j] = _LOW - (packed[n - k + j] & _LOW)
                 top[r, j] = row[out[r, j]]
             continue
-        for g in range(n_groups):  # step 1
-            gmax[g] = _key(row[g])
+        # step 1, stripe by stripe: a slice indexed from 0 lets LLVM see contiguous loads (row[base + g] compiled to
+        # one scalar load per lane, numba checking each index's sign; 2.5 against 7.4 ms for this step, bf16 rows)
+        first = row[:n_groups]
+        for g in range(n_groups):
+            gmax[g] = _key(first[g])
         for s in range(1, GROUP):
-            base = s * n_groups
-            for g in range(min(n_groups, n - base)):
-                gmax[g] = max(gmax[g], _key(row[base + g]))
+            stripe = row[s * n_groups : min(n, (s + 1) * n_groups)]
+            for g in range(stripe.shape[0]):
+                gmax[g] = max(gmax[g], _key(stripe[g]))
         tau = gmax[0]  # step 2: the least maximum of k runs of groups
         for s in range(k):
-            first = s * n_groups // k
-            run_max = gmax[first]
-            for g in range(first + 1, (s + 1) * n_groups // k):
+            run_max = gmax[runs[s]]
+            for g in range(runs[s] + 1, runs[s + 1]):
                 run_max = max(run_max, gmax[g])
             tau = run_max if s == 0 else min(tau, run_max)
         n_reach = 0  # the groups reaching it, and then the k-th largest of their maxima
@@ -287,8 +313,7 @@ def _topk_kernel(bits: Any, k: Any, out: Any, top: Any) -> None:  # pragma: no c
             groups[n_reach] = g
             maxima[n_reach] = gmax[g]
             n_reach += gmax[g] >= tau
-        _select(maxima, n_reach, k)
-        tau = maxima[n_reach - k]
+        tau = _kth_largest(maxima, n_reach, k, tau)
         m = 0  # step 3
         for q in range(n_reach):
             g = groups[q]
