@@ -293,15 +293,12 @@ def _topk_kernel(bits: Any, k: Any, out: Any, top: Any) -> None:  # pragma: no c
                 out[r, j] = _LOW - (packed[n - k + j] & _LOW)
                 top[r, j] = row[out[r, j]]
             continue
-        # step 1, stripe by stripe: a slice indexed from 0 lets LLVM see contiguous loads (row[base + g] compiled to
-        # one scalar load per lane, numba checking each index's sign; 2.5 against 7.4 ms for this step, bf16 rows)
-        first = row[:n_groups]
-        for g in range(n_groups):
-            gmax[g] = _key(first[g])
+        for g in range(n_groups):  # step 1
+            gmax[g] = _key(row[g])
         for s in range(1, GROUP):
-            stripe = row[s * n_groups : min(n, (s + 1) * n_groups)]
-            for g in range(stripe.shape[0]):
-                gmax[g] = max(gmax[g], _key(stripe[g]))
+            base = s * n_groups
+            for g in range(min(n_groups, n - base)):
+                gmax[g] = max(gmax[g], _key(row[base + g]))
         tau = gmax[0]  # step 2: the least maximum of k runs of groups
         for s in range(k):
             run_max = gmax[runs[s]]
