@@ -1,7 +1,7 @@
 """Exact top-k of each row of a CPU tensor, for the TopK encoder (k of n latents per row, k much smaller than n),
 as a numba kernel. Why by hand: `torch.topk` on a CPU costs about as much as the encoder's bf16 product (21-24 ms
 on 2 threads against 24-27 ms at B 4,096, n 4,608, k 32), and no library offers a faster exact selection; this
-kernel takes 7 ms there on 2 threads (13-15 ms on one), in float32 and in bfloat16.
+kernel takes 4.6-5.7 ms there on 2 threads (8.6-10.7 ms on one), in bfloat16 and in float32.
 
 How a row is selected. Values are compared as integers: a float's bits b (w of them, read as a signed integer),
 with the bits below the sign flipped where the sign is set, b ^ ((b >> (w - 1)) & (2^(w-1) - 1)), order as the
@@ -232,7 +232,7 @@ def _select(a: Any, m: Any, k: Any) -> None:
 def _kth_largest(a: Any, m: Any, k: Any, low: Any) -> Any:
     """The k-th largest of a[:m] (int32 keys, k <= m), given `low`, a value at most that: a binary search over the
     keys between `low` and the largest, counting the values that reach each midpoint, a loop that vectorises (the
-    whole kernel took 8.5 against 12.3 ms for Hoare's selection, bf16, one thread, at the module's shape)."""
+    whole kernel took 8.5-8.9 against 12.2-12.6 ms with Hoare's selection, bf16, one thread, at the module's shape)."""
     lo, hi = np.int64(low), np.int64(low)  # invariant: at least k values reach lo, fewer than k reach hi
     for q in range(m):
         hi = max(hi, np.int64(a[q]))
