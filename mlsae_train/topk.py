@@ -25,8 +25,9 @@ the rows are few, the kernel runs on the calling thread. Why not threads of our 
 torch's OpenMP workers, which spin for milliseconds after every torch operation (a split over a second Python thread
 took 15 ms right after a matrix product); numba's parallel loops bring a second OpenMP runtime that spins likewise
 after the kernel, slowing the torch operations that follow; and a region whose body was a Python function (ctypes),
-which every worker ran holding the GIL, took 7-8 ms but left the float32 product after it 8-10 ms slower, which the
-compiled body does not (a whole float32 training step: 137 against 144 ms with the kernel on one thread).
+which each worker entered Python to run, took 7-8 ms but left the float32 product after it 8-10 ms slower (for a
+reason not found); with the compiled body a whole float32 training step took 137 against 144 ms with the kernel on
+one thread.
 """
 
 from __future__ import annotations
